@@ -1,0 +1,31 @@
+"""Streamer: concurrent safetensors loading for vLLM and TGI, from local disk or S3.
+
+Public names only; the machinery lives in :mod:`loader_plugins.core`.
+"""
+
+from .config import StreamerConfig
+from .errors import (
+    ConfigError,
+    DestinationError,
+    HeaderError,
+    IndexFileError,
+    SourceChangedError,
+    SourceError,
+    StreamerError,
+)
+from .streamer import SafetensorsStreamer, load_file
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DestinationError",
+    "HeaderError",
+    "IndexFileError",
+    "SafetensorsStreamer",
+    "SourceChangedError",
+    "SourceError",
+    "StreamerConfig",
+    "StreamerError",
+    "load_file",
+]

@@ -1,0 +1,199 @@
+"""One typed configuration object for every entry point (library, CLI, vLLM, TGI).
+
+Environment variables are never read here: adapters and the CLI translate their own inputs
+into a :class:`StreamerConfig` and pass it explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+_MiB = 1 << 20
+_GiB = 1 << 30
+
+
+def _default_concurrency() -> int:
+    # Reads are I/O bound and release the GIL: a few threads per core keep a local NVMe or a
+    # network link busy; 8 measured best for O_DIRECT on the 2-core reference machine.
+    return max(8, min(32, 4 * (os.cpu_count() or 2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamerConfig:
+    """How the streamer reads.
+
+    Every field can be given to :func:`loader_plugins.load_file`, the CLI
+    (``--concurrency 8``), vLLM's ``--model-loader-extra-config`` and TGI's environment.
+    """
+
+    concurrency: int = dataclasses.field(default_factory=_default_concurrency)
+    """Worker threads reading in parallel (per process)."""
+
+    chunk_bytes: int = 16 * _MiB
+    """Largest single read. Tensors larger than this are split across workers."""
+
+    memory_limit: int = 2 * _GiB
+    """Upper bound on bytes the reader holds that the caller does not own yet: tensors it
+    allocated and has not handed out, plus staging buffers. A single tensor larger than the
+    limit is still loaded, alone."""
+
+    direct_io: str = "auto"
+    """``"auto"``: serve what is in the page cache with buffered reads and read the rest with
+    O_DIRECT; ``"on"``: always O_DIRECT; ``"off"``: always buffered reads."""
+
+    alignment: int = 4096
+    """Buffer and offset alignment for O_DIRECT reads."""
+
+    max_header_bytes: int = 100 * _MiB
+    """Largest safetensors JSON header accepted (the format's own limit is 100 MB)."""
+
+    hugepages: bool = True
+    """Advise transparent huge pages on large tensors the reader allocates (fewer page faults)."""
+
+    pin_memory: str = "auto"
+    """Allocate output tensors in page-locked memory: ``"auto"`` (when CUDA is available),
+    ``"on"``, ``"off"``."""
+
+    progress: str = "auto"
+    """Progress bar on stderr: ``"auto"`` (only when stderr is a TTY), ``"on"``, ``"off"``."""
+
+    # --- object storage (S3 and S3-compatible endpoints) ---
+    s3_endpoint_url: str | None = None
+    """Endpoint of an S3-compatible server; defaults to boto3's resolution (AWS_ENDPOINT_URL...)."""
+
+    s3_region: str | None = None
+    """Region; defaults to boto3's resolution."""
+
+    s3_addressing_style: str = "auto"
+    """``"auto"``, ``"path"`` or ``"virtual"``."""
+
+    s3_profile: str | None = None
+    """Named profile from the shared AWS config files."""
+
+    request_timeout: float = 60.0
+    """Seconds one request (connect or read) may stall before it is retried."""
+
+    max_retries: int = 8
+    """Attempts per range after the first, with exponential backoff and jitter."""
+
+    deadline: float | None = None
+    """Seconds the whole load may take before it fails; ``None`` for no limit."""
+
+    @classmethod
+    def allowed_keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None, *, where: str = "config") -> "StreamerConfig":
+        """Build a config from a mapping, rejecting unknown keys and invalid values."""
+        values = dict(values or {})
+        allowed = cls.allowed_keys()
+        unknown = sorted(k for k in values if k not in allowed)
+        if unknown:
+            raise ConfigError(
+                f"unknown {where} key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed keys are: {', '.join(allowed)}"
+            )
+        return cls(**_coerce_all(values, where))
+
+    def replace(self, **changes: Any) -> "StreamerConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+_CHOICES = {
+    "direct_io": ("auto", "on", "off"),
+    "pin_memory": ("auto", "on", "off"),
+    "progress": ("auto", "on", "off"),
+    "s3_addressing_style": ("auto", "path", "virtual"),
+}
+_SIZE_FIELDS = ("chunk_bytes", "memory_limit", "alignment", "max_header_bytes")
+
+
+def parse_size(value: Any) -> int:
+    """``"16MiB"``, ``"1.5GB"``, ``"4096"`` or an int -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    text = str(value).strip().replace("_", "")
+    units = {
+        "": 1, "b": 1,
+        "k": 1000, "kb": 1000, "kib": 1 << 10,
+        "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+        "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+        "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
+    }
+    number = text.rstrip("kKmMgGtTiIbB ")
+    unit = text[len(number):].strip().lower()
+    if unit not in units or not number:
+        raise ValueError(f"cannot parse size {value!r}; use e.g. 4096, 16MiB, 1.5GB")
+    return int(float(number) * units[unit])
+
+
+def _coerce_all(values: dict[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        try:
+            if key in _SIZE_FIELDS:
+                value = parse_size(value)
+            elif key in ("concurrency", "max_retries"):
+                if isinstance(value, bool) or int(value) != value:
+                    raise ValueError(f"expected an integer, got {value!r}")
+                value = int(value)
+            elif key in ("request_timeout", "deadline"):
+                value = None if value is None else float(value)
+            elif key == "hugepages":
+                if isinstance(value, str):
+                    if value.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+                        raise ValueError(f"expected a boolean, got {value!r}")
+                    value = value.lower() in ("1", "true", "on", "yes")
+                value = bool(value)
+            elif key in _CHOICES:
+                if value is True:
+                    value = "on"
+                elif value is False:
+                    value = "off"
+                value = str(value).lower()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where} key {key!r}: {exc}") from exc
+        out[key] = value
+    return out
+
+
+def _validate(cfg: StreamerConfig) -> None:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"config key {key!r}={getattr(cfg, key)!r}: {why}")
+
+    if not isinstance(cfg.concurrency, int) or not 1 <= cfg.concurrency <= 1024:
+        raise bad("concurrency", "must be an integer from 1 to 1024")
+    if not isinstance(cfg.chunk_bytes, int) or cfg.chunk_bytes < 4096:
+        raise bad("chunk_bytes", "must be at least 4096 bytes")
+    if not isinstance(cfg.memory_limit, int) or cfg.memory_limit < cfg.chunk_bytes:
+        raise bad("memory_limit", f"must be at least chunk_bytes ({cfg.chunk_bytes})")
+    if not isinstance(cfg.alignment, int) or cfg.alignment < 512 or cfg.alignment & (cfg.alignment - 1):
+        raise bad("alignment", "must be a power of two of at least 512")
+    if cfg.chunk_bytes % cfg.alignment:
+        raise bad("chunk_bytes", f"must be a multiple of alignment ({cfg.alignment})")
+    if not isinstance(cfg.max_header_bytes, int) or cfg.max_header_bytes < 1024:
+        raise bad("max_header_bytes", "must be at least 1024")
+    for key, choices in _CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise bad(key, f"must be one of {', '.join(choices)}")
+    if cfg.request_timeout is None or cfg.request_timeout <= 0:
+        raise bad("request_timeout", "must be a positive number of seconds")
+    if cfg.deadline is not None and cfg.deadline <= 0:
+        raise bad("deadline", "must be a positive number of seconds or null")
+    if not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
+        raise bad("max_retries", "must be a non-negative integer")

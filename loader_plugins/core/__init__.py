@@ -1,0 +1,1 @@
+"""The streaming core: header -> plan -> reader (sources) -> sink. Imports no engine."""

@@ -1,0 +1,126 @@
+"""Pure read planning: tensor specs in, read items per worker out. No I/O, no threads.
+
+Items are balanced by bytes, largest first (longest-processing-time scheduling): every
+tensor is cut into chunks of at most ``chunk_bytes``, the chunks are sorted by size and each
+goes to the worker that carries the least so far. The heaviest worker therefore carries at
+most ``total / workers + chunk_bytes``. Each worker then reads its items in file order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from typing import Iterable, Sequence
+
+from .header import TensorSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadItem:
+    """Read ``length`` bytes at ``file_offset`` of ``file`` into byte ``dest_offset`` of ``tensor``."""
+
+    tensor: str
+    file: str
+    file_offset: int
+    length: int
+    dest_offset: int
+
+    @property
+    def file_end(self) -> int:
+        return self.file_offset + self.length
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadPlan:
+    workers: tuple[tuple[ReadItem, ...], ...]
+
+    @property
+    def worker_bytes(self) -> list[int]:
+        return [sum(i.length for i in items) for items in self.workers]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.worker_bytes)
+
+    def items(self) -> Iterable[ReadItem]:
+        for items in self.workers:
+            yield from items
+
+
+def chunk_tensor(spec: TensorSpec, chunk_bytes: int, *, start: int = 0, end: int | None = None) -> list[ReadItem]:
+    """Cut bytes ``[start, end)`` of one tensor (relative to the tensor) into chunks."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    end = spec.nbytes if end is None else end
+    if not 0 <= start <= end <= spec.nbytes:
+        raise ValueError(f"range [{start}, {end}) outside tensor {spec.name!r} of {spec.nbytes} bytes")
+    items = []
+    pos = start
+    while pos < end:
+        n = min(chunk_bytes, end - pos)
+        items.append(ReadItem(spec.name, spec.file, spec.offset + pos, n, pos))
+        pos += n
+    return items
+
+
+def plan_reads(specs: Sequence[TensorSpec], workers: int, chunk_bytes: int,
+               ranges: dict[str, tuple[int, int]] | None = None) -> ReadPlan:
+    """Balance the bytes of ``specs`` across ``workers``.
+
+    ``ranges`` optionally restricts a tensor to bytes ``[start, end)`` of itself (a
+    tensor-parallel rank reading only its contiguous shard).
+    """
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    items: list[ReadItem] = []
+    for spec in specs:
+        start, end = (ranges or {}).get(spec.name, (0, spec.nbytes))
+        items.extend(chunk_tensor(spec, chunk_bytes, start=start, end=end))
+    # largest first; ties broken by position so the plan is deterministic
+    items.sort(key=lambda i: (-i.length, i.file, i.file_offset))
+    heap = [(0, w) for w in range(workers)]
+    assigned: list[list[ReadItem]] = [[] for _ in range(workers)]
+    for item in items:
+        load, w = heapq.heappop(heap)
+        assigned[w].append(item)
+        heapq.heappush(heap, (load + item.length, w))
+    for lst in assigned:
+        lst.sort(key=lambda i: (i.file, i.file_offset))
+    return ReadPlan(tuple(tuple(lst) for lst in assigned))
+
+
+def split_windows(specs: Sequence[TensorSpec], window_bytes: int | None) -> list[list[TensorSpec]]:
+    """Group consecutive specs into windows of at most ``window_bytes`` (a larger tensor alone).
+
+    ``None`` puts everything in one window.
+    """
+    if window_bytes is None:
+        return [list(specs)] if specs else []
+    windows: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    size = 0
+    for spec in specs:
+        if current and size + spec.nbytes > window_bytes:
+            windows.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += spec.nbytes
+    if current:
+        windows.append(current)
+    return windows
+
+
+def dim0_shard_range(spec: TensorSpec, rank: int, world: int) -> tuple[int, int]:
+    """Byte range of rank ``rank``'s ceil-block shard along dim 0 (contiguous in row-major order).
+
+    Matches the common tensor-parallel split: block = ceil(rows / world); rank r holds rows
+    ``[r*block, min((r+1)*block, rows))``.
+    """
+    if not spec.shape:
+        return (0, spec.nbytes)
+    rows = spec.shape[0]
+    row_bytes = spec.nbytes // rows if rows else 0
+    block = -(-rows // world)
+    first = min(rank * block, rows)
+    last = min(first + block, rows)
+    return (first * row_bytes, last * row_bytes)

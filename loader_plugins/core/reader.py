@@ -1,0 +1,325 @@
+"""The concurrent reader: worker threads move bytes from sources into destinations.
+
+* Work comes from :func:`plan.plan_reads`, one balanced plan per *window* of tensors. When the
+  reader allocates the tensors it hands out, a window is admitted only while the bytes the
+  reader holds (allocated, not yet taken by the consumer, plus staging buffers) stay within
+  ``memory_limit``; caller-owned destinations cost nothing and form one window.
+* A tensor is handed out as soon as its last byte lands, in whatever order that happens.
+* The first error in any worker cancels the others and is raised to the consumer, with the
+  file, tensor and byte range in the message. Closing the reader (or leaving the consumer's
+  loop early) stops the workers, joins them and closes every source and buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+
+from ..errors import CancelledError, SourceError, StreamerError
+from .header import TensorSpec
+from .plan import ReadItem, plan_reads, split_windows
+from .sinks.cpu import CpuSink, tensor_buffer
+from .sources.base import BufferPool, Source
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import StreamerConfig
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class _Job:
+    __slots__ = ("spec", "target", "dest", "buffer", "remaining", "budget", "lock")
+
+    def __init__(self, spec: TensorSpec, target, dest, budget: int):
+        self.spec = spec
+        self.target = target          # tensor the bytes are read into
+        self.dest = dest              # final destination when it differs from target (cast/copy)
+        self.buffer = tensor_buffer(target) if target is not None else None
+        self.remaining = spec.nbytes
+        self.budget = budget          # bytes counted against memory_limit until handed out
+        self.lock = threading.Lock()
+
+
+class _Window:
+    __slots__ = ("specs", "plan", "bytes", "admitted", "jobs")
+
+    def __init__(self, specs: list[TensorSpec], budget_bytes: int):
+        self.specs = specs
+        self.plan = None
+        self.bytes = budget_bytes
+        self.admitted = False
+        self.jobs: dict[str, _Job] = {}
+
+
+class StreamReader:
+    """Streams ``specs`` from ``sources`` (uri -> open Source) with ``config``'s threads and limits.
+
+    ``destinations`` (name -> tensor) are filled in place; tensors without one are allocated by
+    the sink. ``ranges`` (name -> (start, end)) restricts a tensor to a byte range of itself; the
+    handed-out tensor is then the flat uint8 view of those bytes. Iterate to receive
+    ``(name, tensor)`` pairs as they complete.
+    """
+
+    def __init__(self, specs: Sequence[TensorSpec], sources: Mapping[str, Source], config: "StreamerConfig", *,
+                 destinations: Mapping[str, "torch.Tensor"] | None = None,
+                 consumer_keeps_all: bool = False,
+                 on_bytes: Callable[[int], None] | None = None,
+                 sink: CpuSink | None = None):
+        self._config = config
+        self._sources = dict(sources)
+        self._sink = sink or CpuSink(config)
+        self._destinations = dict(destinations or {})
+        self._on_bytes = on_bytes
+        unknown = [n for n in self._destinations if n not in {s.name for s in specs}]
+        if unknown:
+            raise StreamerError(f"destinations given for tensors not in the checkpoint: {unknown[:5]}")
+        for spec in specs:
+            if spec.file not in self._sources:
+                raise StreamerError(f"no open source for {spec.file}")
+        # Validate every destination before any byte moves: a bad one is an error, never a partial model.
+        self._direct: dict[str, bool] = {}
+        for name, dest in self._destinations.items():
+            spec = next(s for s in specs if s.name == name)
+            self._direct[name] = self._sink.check_destination(spec, dest)
+
+        self._workers = max(1, min(config.concurrency, max(1, sum(-(-s.nbytes // config.chunk_bytes)
+                                                                  for s in specs))))
+        needs_staging = config.direct_io != "off" and any(
+            getattr(src, "wants_staging", True) for src in self._sources.values())
+        if needs_staging:
+            buf = config.chunk_bytes + config.alignment
+            count = max(1, min(self._workers, (config.memory_limit // 4) // buf))
+            self._pool: BufferPool | None = BufferPool(buf, count)
+        else:
+            self._pool = None
+        staging_bytes = self._pool.capacity_bytes if self._pool else 0
+        self._limit = max(config.chunk_bytes, config.memory_limit - staging_bytes)
+
+        ordered = sorted(specs, key=lambda s: (s.file, s.offset))
+        budgeted = not consumer_keeps_all or any(not self._direct.get(s.name, True) for s in specs)
+        self._budgeted = budgeted and not consumer_keeps_all
+        window_bytes = max(config.chunk_bytes, self._limit // 2) if self._budgeted else None
+        self._windows = [_Window(w, sum(self._budget_for(s) for s in w)) for w in split_windows(ordered, window_bytes)]
+        self._total_bytes = sum(s.nbytes for s in specs)
+        self._count = len(specs)
+
+        self._cond = threading.Condition()
+        self._cancelled = threading.Event()
+        if self._pool is not None:
+            self._pool._cancelled = self._cancelled
+        self._error: BaseException | None = None
+        self._held = 0
+        self._admitted = 0
+        self._out: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._closed = False
+        self._deadline = time.monotonic() + config.deadline if config.deadline else None
+        for src in self._sources.values():
+            if hasattr(src, "deadline_at"):
+                src.deadline_at = self._deadline
+        self.bytes_read = 0
+        self.seconds = 0.0
+        self.peak_held = 0
+        self.limit = self._limit if self._budgeted else None
+
+    # ---- accounting -----------------------------------------------------------------------
+    def _budget_for(self, spec: TensorSpec) -> int:
+        if spec.name in self._destinations and self._direct[spec.name]:
+            return 0
+        return spec.nbytes
+
+    def _admit(self) -> None:
+        """Admit windows in order while they fit in the memory limit (called under no lock)."""
+        while True:
+            with self._cond:
+                if self._admitted >= len(self._windows) or self._cancelled.is_set():
+                    return
+                window = self._windows[self._admitted]
+                if self._budgeted and self._held > 0 and self._held + window.bytes > self._limit:
+                    return
+                self._held += window.bytes
+                self.peak_held = max(self.peak_held, self._held)
+                self._admitted += 1
+            self._prepare(window)
+            with self._cond:
+                window.admitted = True
+                self._cond.notify_all()
+
+    def _prepare(self, window: _Window) -> None:
+        torch_needed = False
+        for spec in window.specs:
+            dest = self._destinations.get(spec.name)
+            if dest is not None and self._direct[spec.name]:
+                job = _Job(spec, dest, None, 0)
+            elif dest is not None:
+                job = _Job(spec, self._sink.allocate(spec), dest, spec.nbytes)
+                torch_needed = True
+            else:
+                job = _Job(spec, self._sink.allocate(spec), None, spec.nbytes)
+            window.jobs[spec.name] = job
+            if spec.nbytes == 0:
+                self._finish(job)
+        del torch_needed
+        window.plan = plan_reads(window.specs, self._workers, self._config.chunk_bytes)
+
+    # ---- workers --------------------------------------------------------------------------
+    def _worker(self, index: int) -> None:
+        try:
+            for window in self._windows:
+                with self._cond:
+                    while not window.admitted and not self._cancelled.is_set():
+                        self._cond.wait(0.1)
+                if self._cancelled.is_set():
+                    return
+                for item in window.plan.workers[index]:
+                    if self._cancelled.is_set():
+                        return
+                    self._read(window.jobs[item.tensor], item)
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the consumer
+            self._fail(exc)
+        finally:
+            self._out.put(_DONE)
+
+    def _read(self, job: _Job, item: ReadItem) -> None:
+        source = self._sources[item.file]
+        view = job.buffer[item.dest_offset:item.dest_offset + item.length]
+        try:
+            source.read_into(item.file_offset, view, self._pool, self._cancelled)
+        except StreamerError as exc:
+            if self._cancelled.is_set() and isinstance(exc, CancelledError):
+                return
+            raise type(exc)(self._describe(job, item, exc)) from exc
+        except OSError as exc:
+            raise SourceError(self._describe(job, item, exc)) from exc
+        if self._cancelled.is_set():
+            return
+        if self._on_bytes is not None:
+            self._on_bytes(item.length)
+        with job.lock:
+            job.remaining -= item.length
+            done = job.remaining == 0
+        if done:
+            self._finish(job)
+
+    @staticmethod
+    def _describe(job: _Job, item: ReadItem, exc: BaseException) -> str:
+        return (f"reading tensor {job.spec.name!r} ({job.spec.dtype} {list(job.spec.shape)}): bytes "
+                f"[{item.file_offset}, {item.file_end}) of {item.file} failed: {exc}")
+
+    def _finish(self, job: _Job) -> None:
+        if job.dest is not None:
+            job.dest.copy_(job.target)   # the one cast/copy into a destination we cannot read into
+            tensor = job.dest
+        else:
+            tensor = job.target
+        self._out.put(job)
+        del tensor
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None and not (isinstance(exc, CancelledError) and self._cancelled.is_set()):
+                self._error = exc
+            self._cancelled.set()
+            self._cond.notify_all()
+
+    # ---- consumer -------------------------------------------------------------------------
+    def start(self) -> "StreamReader":
+        if self._started:
+            return self
+        self._started = True
+        self._t0 = time.perf_counter()
+        self._admit()
+        for i in range(self._workers):
+            t = threading.Thread(target=self._worker, args=(i,), name=f"streamer-{i}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        return self
+
+    def __iter__(self) -> Iterator[tuple[str, "torch.Tensor"]]:
+        self.start()
+        finished = 0
+        handed = 0
+        try:
+            while handed < self._count or finished < len(self._threads):
+                try:
+                    got = self._out.get(timeout=0.1)
+                except queue.Empty:
+                    got = None
+                if self._error is not None:
+                    raise self._error
+                if self._deadline is not None and time.monotonic() > self._deadline:
+                    raise SourceError(f"the load did not finish within its deadline of {self._config.deadline} s "
+                                      f"({self.bytes_done_hint()} read); raise 'deadline' or check the storage")
+                if got is None:
+                    if finished == len(self._threads) and handed < self._count:
+                        raise StreamerError(f"internal error: workers finished with {self._count - handed} "
+                                            f"tensor(s) incomplete")
+                    continue
+                if got is _DONE:
+                    finished += 1
+                    continue
+                job: _Job = got
+                handed += 1
+                tensor = job.dest if job.dest is not None else job.target
+                job.target = job.buffer = None  # the reader keeps no reference to handed-out memory
+                if job.budget:
+                    with self._cond:
+                        self._held -= job.budget
+                    self._admit()
+                yield job.spec.name, tensor
+            for src in self._sources.values():
+                src.check_unchanged()
+            self.seconds = time.perf_counter() - self._t0
+            self.bytes_read = self._total_bytes
+        finally:
+            self.close()
+
+    def bytes_done_hint(self) -> str:
+        return f"{self._total_bytes} bytes planned"
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._cond:
+            self._cancelled.set()
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+        if self._pool is not None:
+            self._pool.close()
+        # drop references to any tensors not handed out
+        for window in self._windows:
+            window.jobs.clear()
+        while True:
+            try:
+                self._out.get_nowait()
+            except queue.Empty:
+                break
+
+    def __enter__(self) -> "StreamReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_bar(total: int, desc: str, mode: str):
+    """A tqdm bar on stderr (bytes), or None when off / not a TTY / tqdm missing."""
+    if mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                leave=False, dynamic_ncols=True)

@@ -1,0 +1,141 @@
+"""Public streaming API: :class:`SafetensorsStreamer` and :func:`load_file`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
+
+from .config import StreamerConfig
+from .core.checkpoint import Checkpoint, open_checkpoint
+from .core.reader import StreamReader, progress_bar
+from .core.sources.base import Source
+from .errors import StreamerError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+PathArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+def _config(config: StreamerConfig | Mapping[str, Any] | None, options: Mapping[str, Any]) -> StreamerConfig:
+    if config is None:
+        return StreamerConfig.from_dict(options, where="option")
+    if isinstance(config, Mapping):
+        return StreamerConfig.from_dict({**config, **options}, where="option")
+    return config.replace(**options) if options else config
+
+
+class SafetensorsStreamer:
+    """Stream safetensors checkpoints concurrently; the names follow Run:ai Model Streamer.
+
+    >>> with SafetensorsStreamer() as streamer:
+    ...     streamer.stream_files(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
+    ...     for name, tensor in streamer.get_tensors():
+    ...         ...
+
+    Tensors are yielded as they complete, in no particular order, and are owned by the caller
+    (never views of a file). ``destinations`` (name -> tensor) fills caller-allocated tensors in
+    place; ``names`` restricts the load to a subset.
+    """
+
+    def __init__(self, config: StreamerConfig | Mapping[str, Any] | None = None, **options: Any):
+        self.config = _config(config, options)
+        self._pending: list[tuple[PathArg, Any, Any]] = []
+        self._reader: StreamReader | None = None
+        self._sources: dict[str, Source] = {}
+        self.checkpoint: Checkpoint | None = None
+        self.stats: dict[str, float] = {}
+
+    # Run:ai-compatible names
+    def stream_file(self, path: str | os.PathLike, *, names=None, destinations=None) -> None:
+        self.stream_files([path], names=names, destinations=destinations)
+
+    def stream_files(self, paths: PathArg, *, names=None, destinations=None) -> None:
+        """Queue a checkpoint (file, list of files, directory, s3:// prefix) for :meth:`get_tensors`."""
+        self._pending.append((paths, names, destinations))
+
+    def get_tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
+        if not self._pending:
+            raise StreamerError("nothing to stream: call stream_file()/stream_files() first")
+        pending, self._pending = self._pending, []
+        for paths, names, destinations in pending:
+            yield from self._stream(paths, names, destinations, keeps_all=False)
+
+    def _stream(self, paths, names, destinations, *, keeps_all: bool):
+        t0 = time.perf_counter()
+        self._close_sources()
+        sources: dict[str, Source] = {}
+        self._sources = sources
+        checkpoint = open_checkpoint(paths, self.config, sources=sources)
+        self.checkpoint = checkpoint
+        specs = list(checkpoint.tensors.values())
+        if names is not None:
+            wanted = set(names)
+            missing = sorted(wanted - checkpoint.tensors.keys())
+            if missing:
+                self._close_sources()
+                raise StreamerError(f"tensor(s) {missing[:5]} not found in {checkpoint.files}")
+            specs = [s for s in specs if s.name in wanted]
+        header_s = time.perf_counter() - t0
+        total = sum(s.nbytes for s in specs)
+        bar = progress_bar(total, "streaming", self.config.progress)
+        try:
+            reader = StreamReader(specs, sources, self.config, destinations=destinations,
+                                  consumer_keeps_all=keeps_all,
+                                  on_bytes=bar.update if bar is not None else None)
+            self._reader = reader
+            yield from reader
+        finally:
+            if bar is not None:
+                bar.close()
+            self._reader = None
+            self._close_sources()
+        seconds = time.perf_counter() - t0
+        self.stats = {"bytes": total, "seconds": seconds, "header_seconds": header_s,
+                      "gbps": total / seconds / 1e9 if seconds > 0 else 0.0, "files": len(checkpoint.files),
+                      "tensors": len(specs)}
+        log.info("Streamed %d tensors (%.2f GB) from %d file(s) in %.2f s (%.2f GB/s)", len(specs), total / 1e9,
+                 len(checkpoint.files), seconds, self.stats["gbps"])
+
+    def _close_sources(self) -> None:
+        for src in self._sources.values():
+            src.close()
+        self._sources = {}
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self._close_sources()
+        self._pending.clear()
+
+    def __enter__(self) -> "SafetensorsStreamer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_file(path: PathArg, device: "str | int | torch.device" = "cpu", *,
+              config: StreamerConfig | Mapping[str, Any] | None = None, **options: Any) -> dict[str, "torch.Tensor"]:
+    """Load every tensor of a checkpoint, like ``safetensors.torch.load_file``.
+
+    ``path`` may be a file, a list of files, a checkpoint directory (sharded with
+    ``model.safetensors.index.json`` or not) or an ``s3://`` URI. The tensors live in memory the
+    result owns: a file changed afterwards never changes them. ``options`` are
+    :class:`StreamerConfig` fields (``concurrency=16``, ``memory_limit="4GiB"``...).
+    """
+    streamer = SafetensorsStreamer(config, **options)
+    out: dict[str, torch.Tensor] = {}
+    with streamer:
+        for name, tensor in streamer._stream(path, None, None, keeps_all=True):
+            out[name] = tensor
+    result = {name: out[name] for name in sorted(out)}
+    dev = str(device)
+    if dev not in ("cpu", "cpu:0"):
+        result = {name: t.to(device) for name, t in result.items()}
+    return result

@@ -1,0 +1,286 @@
+import json
+import os
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file
+
+from loader_plugins import (ConfigError, DestinationError, HeaderError, IndexFileError, SafetensorsStreamer,
+                            SourceError, StreamerConfig, StreamerError, load_file)
+
+from .helpers import assert_bit_exact, tensor_set
+
+
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _streamer_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("streamer-")]
+
+
+@pytest.fixture(scope="module")
+def all_dtypes_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "all.safetensors"
+    save_file(tensor_set(seed=3), path)
+    return path
+
+
+@pytest.mark.parametrize("direct_io", ["off", "on", "auto"])
+@pytest.mark.parametrize("concurrency", [1, 5])
+def test_bit_exact_every_dtype(all_dtypes_file, direct_io, concurrency):
+    got = load_file(all_dtypes_file, direct_io=direct_io, concurrency=concurrency, chunk_bytes=4096)
+    assert_bit_exact(got, st_load_file(all_dtypes_file))
+
+
+def test_result_owns_its_memory(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(100000, dtype=torch.float32)}, path)
+    got = load_file(path)
+    expected = got["w"].clone()
+    save_file({"w": torch.zeros(100000, dtype=torch.float32)}, path)   # rewrite the file in place
+    path.write_bytes(b"\0" * path.stat().st_size)
+    assert torch.equal(got["w"], expected)
+
+
+def _sharded(tmp_path, tensors, shards=3, index=True):
+    names = sorted(tensors)
+    groups = [names[i::shards] for i in range(shards)]
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in group}, tmp_path / fname)
+        weight_map.update({n: fname for n in group})
+    if index:
+        (tmp_path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return tmp_path
+
+
+def test_sharded_directory_with_index(tmp_path):
+    tensors = tensor_set(seed=4)
+    d = _sharded(tmp_path, tensors)
+    assert_bit_exact(load_file(d, chunk_bytes=8192), tensors)
+
+
+def test_directory_without_index_and_list_of_files(tmp_path):
+    tensors = tensor_set(seed=5)
+    d = _sharded(tmp_path, tensors, index=False)
+    assert_bit_exact(load_file(d), tensors)
+    assert_bit_exact(load_file(sorted(d.glob("*.safetensors"))), tensors)
+
+
+def test_streamer_yields_each_tensor_once(tmp_path):
+    tensors = tensor_set(seed=6)
+    d = _sharded(tmp_path, tensors)
+    seen = {}
+    with SafetensorsStreamer(concurrency=3, chunk_bytes=4096) as streamer:
+        streamer.stream_files(sorted(d.glob("*.safetensors")))
+        for name, tensor in streamer.get_tensors():
+            assert name not in seen
+            seen[name] = tensor
+    assert_bit_exact(seen, tensors)
+
+
+def test_stream_subset_of_names(all_dtypes_file):
+    ref = st_load_file(all_dtypes_file)
+    wanted = sorted(ref)[:7]
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(all_dtypes_file, names=wanted)
+        got = dict(streamer.get_tensors())
+    assert_bit_exact(got, {n: ref[n] for n in wanted})
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(all_dtypes_file, names=["nope"])
+        with pytest.raises(StreamerError, match="nope"):
+            list(streamer.get_tensors())
+
+
+def test_fill_caller_allocated_tensors_in_place(all_dtypes_file):
+    ref = st_load_file(all_dtypes_file)
+    dests = {}
+    for name, t in ref.items():
+        d = torch.empty_like(t)
+        if d.numel():
+            d.view(torch.uint8).fill_(0xA5) if d.dim() else None
+        dests[name] = d
+    ptrs = {n: t.data_ptr() for n, t in dests.items()}
+    with SafetensorsStreamer(chunk_bytes=4096) as streamer:
+        streamer.stream_file(all_dtypes_file, destinations=dests)
+        got = dict(streamer.get_tensors())
+    assert all(got[n] is dests[n] and got[n].data_ptr() == ptrs[n] for n in dests)
+    assert_bit_exact(got, ref)
+
+
+def test_cast_into_destination_of_other_dtype(tmp_path):
+    path = tmp_path / "bf16.safetensors"
+    src = torch.randn(64, 48).to(torch.bfloat16)
+    save_file({"w": src, "b": torch.randn(5).half()}, path)
+    dests = {"w": torch.zeros(64, 48, dtype=torch.float32), "b": torch.zeros(5, dtype=torch.bfloat16)}
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(path, destinations=dests)
+        got = dict(streamer.get_tensors())
+    assert got["w"] is dests["w"] and torch.equal(dests["w"], src.float())
+    assert torch.equal(dests["b"], st_load_file(path)["b"].to(torch.bfloat16))
+
+
+def test_non_contiguous_destination(tmp_path):
+    path = tmp_path / "t.safetensors"
+    src = torch.randn(8, 6)
+    save_file({"w": src}, path)
+    base = torch.zeros(6, 8)
+    dest = base.t()
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(path, destinations={"w": dest})
+        list(streamer.get_tensors())
+    assert torch.equal(base.t(), src)
+
+
+@pytest.mark.parametrize("dest, message", [
+    (torch.zeros(4, 4), r"has shape \(4, 4\)"),
+    (torch.zeros(8, 6, dtype=torch.int32), "only casts between floating-point"),
+    ("not a tensor", "not a tensor"),
+])
+def test_bad_destination_rejected_before_any_read(tmp_path, dest, message):
+    path = tmp_path / "t.safetensors"
+    save_file({"w": torch.randn(8, 6), "v": torch.randn(3)}, path)
+    other = torch.zeros(3)
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(path, destinations={"w": dest, "v": other})
+        with pytest.raises(DestinationError, match=message) as err:
+            list(streamer.get_tensors())
+    assert "'w'" in str(err.value) and str(path) in str(err.value)
+    assert torch.equal(other, torch.zeros(3)), "nothing may be written when a destination is bad"
+
+
+def test_unknown_option_lists_allowed_keys(tmp_path):
+    with pytest.raises(ConfigError, match="allowed keys are: concurrency, chunk_bytes"):
+        load_file(tmp_path, concurrancy=4)
+    with pytest.raises(ConfigError, match="direct_io"):
+        StreamerConfig.from_dict({"direct_io": "sometimes"})
+    with pytest.raises(ConfigError, match="memory_limit"):
+        StreamerConfig.from_dict({"memory_limit": 10, "chunk_bytes": 4096})
+
+
+def test_truncated_file_is_a_header_error(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.randn(100), "b": torch.randn(1000)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(HeaderError) as err:
+        load_file(path)
+    assert "'b'" in str(err.value) and str(path) in str(err.value) and "truncated" in str(err.value)
+
+
+def _many_files(tmp_path, n=6, size=300_000):
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        save_file({f"t{i}.{j}": torch.randn(size // 4 // 3, generator=gen) for j in range(3)},
+                  tmp_path / f"s{i}.safetensors")
+    return sorted(tmp_path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("direct_io", ["off", "on"])
+def test_file_truncated_during_load_fails_cleanly(tmp_path, direct_io):
+    files = _many_files(tmp_path)
+    fds, threads = _fds(), len(_streamer_threads())
+    victim = files[-1]
+    # a small memory limit holds the reader to the first files until the consumer takes tensors,
+    # so the last file is certainly read after it was truncated
+    with SafetensorsStreamer(concurrency=4, chunk_bytes=8192, direct_io=direct_io,
+                             memory_limit=400_000) as streamer:
+        streamer.stream_files(files)
+        it = streamer.get_tensors()
+        first = next(it)[0]
+        assert not first.startswith("t5.")
+        os.truncate(victim, 4096)   # headers were parsed; the data is gone now
+        with pytest.raises(SourceError) as err:
+            for _ in it:
+                pass
+    text = str(err.value)
+    assert str(victim) in text and "bytes [" in text and "tensor 't5." in text
+    assert isinstance(err.value, OSError)
+    assert len(_streamer_threads()) == threads
+    assert _fds() == fds
+
+
+def test_consumer_stopping_early_cleans_up(tmp_path):
+    files = _many_files(tmp_path)
+    fds, threads = _fds(), len(_streamer_threads())
+    with SafetensorsStreamer(concurrency=4, chunk_bytes=8192, memory_limit=65536) as streamer:
+        streamer.stream_files(files)
+        for _name, _tensor in streamer.get_tensors():
+            break
+    assert len(_streamer_threads()) == threads
+    assert _fds() == fds
+    # a generator abandoned without the context manager is cleaned up when closed
+    streamer = SafetensorsStreamer(concurrency=4, chunk_bytes=8192)
+    streamer.stream_files(files)
+    gen = streamer.get_tensors()
+    next(gen)
+    gen.close()
+    assert len(_streamer_threads()) == threads
+    assert _fds() == fds
+
+
+def test_memory_limit_bounds_bytes_held(tmp_path):
+    files = _many_files(tmp_path, n=4, size=600_000)
+    limit = 256 * 1024
+    peaks = []
+    with SafetensorsStreamer(concurrency=3, chunk_bytes=16384, memory_limit=limit, direct_io="off") as streamer:
+        streamer.stream_files(files)
+        got = {}
+        for name, tensor in streamer.get_tensors():
+            got[name] = tensor
+            peaks.append((streamer._reader.peak_held, streamer._reader.limit))
+    assert_bit_exact(got, {k: v for f in files for k, v in st_load_file(f).items()})
+    peak, effective = peaks[-1]
+    assert effective is not None and effective <= limit
+    assert 0 < peak <= effective
+
+
+def test_index_errors(tmp_path):
+    tensors = {"a": torch.randn(3), "b": torch.randn(4)}
+    save_file({"a": tensors["a"]}, tmp_path / "s1.safetensors")
+    save_file({"b": tensors["b"]}, tmp_path / "s2.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+
+    def with_map(weight_map):
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        return tmp_path
+
+    with pytest.raises(IndexFileError, match="'missing.safetensors'.*does not exist"):
+        load_file(with_map({"a": "s1.safetensors", "b": "missing.safetensors"}))
+    for bad in ("../x.safetensors", "/etc/passwd", "sub/../../x", "a\\b", "C:x"):
+        with pytest.raises(IndexFileError, match="outside the checkpoint"):
+            load_file(with_map({"a": "s1.safetensors", "b": bad}))
+    with pytest.raises(IndexFileError, match="'b'.*not in"):
+        load_file(with_map({"a": "s1.safetensors", "b": "s1.safetensors"}))
+    index.write_text("{not json")
+    with pytest.raises(IndexFileError, match="not valid JSON"):
+        load_file(tmp_path)
+    index.write_text(json.dumps({"weights": {}}))
+    with pytest.raises(IndexFileError, match="weight_map"):
+        load_file(tmp_path)
+    outside = tmp_path.parent / "outside.safetensors"
+    save_file({"b": tensors["b"]}, outside)
+    (tmp_path / "link.safetensors").symlink_to(outside)
+    with pytest.raises(IndexFileError, match="outside the checkpoint directory"):
+        load_file(with_map({"a": "s1.safetensors", "b": "link.safetensors"}))
+    assert_bit_exact(load_file(with_map({"a": "s1.safetensors", "b": "s2.safetensors"})), tensors)
+
+
+def test_duplicate_tensor_across_shards(tmp_path):
+    save_file({"a": torch.randn(3)}, tmp_path / "s1.safetensors")
+    save_file({"a": torch.randn(3)}, tmp_path / "s2.safetensors")
+    with pytest.raises(HeaderError, match="'a' appears in both") as err:
+        load_file(tmp_path)
+    assert isinstance(err.value, ValueError)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(SourceError, match="no such file"):
+        load_file(tmp_path / "nope.safetensors")
+    with pytest.raises(SourceError, match="no \\*.safetensors"):
+        load_file(tmp_path)
