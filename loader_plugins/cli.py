@@ -1,0 +1,172 @@
+"""``model-streamer``: inspect, load, bench and make-demo from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from typing import Any, Sequence
+
+from .config import StreamerConfig
+from .errors import StreamerError
+
+log = logging.getLogger("loader_plugins.cli")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per StreamerConfig field (``chunk_bytes`` -> ``--chunk-bytes``)."""
+    group = parser.add_argument_group("streamer options (StreamerConfig)")
+    for field in dataclasses.fields(StreamerConfig):
+        doc = (field.metadata or {}).get("doc", "")
+        group.add_argument("--" + field.name.replace("_", "-"), dest="cfg_" + field.name, default=None,
+                           metavar=field.name.upper(), help=doc or f"default: {_default(field)}")
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory()  # type: ignore[misc]
+
+
+def config_from_args(args: argparse.Namespace) -> StreamerConfig:
+    values = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    for key in ("deadline", "s3_endpoint_url", "s3_region", "s3_profile"):
+        if isinstance(values.get(key), str) and values[key].lower() in ("none", "null", ""):
+            values[key] = None
+    return StreamerConfig.from_dict(values, where="option")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .core.checkpoint import open_checkpoint
+
+    cfg = config_from_args(args)
+    ckpt = open_checkpoint(args.path, cfg)
+    rows = sorted(ckpt.tensors.values(), key=lambda s: (s.file, s.offset))
+    if args.json:
+        print(json.dumps({
+            "files": [{"file": h.file, "size": h.file_size, "header_bytes": h.data_offset, "tensors": len(h.tensors),
+                       "metadata": h.metadata} for h in ckpt.headers],
+            "tensors": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "bytes": s.nbytes, "file": s.file,
+                         "offset": s.offset} for s in rows],
+            "total_bytes": ckpt.total_bytes,
+        }, indent=2))
+        return 0
+    width = max([len(s.name) for s in rows] + [6])
+    print(f"{'tensor':<{width}}  {'dtype':<11} {'shape':<22} {'bytes':>14}  shard")
+    for s in rows:
+        shard = s.file.rsplit("/", 1)[-1]
+        print(f"{s.name:<{width}}  {s.dtype:<11} {str(list(s.shape)):<22} {s.nbytes:>14,}  {shard}")
+    print()
+    for h in ckpt.headers:
+        print(f"{h.file}: {len(h.tensors)} tensors, {_fmt_bytes(h.data_bytes)}, header {h.data_offset} bytes")
+    dtypes: dict[str, int] = {}
+    for s in rows:
+        dtypes[s.dtype] = dtypes.get(s.dtype, 0) + s.nbytes
+    print(f"total: {len(rows)} tensors, {ckpt.total_bytes:,} bytes ({_fmt_bytes(ckpt.total_bytes)}) in "
+          f"{len(ckpt.files)} file(s); dtypes: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(dtypes.items())))
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from .streamer import SafetensorsStreamer
+
+    cfg = config_from_args(args)
+    t0 = time.perf_counter()
+    count = total = 0
+    with SafetensorsStreamer(cfg) as streamer:
+        streamer.stream_files(args.path)
+        for _name, tensor in streamer.get_tensors():
+            count += 1
+            total += tensor.numel() * tensor.element_size()
+        stats = dict(streamer.stats)
+    seconds = time.perf_counter() - t0
+    result = {"path": args.path, "tensors": count, "bytes": total, "seconds": round(seconds, 4),
+              "gbps": round(total / seconds / 1e9, 3) if seconds else None,
+              "header_seconds": round(stats.get("header_seconds", 0.0), 4), "files": stats.get("files"),
+              "concurrency": cfg.concurrency, "direct_io": cfg.direct_io}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"loaded {count} tensors, {total / 1e9:.3f} GB from {stats.get('files')} file(s) in {seconds:.3f} s: "
+              f"{result['gbps']} GB/s")
+    return 0
+
+
+def cmd_make_demo(args: argparse.Namespace) -> int:
+    from .demo import make_demo, parse_size
+
+    paths = make_demo(args.directory, parse_size(args.size), shards=args.shards, dtype=args.dtype, seed=args.seed)
+    total = sum(p.stat().st_size for p in paths if str(p).endswith(".safetensors"))
+    print(f"wrote {len(paths)} files ({total / 1e9:.2f} GB of safetensors) to {args.directory}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.runner import run_bench
+
+    return run_bench(args, config_from_args(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="model-streamer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list tensors, dtypes, shapes, bytes and shards")
+    p.add_argument("path", nargs="+", help="file(s), checkpoint directory or s3:// URI")
+    p.add_argument("--json", action="store_true")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("load", help="stream every tensor and print seconds and GB/s")
+    p.add_argument("path", nargs="+", help="file(s), checkpoint directory or s3:// URI")
+    p.add_argument("--json", action="store_true")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("make-demo", help="write a Llama-like bf16 checkpoint (2+ shards, index.json)")
+    p.add_argument("directory")
+    p.add_argument("--size", default="3GB")
+    p.add_argument("--shards", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_demo)
+
+    p = sub.add_parser("bench", help="this project vs the peers, cold and warm page cache, one table")
+    p.add_argument("path", help="checkpoint directory (or s3:// URI)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per method (median reported)")
+    p.add_argument("--cache", default="cold,warm", help="cold, warm or both (comma separated)")
+    p.add_argument("--methods", default="all", help="comma separated subset of methods (see --list)")
+    p.add_argument("--list", action="store_true", help="list the methods and exit")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command in ("inspect", "load") and len(args.path) == 1:
+        args.path = args.path[0]
+    try:
+        return args.func(args) or 0
+    except StreamerError as exc:
+        print(f"model-streamer: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
