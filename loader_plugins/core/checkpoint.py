@@ -190,6 +190,10 @@ def open_checkpoint(paths: PathLike | Sequence[PathLike], config: "StreamerConfi
                 src.close()
             sources.clear()
         raise
+    finally:
+        if sources is None:  # opened sources keep their storage alive through their own reference
+            for storage in storages.values():
+                storage.close()
     tensors: dict[str, TensorSpec] = {}
     for header in headers:
         for spec in header.tensors:

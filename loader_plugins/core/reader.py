@@ -197,9 +197,14 @@ class StreamReader:
         except StreamerError as exc:
             if self._cancelled.is_set() and isinstance(exc, CancelledError):
                 return
-            raise type(exc)(self._describe(job, item, exc)) from exc
+            wrapped = type(exc)(self._describe(job, item, exc))
+            if isinstance(exc, OSError):
+                wrapped.errno = exc.errno  # keep ENOENT / EACCES / ESTALE for callers
+            raise wrapped from exc
         except OSError as exc:
-            raise SourceError(self._describe(job, item, exc)) from exc
+            wrapped = SourceError(self._describe(job, item, exc))
+            wrapped.errno = exc.errno
+            raise wrapped from exc
         if self._cancelled.is_set():
             return
         if self._on_bytes is not None:

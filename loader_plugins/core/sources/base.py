@@ -144,6 +144,12 @@ class Storage:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> "Storage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 # scheme -> ("module:Class", hint shown when the import fails)
 _REGISTRY: dict[str, tuple[str, str]] = {

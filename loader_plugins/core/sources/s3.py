@@ -94,6 +94,8 @@ class S3Source(Source):
 
     #: the header reader fetches ``min(size, header_prefetch)`` first: one GET for most headers
     header_prefetch = 256 << 10
+    #: bytes land straight in the destination: the reader needs no aligned staging buffers
+    wants_staging = False
 
     def __init__(self, storage: "S3Storage", uri: str):
         super().__init__(uri)
@@ -143,8 +145,8 @@ class S3Source(Source):
                 f"resuming from byte {offset + progress.received}", cancelled, self.deadline_at, self.uri)
         raise SourceError(
             errno.EIO, f"{self.uri}: GET of bytes [{offset}, {end}) failed after {attempts} attempts "
-            f"({progress.received} of {length} bytes received); last error: {reason}. Check that the endpoint "
-            f"{self._storage.endpoint} is reachable and healthy, or raise request_timeout "
+            f"({progress.received} of {length} bytes received); last error: {reason.rstrip('.')}. Check that the "
+            f"endpoint {self._storage.endpoint} is reachable and healthy, or raise request_timeout "
             f"({cfg.request_timeout:g} s) / max_retries ({cfg.max_retries})")
 
     def _get_range(self, start: int, view: memoryview, cancelled: threading.Event | None,
@@ -325,9 +327,9 @@ class S3Storage(Storage):
             if attempt < attempts:
                 self._backoff(attempt, f"{uri}: {what} attempt {attempt}/{attempts} failed ({reason})", cancelled,
                               deadline_at, uri)
-        raise SourceError(errno.EIO, f"{uri}: {what} failed after {attempts} attempts; last error: {reason}. "
-                          f"Check that the endpoint {self.endpoint} is reachable and healthy, or raise "
-                          f"request_timeout ({self.config.request_timeout:g} s) / max_retries "
+        raise SourceError(errno.EIO, f"{uri}: {what} failed after {attempts} attempts; last error: "
+                          f"{reason.rstrip('.')}. Check that the endpoint {self.endpoint} is reachable and "
+                          f"healthy, or raise request_timeout ({self.config.request_timeout:g} s) / max_retries "
                           f"({self.config.max_retries})")
 
     def _backoff(self, attempt: int, message: str, cancelled: threading.Event | None, deadline_at: float | None,
@@ -356,7 +358,8 @@ class S3Storage(Storage):
             code = str(err.get("Code") or "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             message = str(err.get("Message") or "").strip()
-            label = f"{code or 'HTTP ' + str(status)}" + (f" (HTTP {status})" if code and status else "")
+            label = (f"HTTP {status}" if not code or code == str(status)
+                     else f"{code} (HTTP {status})" if status else code)
             if code in ("PreconditionFailed", "412") or status == 412:
                 return SourceChangedError(errno.ESTALE, f"{uri}: the object changed while it was being loaded "
                                           f"(its ETag no longer matches the one seen at open, {what}); load it "

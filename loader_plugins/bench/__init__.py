@@ -1,0 +1,1 @@
+"""Benchmark helpers: peer loaders and the plain-read ceiling the project is compared with."""

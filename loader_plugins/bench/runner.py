@@ -1,0 +1,269 @@
+"""``model-streamer bench``: this project and its peers side by side, in one run.
+
+Every method loads the whole checkpoint into CPU memory and touches every page of the result.
+Cold runs evict the files from the page cache first (``posix_fadvise(DONTNEED)``); warm runs
+read them once beforehand. Each cell is the median of ``--repeat`` runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import StreamerConfig
+from . import peers
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Method:
+    name: str
+    group: str          # "ours", "ceiling", "peer"
+    run: Callable[[], int]
+    prepare: Callable[[], None] | None = None
+    extra_files: Callable[[], list[str]] | None = None
+    note: str = ""
+
+
+def _shards(path: str, config: StreamerConfig) -> list[str]:
+    from ..core.checkpoint import expand
+
+    files, _ = expand(path, config)
+    return files
+
+
+def _warm(paths: list[str]) -> None:
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(16 << 20):
+                pass
+
+
+def _ours_fresh(paths: list[str], config: StreamerConfig) -> int:
+    from ..streamer import load_file
+
+    return peers.touch_all(load_file(paths, config=config))
+
+
+class _Into:
+    """Caller-allocated, already-touched destinations, reused across runs (the engine case)."""
+
+    def __init__(self, paths: list[str], config: StreamerConfig):
+        self.paths, self.config = paths, config
+        self.dests: dict | None = None
+        self.buffers: list | None = None
+
+    def ours(self) -> int:
+        from ..streamer import SafetensorsStreamer, load_file
+
+        if self.dests is None:
+            self.dests = {k: v.clone() for k, v in load_file(self.paths, config=self.config).items()}
+            peers.touch_all(self.dests)
+        with SafetensorsStreamer(self.config) as s:
+            s.stream_files(self.paths, destinations=self.dests)
+            for _ in s.get_tensors():
+                pass
+        return peers.touch_all(self.dests)
+
+    def pread(self, threads: int, direct: bool) -> int:
+        if self.buffers is None or getattr(self, "_direct", None) != direct:
+            self.buffers = peers.aligned_buffers(self.paths)
+            self._direct = direct
+            peers.touch_all(self.buffers)
+        peers.pread_ceiling(self.paths, threads=threads, direct=direct, dest=self.buffers)
+        return peers.touch_all(self.buffers)
+
+
+def build_methods(paths: list[str], config: StreamerConfig, workdir: Path) -> list[Method]:
+    into = _Into(paths, config)
+    into_ceiling = _Into(paths, config)
+    tz_path = workdir / "checkpoint.tensors"
+    methods = [
+        Method("streamer", "ours", lambda: _ours_fresh(paths, config), note="fresh tensors"),
+        Method("streamer-into", "ours-into", into.ours, note="into caller-allocated, touched tensors"),
+        Method("pread-4t", "ceiling", lambda: peers.pread_ceiling(paths, threads=4), note="buffered, fresh buffers"),
+        Method("pread-direct-8t", "ceiling", lambda: peers.pread_ceiling(paths, threads=8, direct=True),
+               note="O_DIRECT, fresh buffers"),
+        Method("pread-into-4t", "ceiling-into", lambda: into_ceiling.pread(4, False), note="buffered, touched buffers"),
+        Method("pread-direct-into-8t", "ceiling-into", lambda: into_ceiling.pread(8, True),
+               note="O_DIRECT, touched buffers"),
+        Method("safetensors", "peer", lambda: peers.safetensors_clone(paths), note="load_file + clone"),
+        Method("runai-c4", "peer", lambda: peers.runai(paths, 4)),
+        Method("runai-c8", "peer", lambda: peers.runai(paths, 8)),
+        Method("runai-c16", "peer", lambda: peers.runai(paths, 16), note="Run:ai default"),
+        Method("tensorizer", "peer", lambda: peers.tensorizer(tz_path),
+               prepare=lambda: tz_path.exists() or peers.tensorizer_prepare(paths, tz_path),
+               extra_files=lambda: [str(tz_path)], note="own format, serialized beforehand"),
+        Method("fastsafetensors", "peer", lambda: peers.fastsafetensors(paths), note="CPU, nogds"),
+    ]
+    return methods
+
+
+def _time(method: Method, files: list[str], cache: str) -> tuple[float, int]:
+    if cache == "cold":
+        peers.evict(files)
+    else:
+        _warm(files)
+    t0 = time.perf_counter()
+    nbytes = method.run()
+    return time.perf_counter() - t0, nbytes
+
+
+def measure_rss_into(paths: list[str], config: StreamerConfig) -> dict[str, Any]:
+    """Peak RSS of a fresh process that loads into caller-allocated tensors (cold cache)."""
+    code = (
+        "import json, sys, torch\n"
+        "from loader_plugins import SafetensorsStreamer, StreamerConfig\n"
+        "from loader_plugins.core.checkpoint import open_checkpoint\n"
+        "from loader_plugins.bench import peers\n"
+        "paths, cfg = json.loads(sys.argv[1]), StreamerConfig.from_dict(json.loads(sys.argv[2]))\n"
+        "specs = open_checkpoint(paths, cfg).tensors\n"
+        "dests = {n: torch.empty(s.shape, dtype=s.torch_dtype()) for n, s in specs.items()}\n"
+        "peers.touch_all({n: t.view(-1).view(torch.uint8).fill_(1) if t.numel() else t for n, t in dests.items()})\n"
+        "def hwm():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmHWM:'): return int(line.split()[1]) * 1024\n"
+        "base = hwm()\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak to the current RSS\n"
+        "peers.evict(paths)\n"
+        "with SafetensorsStreamer(cfg) as s:\n"
+        "    s.stream_files(paths, destinations=dests)\n"
+        "    for _ in s.get_tensors(): pass\n"
+        "peak = hwm()\n"
+        "print(json.dumps({'model_bytes': sum(s.nbytes for s in specs.values()), 'peak_rss': peak,\n"
+        "                  'rss_before_load': base}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(paths), json.dumps(config.to_dict())],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_bench(args, config: StreamerConfig) -> int:
+    paths = _shards(args.path, config)
+    total = sum(os.path.getsize(p) for p in paths)
+    caches = [c.strip() for c in args.cache.split(",") if c.strip()]
+    with tempfile.TemporaryDirectory(prefix="model-streamer-bench-", dir=os.path.dirname(paths[0])) as tmp:
+        methods = build_methods(paths, config, Path(tmp))
+        if args.list:
+            for m in methods:
+                print(f"{m.name:<22} {m.group:<13} {m.note}")
+            return 0
+        if args.methods != "all":
+            wanted = {x.strip() for x in args.methods.split(",")}
+            unknown = wanted - {m.name for m in methods}
+            if unknown:
+                print(f"unknown method(s): {', '.join(sorted(unknown))}; see --list", file=sys.stderr)
+                return 2
+            methods = [m for m in methods if m.name in wanted]
+        results: dict[str, dict[str, Any]] = {}
+        print(f"checkpoint: {args.path} ({len(paths)} files, {total / 1e9:.2f} GB); concurrency={config.concurrency} "
+              f"chunk={config.chunk_bytes >> 20}MiB direct_io={config.direct_io}; median of {args.repeat}",
+              file=sys.stderr)
+        for method in methods:
+            row: dict[str, Any] = {"group": method.group, "note": method.note}
+            try:
+                if method.prepare:
+                    method.prepare()
+                files = paths + (method.extra_files() if method.extra_files else [])
+                for cache in caches:
+                    method.run() if cache == "warm" and method.group.endswith("into") else None
+                    runs = []
+                    nbytes = 0
+                    for _ in range(args.repeat):
+                        seconds, nbytes = _time(method, files, cache)
+                        runs.append(seconds)
+                    med = statistics.median(runs)
+                    row[cache] = {"seconds": runs, "median_s": med, "bytes": nbytes, "gbps": nbytes / med / 1e9}
+                    print(f"  {method.name:<22} {cache}: {nbytes / med / 1e9:6.2f} GB/s  "
+                          f"(runs: {', '.join(f'{s:.2f}' for s in runs)} s)", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - a missing peer must not stop the table
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                print(f"  {method.name:<22} skipped: {row['error']}", file=sys.stderr)
+            results[method.name] = row
+        rss = None
+        if "streamer-into" in results and "error" not in results["streamer-into"]:
+            try:
+                rss = measure_rss_into(paths, config)
+            except Exception as exc:  # noqa: BLE001
+                rss = {"error": str(exc)}
+    table = format_table(results, caches)
+    print(table)
+    summary = summarize(results, caches, config, rss)
+    for line in summary["lines"]:
+        print(line)
+    if args.json:
+        payload = {"checkpoint": args.path, "files": paths, "bytes": total, "config": config.to_dict(),
+                   "repeat": args.repeat, "results": results, "rss": rss, "summary": summary["values"]}
+        text = json.dumps(payload, indent=2, default=str)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+    return 0
+
+
+def _gbps(results, name, cache):
+    cell = results.get(name, {}).get(cache)
+    return cell["gbps"] if cell else None
+
+
+def format_table(results: dict, caches: list[str]) -> str:
+    header = f"| {'method':<22} |" + "".join(f" {c + ' GB/s':>10} | {'ours ÷ it':>9} |" for c in caches) + " note"
+    sep = "|" + "-" * 24 + "|" + "".join("-" * 12 + "|" + "-" * 11 + "|" for _ in caches)
+    lines = [header, sep]
+    for name, row in results.items():
+        ref = "streamer-into" if row["group"].endswith("into") else "streamer"
+        cells = ""
+        for c in caches:
+            g = _gbps(results, name, c)
+            ours = _gbps(results, ref, c)
+            ratio = f"{ours / g:.2f}x" if g and ours else "-"
+            cells += f" {g:10.2f} | {ratio:>9} |" if g else f" {'-':>10} | {'-':>9} |"
+        note = row.get("error") or row.get("note", "")
+        lines.append(f"| {name:<22} |{cells} {note}")
+    return "\n".join(lines)
+
+
+def summarize(results: dict, caches: list[str], config: StreamerConfig, rss: dict | None) -> dict:
+    values: dict[str, Any] = {}
+    lines: list[str] = []
+
+    def best(names, cache):
+        vals = [(_gbps(results, n, cache), n) for n in names if _gbps(results, n, cache)]
+        return max(vals) if vals else (None, None)
+
+    runai = [n for n in results if n.startswith("runai")]
+    others = [n for n in results if results[n]["group"] == "peer" and not n.startswith("runai")]
+    ceilings = [n for n in results if results[n]["group"] == "ceiling"]
+    for cache in caches:
+        ours = _gbps(results, "streamer", cache)
+        if not ours:
+            continue
+        for label, names in (("best pread ceiling", ceilings), ("best Run:ai", runai), ("best other peer", others)):
+            g, n = best(names, cache)
+            if g:
+                values[f"{cache}_vs_{label.replace(' ', '_')}"] = ours / g
+                lines.append(f"{cache}: streamer {ours:.2f} GB/s = {ours / g:.2f}x {label} ({n}, {g:.2f} GB/s)")
+        into = _gbps(results, "streamer-into", cache)
+        g, n = best([x for x in results if results[x]["group"] == "ceiling-into"], cache)
+        if into and g:
+            values[f"{cache}_into_vs_ceiling"] = into / g
+            lines.append(f"{cache}: streamer-into {into:.2f} GB/s = {into / g:.2f}x pread into the same buffers "
+                         f"({n}, {g:.2f} GB/s)")
+    if rss and "peak_rss" in rss:
+        bound = rss["model_bytes"] + config.memory_limit + 200 * 2**20
+        values["peak_rss"] = rss
+        lines.append(f"peak RSS loading into caller-allocated tensors: {rss['peak_rss'] / 2**20:.0f} MiB "
+                     f"(model {rss['model_bytes'] / 2**20:.0f} MiB + memory_limit {config.memory_limit / 2**20:.0f} "
+                     f"MiB + 200 MiB = {bound / 2**20:.0f} MiB bound: {'within' if rss['peak_rss'] <= bound else 'OVER'})")
+    return {"values": values, "lines": lines}
