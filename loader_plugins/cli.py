@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)")
     add_config_flags(p)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("bench-vllm", help="weight-load time in a real vLLM engine: streamer vs vLLM's loaders")
+    p.add_argument("model", help="local model directory (config.json + safetensors)")
+    p.add_argument("--formats", default="streamer,safetensors,runai_streamer")
+    p.add_argument("--cache", default="cold,warm")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--json", metavar="FILE")
+    p.set_defaults(func=lambda a: __import__("loader_plugins.bench.vllm_load", fromlist=["run"]).run(a))
     return parser
 
 

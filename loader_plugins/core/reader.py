@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 from ..errors import CancelledError, SourceError, StreamerError
 from .header import TensorSpec
 from .plan import ReadItem, plan_reads, split_windows
-from .sinks.cpu import CpuSink, tensor_buffer
+from .sinks.cpu import Allocation, CpuSink, tensor_buffer
 from .sources.base import BufferPool, Source
 
 if TYPE_CHECKING:
@@ -36,13 +36,15 @@ _DONE = object()
 
 
 class _Job:
-    __slots__ = ("spec", "target", "dest", "buffer", "remaining", "budget", "lock")
+    __slots__ = ("spec", "target", "dest", "buffer", "remaining", "budget", "lock", "alloc", "slack")
 
-    def __init__(self, spec: TensorSpec, target, dest, budget: int):
+    def __init__(self, spec: TensorSpec, target, dest, budget: int, alloc: Allocation | None = None):
         self.spec = spec
-        self.target = target          # tensor the bytes are read into
+        self.alloc = alloc            # memory the reader allocated (populated by the first worker)
+        self.target = alloc.tensor if alloc is not None else target   # tensor the bytes are read into
         self.dest = dest              # final destination when it differs from target (cast/copy)
-        self.buffer = tensor_buffer(target) if target is not None else None
+        self.buffer = tensor_buffer(self.target)
+        self.slack = bool(alloc and alloc.slack)
         self.remaining = spec.nbytes
         self.budget = budget          # bytes counted against memory_limit until handed out
         self.lock = threading.Lock()
@@ -155,20 +157,17 @@ class StreamReader:
                 self._cond.notify_all()
 
     def _prepare(self, window: _Window) -> None:
-        torch_needed = False
         for spec in window.specs:
             dest = self._destinations.get(spec.name)
             if dest is not None and self._direct[spec.name]:
                 job = _Job(spec, dest, None, 0)
             elif dest is not None:
-                job = _Job(spec, self._sink.allocate(spec), dest, spec.nbytes)
-                torch_needed = True
+                job = _Job(spec, None, dest, spec.nbytes, self._sink.allocate(spec))
             else:
-                job = _Job(spec, self._sink.allocate(spec), None, spec.nbytes)
+                job = _Job(spec, None, None, spec.nbytes, self._sink.allocate(spec))
             window.jobs[spec.name] = job
             if spec.nbytes == 0:
                 self._finish(job)
-        del torch_needed
         window.plan = plan_reads(window.specs, self._workers, self._config.chunk_bytes)
 
     # ---- workers --------------------------------------------------------------------------
@@ -191,9 +190,12 @@ class StreamReader:
 
     def _read(self, job: _Job, item: ReadItem) -> None:
         source = self._sources[item.file]
+        if job.alloc is not None and not job.alloc.populated:
+            with job.lock:
+                self._sink.populate(job.alloc)
         view = job.buffer[item.dest_offset:item.dest_offset + item.length]
         try:
-            source.read_into(item.file_offset, view, self._pool, self._cancelled)
+            source.read_into(item.file_offset, view, self._pool, self._cancelled, job.slack)
         except StreamerError as exc:
             if self._cancelled.is_set() and isinstance(exc, CancelledError):
                 return
@@ -275,7 +277,7 @@ class StreamReader:
                 job: _Job = got
                 handed += 1
                 tensor = job.dest if job.dest is not None else job.target
-                job.target = job.buffer = None  # the reader keeps no reference to handed-out memory
+                job.target = job.buffer = job.alloc = None  # the reader keeps no reference to handed-out memory
                 if job.budget:
                     with self._cond:
                         self._held -= job.budget

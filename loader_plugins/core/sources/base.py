@@ -86,8 +86,13 @@ class Source:
         raise NotImplementedError
 
     def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
-                  cancelled: threading.Event | None = None) -> None:
-        """Fill ``dest`` entirely with bytes ``[offset, offset + len(dest))`` or raise SourceError."""
+                  cancelled: threading.Event | None = None, slack: bool = False) -> None:
+        """Fill ``dest`` entirely with bytes ``[offset, offset + len(dest))`` or raise SourceError.
+
+        ``pool`` lends aligned staging buffers; ``cancelled`` aborts long reads; ``slack`` says
+        that the ``alignment`` bytes before and after ``dest`` belong to the caller and may be
+        overwritten (with the file's neighbouring bytes), which lets O_DIRECT read in place.
+        """
         raise NotImplementedError
 
     def read_bytes(self, offset: int, length: int) -> bytes:

@@ -1,17 +1,21 @@
 """Local files: ``os.preadv`` straight into the destination's memory (the GIL is released
-while the kernel copies), with O_DIRECT through aligned staging buffers for data that is not
-in the page cache.
+while the kernel copies), O_DIRECT for data that is not in the page cache.
 
-``direct_io="auto"`` first asks for the bytes with ``RWF_NOWAIT`` (served only from the page
-cache, never blocking on the disk); whatever is not cached is read with O_DIRECT. A warm file
-is thus read at memory speed and a cold one at the device's O_DIRECT speed, without guessing.
+``direct_io="auto"`` asks the kernel which pages of a range are cached (``mincore`` on a
+read-only mapping of the file, which reads nothing): cached ranges are copied with buffered
+``preadv`` at memory speed, the rest is read with O_DIRECT at the device's speed. O_DIRECT
+reads land in the destination itself when its address and the file offset share the same
+alignment (the reader allocates its tensors that way); otherwise they go through an aligned
+staging buffer from the pool.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -21,13 +25,35 @@ from .base import BufferPool, Source, Storage
 
 log = logging.getLogger(__name__)
 
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14+, Python 3.7+
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+_PAGE = mmap.PAGESIZE
+
+_libc = None
+
+
+def _lib():
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            lib.mmap.restype = ctypes.c_void_p
+            lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                 ctypes.c_long]
+            lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+            _libc = lib
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc
 
 
 def _strip_scheme(uri: str) -> str:
     text = str(uri)
     return text[len("file://"):] if text.startswith("file://") else text
+
+
+def _addr(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 class LocalSource(Source):
@@ -46,16 +72,44 @@ class LocalSource(Source):
         self._stat = (st.st_size, st.st_mtime_ns, st.st_ino)
         self._size = st.st_size
         self._dfd: int | None = None
-        self._dfd_lock = threading.Lock()
-        self._nowait_ok = bool(_RWF_NOWAIT)
+        self._lock = threading.Lock()
+        self._map: int | None = None     # read-only mapping used only to ask mincore what is cached
+
+    @property
+    def wants_staging(self) -> bool:
+        return self._direct_mode != "off"
 
     def size(self) -> int:
         return self._size
 
+    # ---- page cache residency ------------------------------------------------------------
+    def _cached(self, offset: int, length: int) -> bool:
+        """True when every page of ``[offset, offset+length)`` is in the page cache."""
+        lib = _lib()
+        if not lib or length == 0:
+            return True
+        with self._lock:
+            if self._map is None and self._size > 0:
+                addr = lib.mmap(None, self._size, mmap.PROT_READ, mmap.MAP_SHARED, self._fd, 0)
+                if addr in (None, ctypes.c_void_p(-1).value):
+                    self._map = 0
+                else:
+                    self._map = addr
+        if not self._map:
+            return True
+        start = offset - offset % _PAGE
+        pages = -(-(offset + length - start) // _PAGE)
+        vec = ctypes.create_string_buffer(pages)
+        if lib.mincore(self._map + start, pages * _PAGE, vec) != 0:
+            return True
+        # the low bit of each byte says "resident"; the other bits are reserved (zero)
+        return b"\x00" not in vec.raw
+
+    # ---- reads ---------------------------------------------------------------------------
     def _direct_fd(self) -> int | None:
         if self._direct_mode == "off":
             return None
-        with self._dfd_lock:
+        with self._lock:
             if self._dfd is None:
                 try:
                     self._dfd = os.open(self.path, os.O_RDONLY | _O_DIRECT | getattr(os, "O_CLOEXEC", 0))
@@ -66,47 +120,28 @@ class LocalSource(Source):
             return self._dfd
 
     def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
-                  cancelled: threading.Event | None = None) -> None:
+                  cancelled: threading.Event | None = None, slack: bool = False) -> None:
         length = len(dest)
         if offset + length > self._size:
             raise SourceError(
                 errno.EIO, f"{self.path}: bytes [{offset}, {offset + length}) lie past the end of the "
                 f"{self._size}-byte file; the file is truncated")
-        pos = 0
-        mode = self._direct_mode if pool is not None else "off"
+        if length == 0:
+            return
         try:
-            if mode == "auto" and self._nowait_ok:
-                pos = self._read_cached(offset, dest)
-            if pos < length and mode in ("auto", "on"):
-                dfd = self._direct_fd()
-                if dfd is not None:
-                    self._read_direct(dfd, offset + pos, dest[pos:], pool, cancelled)
-                    return
-            if pos < length:
-                self._read_buffered(offset + pos, dest[pos:])
+            mode = self._direct_mode
+            if mode == "auto" and self._cached(offset, length):
+                mode = "off"
+            dfd = self._direct_fd() if mode != "off" else None
+            if dfd is None:
+                self._read_buffered(offset, dest)
+            else:
+                self._read_direct(dfd, offset, dest, pool, cancelled, slack)
         except OSError as exc:
             if isinstance(exc, SourceError):
                 raise
             raise SourceError(exc.errno, f"{self.path}: read of bytes [{offset}, {offset + length}) "
                               f"failed: {exc.strerror or exc}") from exc
-
-    def _read_cached(self, offset: int, dest: memoryview) -> int:
-        """Read what the page cache holds without blocking; returns the bytes read."""
-        pos, length = 0, len(dest)
-        while pos < length:
-            try:
-                n = os.preadv(self._fd, [dest[pos:]], offset + pos, _RWF_NOWAIT)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                    self._nowait_ok = False  # file system without RWF_NOWAIT support
-                    break
-                raise
-            if n <= 0:
-                break
-            pos += n
-        return pos
 
     def _read_buffered(self, offset: int, dest: memoryview) -> None:
         pos, length = 0, len(dest)
@@ -116,15 +151,54 @@ class LocalSource(Source):
                 self._short(offset + pos, offset + length)
             pos += n
 
-    def _read_direct(self, dfd: int, offset: int, dest: memoryview, pool: BufferPool,
-                     cancelled: threading.Event | None) -> None:
+    def _read_direct(self, dfd: int, offset: int, dest: memoryview, pool: BufferPool | None,
+                     cancelled: threading.Event | None, slack: bool) -> None:
+        align = self._alignment
+        length = len(dest)
+        addr = _addr(dest)
+        if (addr - offset) % align == 0:
+            # Same alignment in memory and file: read in place.
+            lo = offset - offset % align
+            hi = min(-(-(offset + length) // align) * align, -(-self._size // align) * align)
+            if slack:
+                self._direct_in_place(dfd, lo, hi, addr - (offset - lo), offset, offset + length)
+                return
+            inner_lo = -(-offset // align) * align
+            inner_hi = (offset + length) // align * align
+            if inner_hi > inner_lo:
+                self._direct_in_place(dfd, inner_lo, inner_hi, addr + (inner_lo - offset), inner_lo, inner_hi)
+                if inner_lo > offset:
+                    self._read_buffered(offset, dest[:inner_lo - offset])
+                if offset + length > inner_hi:
+                    self._read_buffered(inner_hi, dest[inner_hi - offset:])
+                return
+        if pool is None:
+            self._read_buffered(offset, dest)
+            return
+        self._direct_staged(dfd, offset, dest, pool, cancelled)
+
+    def _direct_in_place(self, dfd: int, lo: int, hi: int, mem: int, need_lo: int, need_hi: int) -> None:
+        """O_DIRECT read of aligned file bytes [lo, hi) to address ``mem`` (aligned likewise)."""
+        view = memoryview((ctypes.c_char * (hi - lo)).from_address(mem)).cast("B")
+        pos = 0
+        while lo + pos < need_hi:
+            n = os.preadv(dfd, [view[pos:]], lo + pos)
+            if n <= 0:
+                self._short(lo + pos, need_hi)
+            pos += n
+            if pos % self._alignment and lo + pos < need_hi:   # a short, unaligned read: finish buffered
+                self._read_buffered(lo + pos, view[pos:need_hi - lo])
+                return
+
+    def _direct_staged(self, dfd: int, offset: int, dest: memoryview, pool: BufferPool,
+                       cancelled: threading.Event | None) -> None:
         align = self._alignment
         length = len(dest)
         buf = pool.acquire()
         try:
             staging = memoryview(buf)
             capacity = (len(staging) // align) * align
-            dest_addr = ctypes.addressof(ctypes.c_char.from_buffer(dest)) if not dest.readonly else None
+            dest_addr = _addr(dest)
             src_addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
             pos = 0
             while pos < length:
@@ -160,14 +234,19 @@ class LocalSource(Source):
                 f"(size/mtime/inode differ); load it again once it is no longer being written")
 
     def close(self) -> None:
-        for fd in (self._fd, self._dfd):
-            if fd is not None and fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._fd = -1
-        self._dfd = None
+        lib = _lib()
+        with self._lock:
+            if self._map and lib:
+                lib.munmap(self._map, self._size)
+            self._map = None
+            for fd in (self._fd, self._dfd):
+                if fd is not None and fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self._fd = -1
+            self._dfd = None
 
 
 class LocalStorage(Storage):

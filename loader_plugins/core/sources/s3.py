@@ -116,7 +116,7 @@ class S3Source(Source):
         return self._size
 
     def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
-                  cancelled: threading.Event | None = None) -> None:
+                  cancelled: threading.Event | None = None, slack: bool = False) -> None:
         view = memoryview(dest)
         if view.ndim != 1 or view.format not in ("B", "b", "c"):
             view = view.cast("B")

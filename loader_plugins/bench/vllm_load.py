@@ -1,0 +1,102 @@
+"""Weight-load time inside a real vLLM engine: ``streamer`` vs vLLM's own load formats.
+
+    model-streamer bench-vllm MODEL_DIR [--formats streamer,safetensors,runai_streamer] [--repeat 3]
+
+Each run is a fresh process that builds an offline engine (engine core in-process) with
+``skip_tokenizer_init`` and times the loader's ``load_weights`` call (vLLM logs "Loading
+weights took" only for some formats, so one timer measures all). Cold runs evict the
+checkpoint from the page cache first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+_CHILD = r"""
+import json, os, sys, time
+spec = json.loads(sys.argv[1])
+if __name__ == "__main__":
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.model_executor.model_loader import get_model_loader
+    timings = []
+    import vllm.model_executor.model_loader.base_loader as bl
+    original = bl.BaseModelLoader.load_model
+    def load_model(self, *a, **k):
+        inner = type(self).load_weights
+        def timed(this, model, model_config):
+            t0 = time.perf_counter()
+            try:
+                return inner(this, model, model_config)
+            finally:
+                timings.append(time.perf_counter() - t0)
+        type(self).load_weights = timed
+        try:
+            return original(self, *a, **k)
+        finally:
+            type(self).load_weights = inner
+    bl.BaseModelLoader.load_model = load_model
+    if spec["cold"]:
+        from loader_plugins.bench.peers import evict
+        evict(spec["files"])
+    from vllm import LLM
+    kwargs = {}
+    if spec.get("extra"):
+        kwargs["model_loader_extra_config"] = spec["extra"]
+    llm = LLM(spec["model"], load_format=spec["format"], dtype=spec["dtype"], skip_tokenizer_init=True,
+              enforce_eager=True, max_model_len=128, max_num_seqs=1, max_num_batched_tokens=128,
+              kv_cache_memory_bytes=16 << 20, disable_log_stats=True, **kwargs)
+    print("VLLM_LOAD " + json.dumps({"load_weights_s": timings[-1] if timings else None}), flush=True)
+"""
+
+
+def _files(model: str) -> list[str]:
+    return sorted(os.path.join(model, f) for f in os.listdir(model) if f.endswith(".safetensors"))
+
+
+def run_once(model: str, fmt: str, *, cold: bool, dtype: str, extra: dict | None = None,
+             timeout: float = 900) -> float:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    spec = {"model": model, "format": fmt, "cold": cold, "files": _files(model), "dtype": dtype, "extra": extra}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("VLLM_LOAD ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"vLLM run ({fmt}) failed with exit {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    value = json.loads(lines[-1][len("VLLM_LOAD "):])["load_weights_s"]
+    if value is None:
+        raise RuntimeError(f"vLLM run ({fmt}) did not call load_weights")
+    return float(value)
+
+
+def run(args) -> int:
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    caches = [c.strip() for c in args.cache.split(",") if c.strip()]
+    size = sum(os.path.getsize(f) for f in _files(args.model))
+    results: dict[str, dict[str, list[float]]] = {f: {c: [] for c in caches} for f in formats}
+    for cache in caches:
+        for rep in range(args.repeat):
+            for fmt in formats:   # interleaved so drift hits every format alike
+                t = run_once(args.model, fmt, cold=cache == "cold", dtype=args.dtype)
+                results[fmt][cache].append(t)
+                print(f"  {fmt:<16} {cache} run {rep + 1}: load_weights {t:.2f} s", file=sys.stderr, flush=True)
+    print(f"\nvLLM load_weights, {args.model} ({size / 1e9:.2f} GB), median of {args.repeat}")
+    head = "| format | " + " | ".join(f"{c} s | {c} GB/s | streamer ÷ it" for c in caches) + " |"
+    print(head)
+    print("|" + "---|" * (1 + 3 * len(caches)))
+    for fmt in formats:
+        cells = []
+        for c in caches:
+            med = statistics.median(results[fmt][c])
+            ours = statistics.median(results["streamer"][c]) if "streamer" in results else None
+            cells += [f"{med:.2f}", f"{size / med / 1e9:.2f}", f"{ours / med:.2f}x" if ours else "-"]
+        print(f"| {fmt} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "bytes": size, "results": results}, f, indent=2)
+    return 0
