@@ -112,6 +112,39 @@ def cmd_make_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx", ".tensors")
+
+
+def pull_config(uri: str, directory: str, config: StreamerConfig, *, max_bytes: int = 64 << 20) -> list[str]:
+    """Copy the small non-weight files (config, tokenizer...) of a checkpoint directory."""
+    import os
+
+    from .core.sources.base import storage_for
+
+    os.makedirs(directory, exist_ok=True)
+    fetched = []
+    with storage_for(uri, config) as storage:
+        if not storage.is_dir(uri):
+            raise StreamerError(f"{uri}: not a checkpoint directory (no objects under it)")
+        for name in storage.list_dir(uri):
+            if name.endswith(_WEIGHT_SUFFIXES) or name.startswith("."):
+                continue
+            data = storage.read_small(storage.join(uri, name), limit=max_bytes)
+            target = os.path.join(directory, name)
+            tmp = target + ".partial"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+            fetched.append(name)
+    return fetched
+
+
+def cmd_pull_config(args: argparse.Namespace) -> int:
+    names = pull_config(args.uri, args.directory, config_from_args(args))
+    print(f"fetched {len(names)} file(s) into {args.directory}: {', '.join(names)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import run_bench
 
@@ -143,12 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo)
 
+    p = sub.add_parser("pull-config", help="fetch only the small non-weight files (config, tokenizer) of a checkpoint")
+    p.add_argument("uri", help="checkpoint directory, e.g. s3://bucket/models/llama")
+    p.add_argument("directory", help="local directory to write them to")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_pull_config)
+
     p = sub.add_parser("bench", help="this project vs the peers, cold and warm page cache, one table")
     p.add_argument("path", help="checkpoint directory (or s3:// URI)")
     p.add_argument("--repeat", type=int, default=3, help="runs per method (median reported)")
     p.add_argument("--cache", default="cold,warm", help="cold, warm or both (comma separated)")
     p.add_argument("--methods", default="all", help="comma separated subset of methods (see --list)")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
+    p.add_argument("--warmup", action="store_true", help="one untimed round before the timed ones")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)")
     add_config_flags(p)
     p.set_defaults(func=cmd_bench)
