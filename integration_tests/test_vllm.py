@@ -100,8 +100,10 @@ def test_weights_uri_points_elsewhere(models, reference, tmp_path):
     config_only = tmp_path / "config-only"
     shutil.copytree(models["one"], config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     got = run_job({"model": str(config_only), "load_format": "streamer",
-                   "extra": {"weights_uri": str(models["other"])}})
+                   "extra": {"weights_uri": str(models["other"])},
+                   "steps": [{"generate": True}, {"reload": str(models["one"])}, {"generate": True}]})
     assert got["outputs"][0] == reference("other")
+    assert got["outputs"][1] == reference("one"), "reload_weights(weights_path=...) must read that path"
 
 
 def test_truncated_shard_fails_with_our_message(models, tmp_path):

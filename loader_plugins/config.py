@@ -149,7 +149,9 @@ def _coerce_all(values: dict[str, Any], where: str) -> dict[str, Any]:
             if key in _SIZE_FIELDS:
                 value = parse_size(value)
             elif key in ("concurrency", "max_retries"):
-                if isinstance(value, bool) or int(value) != value:
+                if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                    value = int(value.strip())
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
                     raise ValueError(f"expected an integer, got {value!r}")
                 value = int(value)
             elif key in ("request_timeout", "deadline"):

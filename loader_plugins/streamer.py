@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 
@@ -11,7 +12,7 @@ from .config import StreamerConfig
 from .core.checkpoint import Checkpoint, open_checkpoint
 from .core.reader import StreamReader, progress_bar
 from .core.sources.base import Source
-from .errors import StreamerError
+from .errors import CancelledError, StreamerError
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +50,8 @@ class SafetensorsStreamer:
         self._sources: dict[str, Source] = {}
         self.checkpoint: Checkpoint | None = None
         self.stats: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._closed = False
 
     # Run:ai-compatible names
     def stream_file(self, path: str | os.PathLike, *, names=None, destinations=None) -> None:
@@ -67,10 +70,17 @@ class SafetensorsStreamer:
 
     def _stream(self, paths, names, destinations, *, keeps_all: bool):
         t0 = time.perf_counter()
-        self._close_sources()
+        if self._closed:
+            raise CancelledError("the streamer is closed")
         sources: dict[str, Source] = {}
-        self._sources = sources
         checkpoint = open_checkpoint(paths, self.config, sources=sources)
+        with self._lock:
+            if self._closed:   # closed from another thread while the headers were read
+                for src in sources.values():
+                    src.close()
+                raise CancelledError("the streamer was closed before streaming started")
+            self._close_sources()
+            self._sources = sources
         self.checkpoint = checkpoint
         specs = list(checkpoint.tensors.values())
         if names is not None:
@@ -87,13 +97,17 @@ class SafetensorsStreamer:
             reader = StreamReader(specs, sources, self.config, destinations=destinations,
                                   consumer_keeps_all=keeps_all,
                                   on_bytes=bar.update if bar is not None else None)
-            self._reader = reader
+            with self._lock:
+                if self._closed:
+                    raise CancelledError("the streamer was closed before streaming started")
+                self._reader = reader
             yield from reader
         finally:
             if bar is not None:
                 bar.close()
-            self._reader = None
-            self._close_sources()
+            with self._lock:
+                self._reader = None
+                self._close_sources()
         seconds = time.perf_counter() - t0
         self.stats = {"bytes": total, "seconds": seconds, "header_seconds": header_s,
                       "gbps": total / seconds / 1e9 if seconds > 0 else 0.0, "files": len(checkpoint.files),
@@ -107,11 +121,16 @@ class SafetensorsStreamer:
         self._sources = {}
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
+        """Stop streaming and release threads, files and buffers; safe from any thread."""
+        with self._lock:
+            self._closed = True
+            reader = self._reader
+        if reader is not None:
+            reader.close()   # joins the workers before any source is closed
+        with self._lock:
             self._reader = None
-        self._close_sources()
-        self._pending.clear()
+            self._close_sources()
+            self._pending.clear()
 
     def __enter__(self) -> "SafetensorsStreamer":
         return self

@@ -63,12 +63,27 @@ class _Into:
         self.dests: dict | None = None
         self.buffers: list | None = None
 
-    def ours(self) -> int:
-        from ..streamer import SafetensorsStreamer, load_file
+    def setup_ours(self) -> None:
+        import torch
+
+        from ..core.checkpoint import open_checkpoint
 
         if self.dests is None:
-            self.dests = {k: v.clone() for k, v in load_file(self.paths, config=self.config).items()}
-            peers.touch_all(self.dests)
+            specs = open_checkpoint(self.paths, self.config).tensors
+            self.dests = {n: torch.empty(s.shape, dtype=s.torch_dtype()) for n, s in specs.items()}
+            for t in self.dests.values():   # touched: the engine's buffers exist before loading
+                if t.numel():
+                    t.view(-1).view(torch.uint8).fill_(0)
+
+    def setup_pread(self) -> None:
+        if self.buffers is None:
+            self.buffers = peers.aligned_buffers(self.paths)
+            peers.touch_all(self.buffers)
+
+    def ours(self) -> int:
+        from ..streamer import SafetensorsStreamer
+
+        self.setup_ours()
         with SafetensorsStreamer(self.config) as s:
             s.stream_files(self.paths, destinations=self.dests)
             for _ in s.get_tensors():
@@ -76,10 +91,7 @@ class _Into:
         return peers.touch_all(self.dests)
 
     def pread(self, threads: int, direct: bool) -> int:
-        if self.buffers is None or getattr(self, "_direct", None) != direct:
-            self.buffers = peers.aligned_buffers(self.paths)
-            self._direct = direct
-            peers.touch_all(self.buffers)
+        self.setup_pread()
         peers.pread_ceiling(self.paths, threads=threads, direct=direct, dest=self.buffers)
         return peers.touch_all(self.buffers)
 
@@ -90,13 +102,15 @@ def build_methods(paths: list[str], config: StreamerConfig, workdir: Path) -> li
     tz_path = workdir / "checkpoint.tensors"
     methods = [
         Method("streamer", "ours", lambda: _ours_fresh(paths, config), note="fresh tensors"),
-        Method("streamer-into", "ours-into", into.ours, note="into caller-allocated, touched tensors"),
+        Method("streamer-into", "ours-into", into.ours, prepare=into.setup_ours,
+               note="into caller-allocated, touched tensors"),
         Method("pread-4t", "ceiling", lambda: peers.pread_ceiling(paths, threads=4), note="buffered, fresh buffers"),
         Method("pread-direct-8t", "ceiling", lambda: peers.pread_ceiling(paths, threads=8, direct=True),
                note="O_DIRECT, fresh buffers"),
-        Method("pread-into-4t", "ceiling-into", lambda: into_ceiling.pread(4, False), note="buffered, touched buffers"),
+        Method("pread-into-4t", "ceiling-into", lambda: into_ceiling.pread(4, False),
+               prepare=into_ceiling.setup_pread, note="buffered, touched buffers"),
         Method("pread-direct-into-8t", "ceiling-into", lambda: into_ceiling.pread(8, True),
-               note="O_DIRECT, touched buffers"),
+               prepare=into_ceiling.setup_pread, note="O_DIRECT, touched buffers"),
         Method("safetensors", "peer", lambda: peers.safetensors_clone(paths), note="load_file + clone"),
         Method("runai-c4", "peer", lambda: peers.runai(paths, 4)),
         Method("runai-c8", "peer", lambda: peers.runai(paths, 8)),
@@ -169,27 +183,42 @@ def run_bench(args, config: StreamerConfig) -> int:
         print(f"checkpoint: {args.path} ({len(paths)} files, {total / 1e9:.2f} GB); concurrency={config.concurrency} "
               f"chunk={config.chunk_bytes >> 20}MiB direct_io={config.direct_io}; median of {args.repeat}",
               file=sys.stderr)
+        # Methods take turns (round robin) so that slow drifts of the machine (page cache,
+        # memory the hypervisor has to back again) hit every method alike.
+        live: list[Method] = []
         for method in methods:
-            row: dict[str, Any] = {"group": method.group, "note": method.note}
+            results[method.name] = {"group": method.group, "note": method.note}
             try:
                 if method.prepare:
                     method.prepare()
-                files = paths + (method.extra_files() if method.extra_files else [])
-                for cache in caches:
-                    method.run() if cache == "warm" and method.group.endswith("into") else None
-                    runs = []
-                    nbytes = 0
-                    for _ in range(args.repeat):
-                        seconds, nbytes = _time(method, files, cache)
-                        runs.append(seconds)
-                    med = statistics.median(runs)
-                    row[cache] = {"seconds": runs, "median_s": med, "bytes": nbytes, "gbps": nbytes / med / 1e9}
-                    print(f"  {method.name:<22} {cache}: {nbytes / med / 1e9:6.2f} GB/s  "
-                          f"(runs: {', '.join(f'{s:.2f}' for s in runs)} s)", file=sys.stderr)
+                live.append(method)
             except Exception as exc:  # noqa: BLE001 - a missing peer must not stop the table
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                print(f"  {method.name:<22} skipped: {row['error']}", file=sys.stderr)
-            results[method.name] = row
+                results[method.name]["error"] = f"{type(exc).__name__}: {exc}"
+                print(f"  {method.name:<22} skipped: {results[method.name]['error']}", file=sys.stderr)
+        for cache in caches:
+            runs: dict[str, list[float]] = {m.name: [] for m in live}
+            nbytes: dict[str, int] = {}
+            for rep in range(args.repeat + (1 if args.warmup else 0)):
+                for method in list(live):
+                    files = paths + (method.extra_files() if method.extra_files else [])
+                    try:
+                        seconds, n = _time(method, files, cache)
+                    except Exception as exc:  # noqa: BLE001
+                        results[method.name]["error"] = f"{type(exc).__name__}: {exc}"
+                        print(f"  {method.name:<22} failed: {results[method.name]['error']}", file=sys.stderr)
+                        live.remove(method)
+                        continue
+                    if args.warmup and rep == 0:
+                        continue
+                    runs[method.name].append(seconds)
+                    nbytes[method.name] = n
+                    print(f"  {cache} run {rep + 1 - bool(args.warmup)}: {method.name:<22} {n / seconds / 1e9:6.2f} GB/s",
+                          file=sys.stderr, flush=True)
+            for method in live:
+                med = statistics.median(runs[method.name])
+                n = nbytes[method.name]
+                results[method.name][cache] = {"seconds": runs[method.name], "median_s": med, "bytes": n,
+                                               "gbps": n / med / 1e9}
         rss = None
         if "streamer-into" in results and "error" not in results["streamer-into"]:
             try:

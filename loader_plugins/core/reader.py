@@ -124,6 +124,7 @@ class StreamReader:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._closed = False
+        self._close_lock = threading.Lock()
         self._deadline = time.monotonic() + config.deadline if config.deadline else None
         for src in self._sources.values():
             if hasattr(src, "deadline_at"):
@@ -160,7 +161,7 @@ class StreamReader:
         for spec in window.specs:
             dest = self._destinations.get(spec.name)
             if dest is not None and self._direct[spec.name]:
-                job = _Job(spec, dest, None, 0)
+                job = _Job(spec, None, None, 0, self._sink.wrap_destination(dest))
             elif dest is not None:
                 job = _Job(spec, None, dest, spec.nbytes, self._sink.allocate(spec))
             else:
@@ -263,6 +264,8 @@ class StreamReader:
                     got = None
                 if self._error is not None:
                     raise self._error
+                if self._closed:
+                    raise CancelledError("the load was closed before it finished")
                 if self._deadline is not None and time.monotonic() > self._deadline:
                     raise SourceError(f"the load did not finish within its deadline of {self._config.deadline} s "
                                       f"({self.bytes_done_hint()} read); raise 'deadline' or check the storage")
@@ -294,24 +297,22 @@ class StreamReader:
         return f"{self._total_bytes} bytes planned"
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with self._cond:
-            self._cancelled.set()
-            self._cond.notify_all()
-        for t in self._threads:
-            t.join()
-        if self._pool is not None:
-            self._pool.close()
-        # drop references to any tensors not handed out
-        for window in self._windows:
-            window.jobs.clear()
-        while True:
-            try:
-                self._out.get_nowait()
-            except queue.Empty:
-                break
+        """Stop the workers and wait for them; safe from any thread, any number of times."""
+        with self._close_lock:
+            if self._closed:
+                return
+            with self._cond:
+                self._cancelled.set()
+                self._cond.notify_all()
+            for t in self._threads:
+                if t is not threading.current_thread():
+                    t.join()
+            if self._pool is not None:
+                self._pool.close()
+            for window in self._windows:   # drop references to tensors not handed out
+                window.jobs.clear()
+            self._closed = True
+            self._out.put(_DONE)           # wake a consumer blocked in another thread
 
     def __enter__(self) -> "StreamReader":
         return self

@@ -284,3 +284,31 @@ def test_missing_path(tmp_path):
         load_file(tmp_path / "nope.safetensors")
     with pytest.raises(SourceError, match="no \\*.safetensors"):
         load_file(tmp_path)
+
+
+def test_close_from_another_thread_stops_the_consumer(tmp_path):
+    files = _many_files(tmp_path, n=6, size=2_000_000)
+    threads = len(_streamer_threads())
+    streamer = SafetensorsStreamer(concurrency=2, chunk_bytes=4096, memory_limit=65536)
+    streamer.stream_files(files)
+    outcome = {}
+    first = threading.Event()
+
+    def consume():
+        try:
+            for _ in streamer.get_tensors():
+                first.set()
+            outcome["finished"] = True
+        except StreamerError as exc:
+            outcome["error"] = exc
+        finally:
+            first.set()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    assert first.wait(60)
+    streamer.close()
+    consumer.join(60)
+    assert not consumer.is_alive()
+    assert "finished" in outcome or "closed" in str(outcome.get("error"))
+    assert len(_streamer_threads()) == threads

@@ -39,6 +39,11 @@ except ImportError:  # pragma: no cover
 
 EXTRA_KEYS = ("weights_uri",)
 
+# weights_uri -> the model path it was first loaded for. vLLM's reload_weights builds a fresh
+# loader and points model_config.model at the new weights; a model path different from the
+# recorded one means "reload from that path", not from weights_uri.
+_FIRST_MODEL_FOR_URI: dict[str, str] = {}
+
 
 def parse_extra_config(extra: dict[str, Any] | None) -> tuple[StreamerConfig, str | None]:
     """Validate ``--model-loader-extra-config`` for the streamer; unknown keys are errors."""
@@ -71,13 +76,12 @@ class StreamerModelLoader(BaseModelLoader):
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
         self.streamer_config, self.weights_uri = parse_extra_config(load_config.model_loader_extra_config)
-        self._model_path_at_load: str | None = None
         self.last_stats: dict[str, Any] = {}
 
     # ---- where the weights are -------------------------------------------------------------
     def _location(self, model_config: ModelConfig) -> str:
         model = str(model_config.model)
-        if self.weights_uri and (self._model_path_at_load in (None, model)):
+        if self.weights_uri and _FIRST_MODEL_FOR_URI.setdefault(self.weights_uri, model) == model:
             return self.weights_uri
         return model
 
@@ -133,7 +137,6 @@ class StreamerModelLoader(BaseModelLoader):
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         location = self._location(model_config)
-        self._model_path_at_load = str(model_config.model)
         self._filled = set()
         try:
             loaded = model.load_weights(self._stream(location, model, model_config, direct=True))

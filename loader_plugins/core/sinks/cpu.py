@@ -67,13 +67,14 @@ class Allocation:
     """A tensor the reader allocated: the tensor, its backing bytes, and whether the
     ``alignment`` bytes around it are ours (O_DIRECT may overwrite them)."""
 
-    __slots__ = ("tensor", "raw", "slack", "populated")
+    __slots__ = ("tensor", "raw", "slack", "populated", "owned")
 
-    def __init__(self, tensor, raw, slack: bool):
+    def __init__(self, tensor, raw, slack: bool, owned: bool = True):
         self.tensor = tensor
         self.raw = raw
         self.slack = slack
         self.populated = raw is None
+        self.owned = owned      # False: the caller's memory (pre-fault it, change nothing else)
 
 
 class CpuSink:
@@ -116,11 +117,17 @@ class CpuSink:
         if self._pin:
             return  # page-locked memory is resident already
         raw = alloc.raw
-        addr, nbytes = raw.data_ptr(), raw.numel()
-        if self._hugepages and nbytes >= 2 * _HUGE:
+        if raw.device.type != "cpu" or raw.is_pinned():
+            return
+        addr, nbytes = raw.data_ptr(), raw.numel() * raw.element_size()
+        if alloc.owned and self._hugepages and nbytes >= 2 * _HUGE:
             _madvise(addr, nbytes, _MADV_HUGEPAGE, _HUGE)
         if nbytes >= 1 << 20:
             _madvise(addr, nbytes, _MADV_POPULATE_WRITE, mmap.PAGESIZE)
+
+    def wrap_destination(self, dest: "torch.Tensor") -> Allocation:
+        """A caller's tensor to read into directly; pre-faulting it never changes its contents."""
+        return Allocation(dest, dest, False, owned=False)
 
     def check_destination(self, spec: TensorSpec, dest: "torch.Tensor") -> bool:
         """Validate ``dest`` for ``spec``; True when bytes can be read straight into it."""
