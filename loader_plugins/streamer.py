@@ -54,21 +54,26 @@ class SafetensorsStreamer:
         self._closed = False
 
     # Run:ai-compatible names
-    def stream_file(self, path: str | os.PathLike, *, names=None, destinations=None) -> None:
-        self.stream_files([path], names=names, destinations=destinations)
+    def stream_file(self, path: str | os.PathLike, *, names=None, destinations=None, shards=None) -> None:
+        self.stream_files([path], names=names, destinations=destinations, shards=shards)
 
-    def stream_files(self, paths: PathArg, *, names=None, destinations=None) -> None:
-        """Queue a checkpoint (file, list of files, directory, s3:// prefix) for :meth:`get_tensors`."""
-        self._pending.append((paths, names, destinations))
+    def stream_files(self, paths: PathArg, *, names=None, destinations=None, shards=None) -> None:
+        """Queue a checkpoint (file, list of files, directory, s3:// prefix) for :meth:`get_tensors`.
+
+        ``shards`` (name -> :class:`~loader_plugins.core.tp.ColumnBlock`) says that a destination
+        holds only this rank's tensor-parallel shard: a dim-0 shard is read alone (its byte range),
+        others are read whole and cut on the GPU.
+        """
+        self._pending.append((paths, names, destinations, shards))
 
     def get_tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         if not self._pending:
             raise StreamerError("nothing to stream: call stream_file()/stream_files() first")
         pending, self._pending = self._pending, []
-        for paths, names, destinations in pending:
-            yield from self._stream(paths, names, destinations, keeps_all=False)
+        for paths, names, destinations, shards in pending:
+            yield from self._stream(paths, names, destinations, keeps_all=False, shards=shards)
 
-    def _stream(self, paths, names, destinations, *, keeps_all: bool):
+    def _stream(self, paths, names, destinations, *, keeps_all: bool, shards=None):
         t0 = time.perf_counter()
         if self._closed:
             raise CancelledError("the streamer is closed")
@@ -95,7 +100,7 @@ class SafetensorsStreamer:
         bar = progress_bar(total, "streaming", self.config.progress)
         try:
             reader = StreamReader(specs, sources, self.config, destinations=destinations,
-                                  consumer_keeps_all=keeps_all,
+                                  consumer_keeps_all=keeps_all, shards=shards,
                                   on_bytes=bar.update if bar is not None else None)
             with self._lock:
                 if self._closed:
@@ -148,13 +153,19 @@ def load_file(path: PathArg, device: "str | int | torch.device" = "cpu", *,
     result owns: a file changed afterwards never changes them. ``options`` are
     :class:`StreamerConfig` fields (``concurrency=16``, ``memory_limit="4GiB"``...).
     """
+    import torch
+
     streamer = SafetensorsStreamer(config, **options)
     out: dict[str, torch.Tensor] = {}
+    target = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    destinations = None
+    if target.type == "cuda":   # straight into CUDA tensors (the CUDA sink when CuPy is installed)
+        specs = open_checkpoint(path, streamer.config).tensors
+        destinations = {n: torch.empty(s.shape, dtype=s.torch_dtype(), device=target) for n, s in specs.items()}
     with streamer:
-        for name, tensor in streamer._stream(path, None, None, keeps_all=True):
+        for name, tensor in streamer._stream(path, None, destinations, keeps_all=True):
             out[name] = tensor
     result = {name: out[name] for name in sorted(out)}
-    dev = str(device)
-    if dev not in ("cpu", "cpu:0"):
-        result = {name: t.to(device) for name, t in result.items()}
+    if target.type not in ("cpu", "cuda"):
+        result = {name: t.to(target) for name, t in result.items()}
     return result

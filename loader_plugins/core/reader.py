@@ -19,16 +19,18 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
-from ..errors import CancelledError, SourceError, StreamerError
+from ..errors import CancelledError, DestinationError, SourceError, StreamerError
 from .header import TensorSpec
 from .plan import ReadItem, plan_reads, split_windows
 from .sinks.cpu import Allocation, CpuSink, tensor_buffer
 from .sources.base import BufferPool, Source
+from .tp import ColumnBlock
 
 if TYPE_CHECKING:
     import torch
 
     from ..config import StreamerConfig
+    from .sinks.cuda import CudaSink
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +38,21 @@ _DONE = object()
 
 
 class _Job:
-    __slots__ = ("spec", "target", "dest", "buffer", "remaining", "budget", "lock", "alloc", "slack")
+    __slots__ = ("spec", "target", "dest", "buffer", "remaining", "budget", "lock", "alloc", "slack", "block",
+                 "base")
 
-    def __init__(self, spec: TensorSpec, target, dest, budget: int, alloc: Allocation | None = None):
+    def __init__(self, spec: TensorSpec, target, dest, budget: int, alloc: Allocation | None = None, *,
+                 block: ColumnBlock | None = None, on_device: bool = False):
         self.spec = spec
         self.alloc = alloc            # memory the reader allocated (populated by the first worker)
         self.target = alloc.tensor if alloc is not None else target   # tensor the bytes are read into
         self.dest = dest              # final destination when it differs from target (cast/copy)
-        self.buffer = tensor_buffer(self.target)
+        self.buffer = None if on_device else tensor_buffer(self.target)   # None: through the CUDA sink
         self.slack = bool(alloc and alloc.slack)
-        self.remaining = spec.nbytes
+        self.block = block            # the destination holds only this tensor-parallel shard
+        start, end = block.byte_range() if block is not None and block.contiguous else (0, spec.nbytes)
+        self.base = start if not on_device else 0   # tensor byte at buffer[0] (a dim-0 shard starts later)
+        self.remaining = end - start
         self.budget = budget          # bytes counted against memory_limit until handed out
         self.lock = threading.Lock()
 
@@ -74,11 +81,22 @@ class StreamReader:
                  destinations: Mapping[str, "torch.Tensor"] | None = None,
                  consumer_keeps_all: bool = False,
                  on_bytes: Callable[[int], None] | None = None,
-                 sink: CpuSink | None = None):
+                 sink: CpuSink | None = None,
+                 shards: Mapping[str, ColumnBlock] | None = None,
+                 device_sink: "CudaSink | None" = None):
         self._config = config
         self._sources = dict(sources)
         self._sink = sink or CpuSink(config)
         self._destinations = dict(destinations or {})
+        self._shards = dict(shards or {})
+        self._cancelled = threading.Event()
+        if device_sink is None:
+            from .sinks.cuda import sink_for_destinations   # imports no GPU library; CuPy only if CUDA dests
+
+            device_sink = sink_for_destinations(config, self._destinations, memory_limit=config.memory_limit // 4)
+        self._cuda = device_sink
+        if self._cuda is not None:
+            self._cuda.ring.cancelled = self._cancelled
         self._on_bytes = on_bytes
         unknown = [n for n in self._destinations if n not in {s.name for s in specs}]
         if unknown:
@@ -86,11 +104,24 @@ class StreamReader:
         for spec in specs:
             if spec.file not in self._sources:
                 raise StreamerError(f"no open source for {spec.file}")
+        if set(self._shards) - set(self._destinations):
+            raise StreamerError(f"shards given for tensors without a destination: "
+                                f"{sorted(set(self._shards) - set(self._destinations))[:5]}")
         # Validate every destination before any byte moves: a bad one is an error, never a partial model.
         self._direct: dict[str, bool] = {}
+        self._on_device: set[str] = set()
+        by_name = {s.name: s for s in specs}
         for name, dest in self._destinations.items():
-            spec = next(s for s in specs if s.name == name)
-            self._direct[name] = self._sink.check_destination(spec, dest)
+            spec, block = by_name[name], self._shards.get(name)
+            if self._cuda is not None and self._cuda.can_write(spec.dtype, dest):
+                self._cuda.check_destination(spec, dest, block)
+                self._on_device.add(name)
+                self._direct[name] = True
+            elif block is not None:
+                self._direct[name] = _check_cpu_shard(spec, dest, block)
+            else:
+                self._direct[name] = self._sink.check_destination(spec, dest)
+        self._ranges = {n: b.byte_range() for n, b in self._shards.items() if b.contiguous}
 
         self._workers = max(1, min(config.concurrency, max(1, sum(-(-s.nbytes // config.chunk_bytes)
                                                                   for s in specs))))
@@ -103,6 +134,8 @@ class StreamReader:
         else:
             self._pool = None
         staging_bytes = self._pool.capacity_bytes if self._pool else 0
+        if self._cuda is not None:
+            staging_bytes += self._cuda.ring.count * (self._cuda.slot_bytes + 2 * config.alignment)
         self._limit = max(config.chunk_bytes, config.memory_limit - staging_bytes)
 
         ordered = sorted(specs, key=lambda s: (s.file, s.offset))
@@ -110,11 +143,11 @@ class StreamReader:
         self._budgeted = budgeted and not consumer_keeps_all
         window_bytes = max(config.chunk_bytes, self._limit // 2) if self._budgeted else None
         self._windows = [_Window(w, sum(self._budget_for(s) for s in w)) for w in split_windows(ordered, window_bytes)]
-        self._total_bytes = sum(s.nbytes for s in specs)
+        self._total_bytes = sum(s.nbytes if s.name not in self._ranges else
+                                self._ranges[s.name][1] - self._ranges[s.name][0] for s in specs)
         self._count = len(specs)
 
         self._cond = threading.Condition()
-        self._cancelled = threading.Event()
         if self._pool is not None:
             self._pool._cancelled = self._cancelled
         self._error: BaseException | None = None
@@ -160,16 +193,19 @@ class StreamReader:
     def _prepare(self, window: _Window) -> None:
         for spec in window.specs:
             dest = self._destinations.get(spec.name)
-            if dest is not None and self._direct[spec.name]:
-                job = _Job(spec, None, None, 0, self._sink.wrap_destination(dest))
+            block = self._shards.get(spec.name)
+            if spec.name in self._on_device:
+                job = _Job(spec, dest, None, 0, block=block, on_device=True)
+            elif dest is not None and self._direct[spec.name]:
+                job = _Job(spec, None, None, 0, self._sink.wrap_destination(dest), block=block)
             elif dest is not None:
                 job = _Job(spec, None, dest, spec.nbytes, self._sink.allocate(spec))
             else:
                 job = _Job(spec, None, None, spec.nbytes, self._sink.allocate(spec))
             window.jobs[spec.name] = job
-            if spec.nbytes == 0:
+            if job.remaining == 0:
                 self._finish(job)
-        window.plan = plan_reads(window.specs, self._workers, self._config.chunk_bytes)
+        window.plan = plan_reads(window.specs, self._workers, self._config.chunk_bytes, self._ranges)
 
     # ---- workers --------------------------------------------------------------------------
     def _worker(self, index: int) -> None:
@@ -194,9 +230,14 @@ class StreamReader:
         if job.alloc is not None and not job.alloc.populated:
             with job.lock:
                 self._sink.populate(job.alloc)
-        view = job.buffer[item.dest_offset:item.dest_offset + item.length]
         try:
-            source.read_into(item.file_offset, view, self._pool, self._cancelled, job.slack)
+            if job.buffer is None:     # a CUDA destination: pinned ring, async copy (and cast/cut) on the device
+                self._cuda.read_into(source, item.file_offset, item.length, job.target, item.dest_offset,
+                                     src_dtype=job.spec.dtype, block=job.block, pool=self._pool,
+                                     cancelled=self._cancelled)
+            else:
+                view = job.buffer[item.dest_offset - job.base:item.dest_offset - job.base + item.length]
+                source.read_into(item.file_offset, view, self._pool, self._cancelled, job.slack)
         except StreamerError as exc:
             if self._cancelled.is_set() and isinstance(exc, CancelledError):
                 return
@@ -256,6 +297,7 @@ class StreamReader:
         self.start()
         finished = 0
         handed = 0
+        on_device: list[_Job] = []   # complete only once the sink has synchronised: handed out last
         try:
             while handed < self._count or finished < len(self._threads):
                 try:
@@ -279,6 +321,9 @@ class StreamReader:
                     continue
                 job: _Job = got
                 handed += 1
+                if job.spec.name in self._on_device:
+                    on_device.append(job)
+                    continue
                 tensor = job.dest if job.dest is not None else job.target
                 job.target = job.buffer = job.alloc = None  # the reader keeps no reference to handed-out memory
                 if job.budget:
@@ -286,6 +331,10 @@ class StreamReader:
                         self._held -= job.budget
                     self._admit()
                 yield job.spec.name, tensor
+            if self._cuda is not None:
+                self._cuda.finish()      # the one host synchronisation of the device copies
+            for job in on_device:
+                yield job.spec.name, job.target
             for src in self._sources.values():
                 src.check_unchanged()
             self.seconds = time.perf_counter() - self._t0
@@ -309,6 +358,8 @@ class StreamReader:
                     t.join()
             if self._pool is not None:
                 self._pool.close()
+            if self._cuda is not None:
+                self._cuda.close()         # waits for copies in flight, frees the pinned ring
             for window in self._windows:   # drop references to tensors not handed out
                 window.jobs.clear()
             self._closed = True
@@ -319,6 +370,19 @@ class StreamReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_cpu_shard(spec: TensorSpec, dest, block: ColumnBlock) -> bool:
+    """A CPU destination for a shard: only dim-0 (contiguous) shards of the checkpoint's dtype."""
+    import torch
+
+    if not (block.contiguous and isinstance(dest, torch.Tensor) and dest.device.type == "cpu"
+            and dest.is_contiguous() and dest.dtype == spec.torch_dtype()
+            and dest.numel() * dest.element_size() == block.nbytes):
+        raise DestinationError(f"destination for a shard of {spec.describe()} must be a contiguous CPU tensor of "
+                               f"{spec.dtype} holding the {block.nbytes} bytes of a dim-0 shard (strided shards are "
+                               f"cut on the GPU, or by the model's weight loader)")
+    return True
 
 
 def progress_bar(total: int, desc: str, mode: str):

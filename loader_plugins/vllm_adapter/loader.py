@@ -26,6 +26,8 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from ..config import StreamerConfig
 from ..core.checkpoint import expand
+from ..core.sinks.cuda import cuda_sink_available
+from ..core.tp import ColumnBlock, shard_block, shard_shape
 from ..errors import ConfigError, StreamerError
 from ..streamer import SafetensorsStreamer
 
@@ -70,6 +72,29 @@ def _tp_world_size() -> int:
         return 1
 
 
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except Exception:  # noqa: BLE001 - not initialised (unit tests): single process
+        return 0
+
+
+def _shard_dim(spec, param, rank: int, world: int):
+    """None: ``param`` holds the whole tensor; d: this rank's ceil-block shard along d (checked
+    against vLLM's ``output_dim`` / ``input_dim`` attributes); False: neither (the model's loader)."""
+    if tuple(param.shape) == tuple(spec.shape):
+        return None
+    if world == 1:
+        return False
+    for dim in range(len(spec.shape)):
+        if (shard_shape(spec, rank, world, dim) == tuple(param.shape)
+                and dim in (getattr(param, "output_dim", None), getattr(param, "input_dim", None))):
+            return dim
+    return False
+
+
 class StreamerModelLoader(BaseModelLoader):
     """Streams safetensors checkpoints with loader_plugins."""
 
@@ -91,23 +116,36 @@ class StreamerModelLoader(BaseModelLoader):
         log.info("Streamer: %d safetensors file(s) at %s", len(files), self._location(model_config))
 
     # ---- loading ---------------------------------------------------------------------------
-    def _direct_destinations(self, model: nn.Module, model_config: ModelConfig, specs) -> dict[str, torch.Tensor]:
-        """Parameters the checkpoint fills 1:1 (same name and shape, unsharded, unquantized)."""
-        if model_config.quantization is not None or _tp_world_size() != 1:
-            return {}
+    def _direct_destinations(self, model: nn.Module, model_config: ModelConfig,
+                             specs) -> tuple[dict[str, torch.Tensor], dict[str, ColumnBlock]]:
+        """Parameters the checkpoint fills 1:1 (same name, unquantized): the whole tensor, or this
+        tensor-parallel rank's shard of it (a dim-0 shard reads only its bytes; a strided one is
+        cut on the GPU). On a GPU the CUDA sink fills them; on the CPU, whole tensors and dim-0 shards."""
+        if model_config.quantization is not None:
+            return {}, {}
+        world, rank = _tp_world_size(), _tp_rank()
         params = dict(model.named_parameters())
         out: dict[str, torch.Tensor] = {}
+        shards: dict[str, ColumnBlock] = {}
         for name, spec in specs.items():
             param = params.get(name)
-            if param is None or tuple(param.shape) != tuple(spec.shape) or param.device.type != "cpu":
-                continue
-            if not param.is_contiguous():
+            if param is None or param.device.type not in ("cpu", "cuda") or not param.is_contiguous():
                 continue
             src = spec.torch_dtype()
             if param.dtype != src and not (param.dtype.is_floating_point and src.is_floating_point):
                 continue
+            dim = _shard_dim(spec, param, rank, world)
+            if dim is False:
+                continue
+            if dim is not None:
+                if param.device.type == "cuda" and not cuda_sink_available():
+                    continue   # shards on the GPU need the CUDA sink (CuPy); else the model's weight loader
+                block = shard_block(spec, rank, world, dim)
+                if param.device.type == "cpu" and (not block.contiguous or param.dtype != src):
+                    continue   # strided or cast shards on the CPU: the model's weight loader
+                shards[name] = block
             out[name] = param.data
-        return out
+        return out, shards
 
     def _stream(self, location: str, model: nn.Module, model_config: ModelConfig,
                 direct: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -119,8 +157,8 @@ class StreamerModelLoader(BaseModelLoader):
             from ..core.checkpoint import open_checkpoint
 
             specs = open_checkpoint(location, self.streamer_config).tensors
-            destinations = self._direct_destinations(model, model_config, specs) if direct else {}
-            streamer.stream_files(location, destinations=destinations or None)
+            destinations, shards = self._direct_destinations(model, model_config, specs) if direct else ({}, {})
+            streamer.stream_files(location, destinations=destinations or None, shards=shards or None)
             for name, tensor in streamer.get_tensors():
                 total += specs[name].nbytes
                 if name in destinations:

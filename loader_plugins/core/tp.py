@@ -1,0 +1,114 @@
+"""Tensor-parallel shards as byte ranges: which bytes of a checkpoint tensor one rank needs. Pure.
+
+A shard along dim ``d`` of a row-major tensor is the column block of a matrix with
+``prod(shape[:d])`` rows: contiguous in the file when that product is 1 (always for ``d == 0``),
+a strided block otherwise. Contiguous shards become byte ranges for :func:`plan.plan_reads`, so a
+rank reads only its own bytes; strided ones are read whole and cut on the device
+(:class:`ColumnBlock` describes the cut for the CUDA sink). Shards follow the ceil-block rule of
+:func:`plan.dim0_shard_range`: block = ceil(size / world), rank r holds ``[r*block, (r+1)*block)``
+clipped to the size (the last ranks may hold fewer, or no, rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterable
+
+from .header import TensorSpec
+from .plan import dim0_shard_range
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnBlock:
+    """Bytes ``[start, start + width)`` of each of ``rows`` rows of ``row_bytes`` bytes.
+
+    Describes one rank's shard of a tensor in the tensor's own (checkpoint) bytes; the shard,
+    stored contiguously, is ``rows * width`` bytes.
+    """
+
+    rows: int
+    row_bytes: int
+    start: int
+    width: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.width
+
+    @property
+    def contiguous(self) -> bool:
+        return self.rows <= 1 or self.width == self.row_bytes or self.width == 0
+
+    def byte_range(self) -> tuple[int, int]:
+        """The shard as one byte range of the tensor (only when :attr:`contiguous`)."""
+        if not self.contiguous:
+            raise ValueError("a strided column block is not one byte range")
+        if self.width == 0 or self.rows == 0:
+            return (0, 0)
+        return (self.start, self.start + self.nbytes) if self.rows == 1 else (0, self.rows * self.row_bytes)
+
+
+def _bounds(size: int, rank: int, world: int) -> tuple[int, int]:
+    block = -(-size // world)
+    first = min(rank * block, size)
+    return first, min(first + block, size)
+
+
+def _check(rank: int, world: int) -> None:
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of {world}")
+
+
+def shard_shape(spec: TensorSpec, rank: int, world: int, dim: int | None) -> tuple[int, ...]:
+    """Shape of rank ``rank``'s shard along ``dim`` (``None``: replicated, the whole shape)."""
+    _check(rank, world)
+    if dim is None or not spec.shape:
+        return tuple(spec.shape)
+    dim = _dim(spec, dim)
+    first, last = _bounds(spec.shape[dim], rank, world)
+    return tuple(spec.shape[:dim]) + (last - first,) + tuple(spec.shape[dim + 1:])
+
+
+def shard_block(spec: TensorSpec, rank: int, world: int, dim: int) -> ColumnBlock:
+    """Rank ``rank``'s shard along ``dim`` as a column block of the tensor's bytes."""
+    _check(rank, world)
+    if not spec.shape:
+        return ColumnBlock(1, spec.nbytes, 0, spec.nbytes)
+    dim = _dim(spec, dim)
+    rows = math.prod(spec.shape[:dim])
+    inner = math.prod(spec.shape[dim + 1:]) * spec.itemsize
+    first, last = _bounds(spec.shape[dim], rank, world)
+    return ColumnBlock(rows, spec.shape[dim] * inner, first * inner, (last - first) * inner)
+
+
+def _dim(spec: TensorSpec, dim: int) -> int:
+    ndim = len(spec.shape)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"tensor {spec.name!r} of shape {list(spec.shape)} has no dim {dim}")
+    return dim % ndim
+
+
+def shard_ranges(specs: Iterable[TensorSpec], rank: int, world: int,
+                 dim_for_name: Callable[[str], int | None]) -> dict[str, tuple[int, int]]:
+    """Byte ranges (relative to each tensor) of rank ``rank``'s contiguous shards.
+
+    ``dim_for_name(name)`` gives the dim a tensor is split along, or ``None`` when every rank
+    holds all of it. Tensors split along dim 0, or along a dim preceded only by dims of size 1,
+    get their shard's byte range (from :func:`plan.dim0_shard_range` for dim 0); replicated and
+    strided shards are absent, i.e. read whole. The result is ``plan_reads``' ``ranges``.
+    """
+    _check(rank, world)
+    out: dict[str, tuple[int, int]] = {}
+    for spec in specs:
+        dim = dim_for_name(spec.name)
+        if dim is None or not spec.shape:
+            continue
+        dim = _dim(spec, dim)
+        if dim == 0:
+            out[spec.name] = dim0_shard_range(spec, rank, world)
+            continue
+        block = shard_block(spec, rank, world, dim)
+        if block.contiguous:
+            out[spec.name] = block.byte_range()
+    return out
