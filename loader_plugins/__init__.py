@@ -14,6 +14,7 @@ from .errors import (
     StreamerError,
 )
 from .streamer import SafetensorsStreamer, load_file
+from .swap import Snapshot, SnapshotPool, SwapError, offload, restore
 
 __version__ = "0.1.0"
 
@@ -23,9 +24,14 @@ __all__ = [
     "HeaderError",
     "IndexFileError",
     "SafetensorsStreamer",
+    "Snapshot",
+    "SnapshotPool",
     "SourceChangedError",
     "SourceError",
     "StreamerConfig",
     "StreamerError",
+    "SwapError",
     "load_file",
+    "offload",
+    "restore",
 ]

@@ -36,6 +36,9 @@ def register() -> None:
             known = {}
         if known.get(LOAD_FORMAT) is not StreamerModelLoader:
             register_model_loader(LOAD_FORMAT)(StreamerModelLoader)
+        from ..swap.vllm_backend import register as register_sleep_backend
+
+        register_sleep_backend()  # idempotent; a no-op where vLLM has no SleepModeBackendFactory
         _registered = True
         log.debug("registered vLLM load format %r", LOAD_FORMAT)
 
