@@ -47,6 +47,7 @@ __all__ = [
     "fastsafetensors",
     "pread_ceiling",
     "runai",
+    "runai_s3",
     "safetensors_clone",
     "tensorizer",
     "tensorizer_prepare",
@@ -191,6 +192,53 @@ def runai(
               **({"RUNAI_STREAMER_MEMORY_LIMIT": limit} if limit is not None else {})):
         with streamer_mod.SafetensorsStreamer() as streamer:
             streamer.stream_files(paths, device="cpu")
+            for _name, tensor in streamer.get_tensors():
+                tensors.append(tensor)
+    return touch_all(tensors)
+
+
+def runai_s3(
+    uris: Union[str, Sequence[str]],
+    concurrency: int = 16,
+    endpoint: Optional[str] = None,
+    *,
+    virtual_addressing: Optional[bool] = None,
+    region: Optional[str] = None,
+    profile: Optional[str] = None,
+    memory_limit: Optional[int] = None,
+) -> int:
+    """Run:ai Model Streamer on ``s3://`` URIs (needs ``runai-model-streamer-s3``), like :func:`runai`.
+
+    Run:ai's S3 backend (the AWS C++ SDK) takes its settings from the environment only; these are
+    set for the call and restored on return: ``endpoint`` -> ``AWS_ENDPOINT_URL``,
+    ``virtual_addressing`` -> ``RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING`` (``False`` for path-style
+    servers such as SeaweedFS or MinIO; None leaves it alone), ``region`` -> ``AWS_REGION``,
+    ``profile`` -> ``AWS_PROFILE``; ``AWS_EC2_METADATA_DISABLED=true`` whenever ``endpoint`` is given
+    (no instance metadata off AWS). Credentials come from the usual ``AWS_*`` variables.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    uris = [uris] if isinstance(uris, str) else list(uris)
+    if not uris or not all(str(u).lower().startswith("s3://") for u in uris):
+        raise ValueError(f"runai_s3 takes s3:// URIs, got {uris[:3]}")
+    streamer_mod = _require("runai_model_streamer", "runai-model-streamer")
+    _require("runai_model_streamer_s3", "runai-model-streamer-s3")
+    env: dict = {"RUNAI_STREAMER_CONCURRENCY": str(int(concurrency))}
+    if endpoint:
+        env["AWS_ENDPOINT_URL"] = endpoint
+        env["AWS_EC2_METADATA_DISABLED"] = "true"
+    if virtual_addressing is not None:
+        env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] = "1" if virtual_addressing else "0"
+    if region:
+        env["AWS_REGION"] = region
+    if profile:
+        env["AWS_PROFILE"] = profile
+    if memory_limit is not None:
+        env["RUNAI_STREAMER_MEMORY_LIMIT"] = str(int(memory_limit))
+    tensors: List[torch.Tensor] = []
+    with _env(**env):
+        with streamer_mod.SafetensorsStreamer() as streamer:
+            streamer.stream_files(uris, device="cpu")
             for _name, tensor in streamer.get_tensors():
                 tensors.append(tensor)
     return touch_all(tensors)

@@ -163,6 +163,10 @@ def measure_rss_into(paths: list[str], config: StreamerConfig) -> dict[str, Any]
 
 
 def run_bench(args, config: StreamerConfig) -> int:
+    if str(args.path).lower().startswith("s3://"):
+        from .s3 import run_s3_bench
+
+        return run_s3_bench(args, config)
     paths = _shards(args.path, config)
     total = sum(os.path.getsize(p) for p in paths)
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]

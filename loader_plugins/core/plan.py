@@ -48,7 +48,11 @@ class ReadPlan:
 
 
 def chunk_tensor(spec: TensorSpec, chunk_bytes: int, *, start: int = 0, end: int | None = None) -> list[ReadItem]:
-    """Cut bytes ``[start, end)`` of one tensor (relative to the tensor) into chunks."""
+    """Cut bytes ``[start, end)`` of one tensor (relative to the tensor) into chunks.
+
+    Cuts fall on file offsets that are multiples of ``chunk_bytes``, so chunks line up with the
+    storage's own blocks (O_DIRECT alignment, object-store chunking) whatever the tensor's offset.
+    """
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be positive")
     end = spec.nbytes if end is None else end
@@ -57,8 +61,9 @@ def chunk_tensor(spec: TensorSpec, chunk_bytes: int, *, start: int = 0, end: int
     items = []
     pos = start
     while pos < end:
-        n = min(chunk_bytes, end - pos)
-        items.append(ReadItem(spec.name, spec.file, spec.offset + pos, n, pos))
+        at = spec.offset + pos
+        n = min(chunk_bytes - at % chunk_bytes, end - pos)
+        items.append(ReadItem(spec.name, spec.file, at, n, pos))
         pos += n
     return items
 

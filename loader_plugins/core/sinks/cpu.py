@@ -41,6 +41,7 @@ def _lib():
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
         except OSError:
             _libc = False
     return _libc
@@ -53,6 +54,20 @@ def _madvise(addr: int, nbytes: int, advice: int, granule: int) -> bool:
     start = -(-addr // granule) * granule
     end = (addr + nbytes) // granule * granule
     return end > start and lib.madvise(start, end - start, advice) == 0
+
+
+def _resident(addr: int, nbytes: int) -> bool:
+    """True when every page of the range is already mapped (``mincore``)."""
+    lib = _lib()
+    page = mmap.PAGESIZE
+    start = addr - addr % page
+    pages = -(-(addr + nbytes - start) // page)
+    if not lib or pages <= 0:
+        return False
+    vec = ctypes.create_string_buffer(pages)
+    if lib.mincore(start, pages * page, vec) != 0:
+        return False
+    return b"\x00" not in vec.raw
 
 
 def tensor_buffer(tensor: "torch.Tensor") -> memoryview:
@@ -120,6 +135,8 @@ class CpuSink:
         if raw.device.type != "cpu" or raw.is_pinned():
             return
         addr, nbytes = raw.data_ptr(), raw.numel() * raw.element_size()
+        if not alloc.owned and _resident(addr, nbytes):
+            return   # the caller's memory is already faulted in
         if alloc.owned and self._hugepages and nbytes >= 2 * _HUGE:
             _madvise(addr, nbytes, _MADV_HUGEPAGE, _HUGE)
         if nbytes >= 1 << 20:
