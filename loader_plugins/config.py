@@ -51,8 +51,10 @@ class StreamerConfig:
     max_header_bytes: int = 100 * _MiB
     """Largest safetensors JSON header accepted (the format's own limit is 100 MB)."""
 
-    hugepages: bool = True
-    """Advise transparent huge pages on large tensors the reader allocates (fewer page faults)."""
+    hugepages: bool = False
+    """Back large tensors the reader allocates with transparent huge pages, pre-faulted at once.
+    Faster on bare metal; slower in VMs whose hypervisor reclaims free memory (free page
+    reporting), where each fresh huge page must be backed again. Measure with ``bench``."""
 
     pin_memory: str = "auto"
     """Allocate output tensors in page-locked memory: ``"auto"`` (when CUDA is available),
@@ -82,6 +84,19 @@ class StreamerConfig:
 
     deadline: float | None = None
     """Seconds the whole load may take before it fails; ``None`` for no limit."""
+
+    # --- checkpoint cache tiers (loader_plugins.cache): DRAM -> local disk -> S3 ---
+    cache_dir: str | None = None
+    """Local disk tier for s3:// checkpoints: loads from S3 write through into this directory and
+    later loads read the local copy (keyed by bucket, key and ETag); ``None`` turns it off."""
+
+    cache_max_bytes: int = 0
+    """Size budget of the disk tier; least recently used entries not being read are evicted to
+    stay within it. ``0`` for unlimited."""
+
+    dram_cache_dir: str | None = None
+    """Shared-memory tier, e.g. ``/dev/shm/loader-plugins`` (filled by ``model-streamer cache warm``
+    or ``cache serve``); checked before the disk tier. ``None`` turns it off."""
 
     @classmethod
     def allowed_keys(cls) -> list[str]:
@@ -116,7 +131,7 @@ _CHOICES = {
     "progress": ("auto", "on", "off"),
     "s3_addressing_style": ("auto", "path", "virtual"),
 }
-_SIZE_FIELDS = ("chunk_bytes", "memory_limit", "alignment", "max_header_bytes")
+_SIZE_FIELDS = ("chunk_bytes", "memory_limit", "alignment", "max_header_bytes", "cache_max_bytes")
 
 
 def parse_size(value: Any) -> int:
