@@ -205,6 +205,10 @@ def run_bench(args, config: StreamerConfig) -> int:
             for rep in range(args.repeat + (1 if args.warmup else 0)):
                 for method in list(live):
                     files = paths + (method.extra_files() if method.extra_files else [])
+                    if args.settle:
+                        # memory freed by the previous run is handed back to the hypervisor in the
+                        # background (free page reporting); let that finish before the next run
+                        time.sleep(args.settle)
                     try:
                         seconds, n = _time(method, files, cache)
                     except Exception as exc:  # noqa: BLE001
