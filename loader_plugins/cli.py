@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)")
     add_config_flags(p)
     p.set_defaults(func=cmd_bench)
+    from .cache.cli import register as register_cache_commands
+
+    register_cache_commands(sub)   # cache serve|status|warm|evict, estimate
+
     p = sub.add_parser("bench-vllm", help="weight-load time in a real vLLM engine: streamer vs vLLM's loaders")
     p.add_argument("model", help="local model directory (config.json + safetensors)")
     p.add_argument("--formats", default="streamer,safetensors,runai_streamer")

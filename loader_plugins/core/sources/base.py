@@ -159,7 +159,8 @@ class Storage:
 # scheme -> ("module:Class", hint shown when the import fails)
 _REGISTRY: dict[str, tuple[str, str]] = {
     "file": ("loader_plugins.core.sources.local:LocalStorage", ""),
-    "s3": ("loader_plugins.core.sources.s3:S3Storage", "install loader-plugins[s3] (boto3) to read s3:// URIs"),
+    # plain S3, or the cache tiers (DRAM -> disk -> S3) in front of it when the config enables them
+    "s3": ("loader_plugins.cache.tiered:s3_storage", "install loader-plugins[s3] (boto3) to read s3:// URIs"),
 }
 _lock = threading.Lock()
 

@@ -1,0 +1,183 @@
+"""The shared-memory tier: complete objects as files in ``/dev/shm`` (tmpfs), read at memory speed.
+
+The layout and the locking are the disk tier's (:mod:`loader_plugins.cache.disk`): manifest
+written last, readers hold a shared ``flock`` on the data file, eviction takes an exclusive one
+without waiting and skips what is being read. An evicted file someone still reads stays
+readable until they close it (tmpfs frees the pages then), so memory is never pulled from
+under a reader. Readers use ``preadv`` on the tmpfs file, a kernel memcpy that releases the GIL
+and needs no page-table setup for the source (measured here: 10-15 GB/s from /dev/shm into a
+pre-faulted buffer, 14-18 GB/s with mmap + memmove, both far above what filling fresh tensor
+memory costs).
+
+``model-streamer cache serve`` (:func:`serve`) keeps the tier within its budget, preloads
+checkpoints (``--warm``), promotes recently used disk-tier entries (``--promote``), reclaims
+leftovers of crashed writers and exposes Prometheus metrics. It is a janitor, not a data path:
+clients never talk to it, so a dead server never blocks a load. ``cache warm`` fills the tier
+from the fastest tier holding each shard, with or without a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .disk import EntryStore
+
+if TYPE_CHECKING:
+    from ..config import StreamerConfig
+
+log = logging.getLogger(__name__)
+
+SERVER_FILE = "server.json"
+BUDGET_FILE = "budget.json"
+_MEMORY_FS = ("tmpfs", "ramfs", "hugetlbfs")
+_warned: set[str] = set()
+
+
+class DramTier(EntryStore):
+    """Entries in shared memory. The budget is ``max_bytes`` when given, else the one recorded
+    in ``ROOT/budget.json`` by ``cache serve --max-bytes`` (0 = unlimited)."""
+
+    durable = False
+    tier = "dram"
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int = 0):
+        super().__init__(root, max_bytes)
+        fs = filesystem_type(self.root)
+        if fs is not None and fs not in _MEMORY_FS and str(self.root) not in _warned:
+            _warned.add(str(self.root))
+            log.warning("the DRAM cache directory %s is on %s, not tmpfs: it will run at disk speed; use a "
+                        "directory under /dev/shm", self.root, fs)
+
+    def budget(self) -> int:
+        if self.max_bytes:
+            return self.max_bytes
+        try:
+            with open(self.root / BUDGET_FILE) as f:
+                return max(0, int(json.load(f).get("max_bytes", 0)))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0
+
+    def set_budget(self, max_bytes: int) -> None:
+        tmp = self.root / f"{BUDGET_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"max_bytes": int(max_bytes)}))
+        os.replace(tmp, self.root / BUDGET_FILE)
+
+    def server_info(self) -> dict | None:
+        """The running server's ``server.json`` (pid, host, budget...), or None when none runs."""
+        try:
+            info = json.loads((self.root / SERVER_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if info.get("host") == socket.gethostname():
+            try:
+                os.kill(int(info["pid"]), 0)
+            except (ProcessLookupError, ValueError, KeyError, TypeError):
+                return None
+            except PermissionError:
+                pass
+        return info
+
+    def status(self) -> dict:
+        out = super().status()
+        out["server"] = self.server_info()
+        return out
+
+
+def filesystem_type(path: str | os.PathLike) -> str | None:
+    """The file system type of ``path`` from /proc/self/mounts (longest mount prefix), or None."""
+    try:
+        real = os.path.realpath(path)
+        best, fstype = "", None
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fstype = mnt, parts[2]
+        return fstype
+    except OSError:
+        return None
+
+
+def serve(config: "StreamerConfig", *, max_bytes: int = 0, warm_uris: Sequence[str] = (), promote: bool = False,
+          interval: float = 2.0, metrics_port: int | None = None, clear_on_exit: bool = False,
+          stop: threading.Event | None = None, on_ready: Callable[[dict], None] | None = None) -> int:
+    """Run the DRAM tier's janitor until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
+    from . import metrics
+    from .disk import DiskTier
+    from .tiered import copy_entry, warm
+
+    if not config.dram_cache_dir:
+        from ..errors import ConfigError
+        raise ConfigError("cache serve needs dram_cache_dir (--dram-cache-dir /dev/shm/loader-plugins)")
+    dram = DramTier(config.dram_cache_dir)
+    if max_bytes:
+        dram.set_budget(max_bytes)
+    disk = DiskTier(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    if metrics_port:
+        metrics.start_http_server(metrics_port)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "max_bytes": dram.budget(),
+            "promote": promote, "metrics_port": metrics_port, "cache_dir": config.cache_dir}
+    server_file = Path(dram.root) / SERVER_FILE
+    tmp = server_file.with_name(f"{SERVER_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, server_file)
+    log.info("cache server for %s (budget %s bytes, promote=%s) running as pid %d", dram.root,
+             dram.budget() or "unlimited", promote, os.getpid())
+    try:
+        dram.sweep()
+        for uri in warm_uris:
+            if stop.is_set():
+                break
+            for row in warm(uri, config, tier="dram"):
+                log.info("warm %s: %s", row["uri"], row["result"])
+        last_scan = time.time()
+        if on_ready is not None:
+            on_ready(info)
+        while not stop.is_set():
+            if promote and disk is not None:
+                scan_started = time.time()
+                for entry in disk.entries():
+                    if stop.is_set():
+                        break
+                    if entry["last_used"] < last_scan - interval:
+                        continue
+                    if dram.contains(entry["bucket"], entry["key"], entry["etag"], int(entry["size"])):
+                        continue
+                    try:
+                        result = copy_entry(disk, dram, entry, config)
+                    except OSError as exc:
+                        log.warning("promoting %s to the DRAM tier failed: %s", entry.get("uri"), exc)
+                        continue
+                    log.info("promote %s: %s", entry.get("uri"), result)
+                last_scan = scan_started
+            dram.enforce_budget()
+            dram.sweep()
+            entries = dram.entries()
+            metrics.usage("dram", dram.usage(), len(entries))
+            if disk is not None:
+                metrics.usage("disk", disk.usage(), len(disk.entries()))
+            stop.wait(interval)
+    finally:
+        with contextlib.suppress(OSError):
+            if json.loads(server_file.read_text()).get("pid") == os.getpid():
+                server_file.unlink()
+        if clear_on_exit:
+            evicted, skipped = dram.clear()
+            log.info("cleared the DRAM tier on exit: %d evicted, %d in use kept", evicted, skipped)
+    return 0

@@ -1,0 +1,208 @@
+"""Load-time estimates: seconds = metadata time + bytes / bandwidth of the tier the checkpoint sits in.
+
+Every whole load served by one tier (see :class:`~loader_plugins.cache.tiered.TieredStorage`)
+appends ``{host, tier, bytes, seconds}`` to a small JSON history file next to the cache
+(``cache_dir/load-history.json``, else ``dram_cache_dir/...``). An estimate locates each shard
+(DRAM, disk, S3 or a local file), and for each tier takes the median GB/s of this host's recent
+loads of a similar size (within 4x; any size when there are none), or a conservative default
+when the host has no history for the tier. The measured seconds of a load run from its first
+object open (HEAD) to its last byte, so they include per-object overheads: loads of a similar
+size predict each other best, which is why samples of a similar size are preferred. What comes
+before the first open (creating the S3 client, listing, reading the index) is not in any sample:
+the estimate times those requests itself, since it has to make them anyway to locate the shards
+(``metadata_seconds``; boto3's one-time import is kept out).
+
+``estimate(uri, config)`` returns a dict for a scheduler::
+
+    {"seconds": 2.93, "tier": "disk", "gbps": 1.15, "bytes": 3360000000, "basis": "history: median of ...",
+     "metadata_seconds": 0.02, "transfer_seconds": 2.91, "files": 2, "host": "...", "uri": "...",
+     "tiers": {"disk": {"bytes": ..., "gbps": ..., "seconds": ..., "basis": ..., "samples": 3}}}
+
+``gbps`` is the bandwidth the prediction used (for a checkpoint spread over several tiers, their
+combined transfer rate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..core.sources.base import scheme_of
+
+if TYPE_CHECKING:
+    from ..config import StreamerConfig
+
+log = logging.getLogger(__name__)
+
+HISTORY_NAME = "load-history.json"
+#: GB/s assumed for a tier this host has never loaded from: deliberately low (a scheduler would
+#: rather over-estimate), about half of what the reference 2-core VM measured
+DEFAULT_GBPS = {"dram": 2.0, "disk": 0.8, "local": 0.8, "s3": 0.4}
+RECENT = 5          # samples in the median
+KEEP = 50           # samples kept per (host, tier)
+SIMILAR = 4.0       # a sample is "of a similar size" within this factor
+
+
+def history_path(config: "StreamerConfig") -> Path | None:
+    root = getattr(config, "cache_dir", None) or getattr(config, "dram_cache_dir", None)
+    return Path(root) / HISTORY_NAME if root else None
+
+
+class LoadHistory:
+    """Recorded loads in one JSON file (written atomically under an flock)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def _read(self) -> list[dict]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []
+        loads = data.get("loads") if isinstance(data, dict) else None
+        return [r for r in loads if isinstance(r, dict)] if isinstance(loads, list) else []
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def record(self, tier: str, nbytes: int, seconds: float, *, host: str | None = None) -> dict:
+        if seconds <= 0 or nbytes <= 0:
+            raise ValueError(f"a load sample needs positive bytes and seconds, got {nbytes}, {seconds}")
+        sample = {"host": host or socket.gethostname(), "tier": tier, "bytes": int(nbytes),
+                  "seconds": round(float(seconds), 6), "gbps": round(nbytes / seconds / 1e9, 4), "at": time.time()}
+        with self._locked():
+            loads = self._read() + [sample]
+            same = [r for r in loads if (r.get("host"), r.get("tier")) == (sample["host"], tier)]
+            if len(same) > KEEP:
+                drop = {id(r) for r in same[:len(same) - KEEP]}
+                loads = [r for r in loads if id(r) not in drop]
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"version": 1, "loads": loads}))
+            os.replace(tmp, self.path)
+        return sample
+
+    def samples(self, tier: str, *, host: str | None = None) -> list[dict]:
+        host = host or socket.gethostname()
+        return [r for r in self._read() if r.get("host") == host and r.get("tier") == tier
+                and isinstance(r.get("bytes"), (int, float)) and isinstance(r.get("seconds"), (int, float))
+                and r["bytes"] > 0 and r["seconds"] > 0]
+
+
+def bandwidth(tier: str, nbytes: int, history: LoadHistory | None, *, host: str | None = None
+              ) -> tuple[float, str, int]:
+    """(GB/s, basis, samples used) for loading ``nbytes`` from ``tier`` on ``host``."""
+    samples = history.samples(tier, host=host) if history is not None else []
+    if samples:
+        similar = [r for r in samples if nbytes / SIMILAR <= r["bytes"] <= nbytes * SIMILAR] if nbytes else []
+        chosen = (similar or samples)[-RECENT:]
+        gbps = statistics.median(r["bytes"] / r["seconds"] / 1e9 for r in chosen)
+        kind = "similar-size" if similar else "any-size"
+        return gbps, f"history: median of the last {len(chosen)} {kind} {tier} load(s) on this host", len(chosen)
+    gbps = DEFAULT_GBPS.get(tier, min(DEFAULT_GBPS.values()))
+    return gbps, f"default: no recorded {tier} loads on this host", 0
+
+
+def predict(tiers: dict[str, int], history: LoadHistory | None, *, host: str | None = None,
+            metadata_seconds: float = 0.0) -> dict:
+    """Seconds to load ``tiers`` ({tier: bytes}) one after the other, with the basis per tier,
+    plus ``metadata_seconds`` (listing, index, client set-up) that no bandwidth sample covers."""
+    total = sum(tiers.values())
+    transfer = 0.0
+    detail: dict[str, dict] = {}
+    for tier, nbytes in tiers.items():
+        gbps, basis, n = bandwidth(tier, nbytes, history, host=host)
+        t = nbytes / (gbps * 1e9) if nbytes else 0.0
+        transfer += t
+        detail[tier] = {"bytes": nbytes, "gbps": round(gbps, 4), "seconds": round(t, 6), "basis": basis,
+                        "samples": n}
+    if len(detail) == 1:
+        tier = next(iter(detail))
+        basis = detail[tier]["basis"]
+        gbps_used = detail[tier]["gbps"]
+    else:
+        tier = "mixed" if detail else "none"
+        basis = "; ".join(f"{t}: {d['basis']}" for t, d in detail.items())
+        gbps_used = round(total / transfer / 1e9, 4) if transfer > 0 else None
+    return {"seconds": round(metadata_seconds + transfer, 6), "tier": tier, "gbps": gbps_used, "bytes": total,
+            "basis": basis, "metadata_seconds": round(metadata_seconds, 6), "transfer_seconds": round(transfer, 6),
+            "tiers": detail}
+
+
+def record_load(config: "StreamerConfig", tier: str, nbytes: int, seconds: float) -> dict | None:
+    """Record one whole load (a no-op without a cache directory to keep the history in)."""
+    path = history_path(config)
+    if path is None or nbytes <= 0 or seconds <= 0:
+        return None
+    return LoadHistory(path).record(tier, nbytes, seconds)
+
+
+def locate(uri: str, config: "StreamerConfig") -> list[dict]:
+    """Every shard of the checkpoint with its size and the fastest tier holding it."""
+    from ..core.checkpoint import expand
+    from ..core.sources.base import scheme_of, storage_for
+    from .tiered import disk_tier, dram_tier
+
+    files, _ = expand(uri, config)
+    dram, disk = dram_tier(config), disk_tier(config)
+    rows: list[dict] = []
+    s3 = None
+    try:
+        for f in files:
+            if scheme_of(f) != "s3":
+                path = f[len("file://"):] if f.startswith("file://") else f
+                rows.append({"uri": f, "bytes": os.path.getsize(path), "tier": "local"})
+                continue
+            if s3 is None:
+                s3 = storage_for(f, config)
+            src = getattr(s3, "remote", s3).open(f)   # HEAD only (a TieredStorage's remote: no entry locks)
+            try:
+                size, etag = src.size(), src.etag
+            finally:
+                src.close()
+            tier = "s3"
+            if etag:
+                if dram is not None and dram.contains(src.bucket, src.key, etag, size):
+                    tier = "dram"
+                elif disk is not None and disk.contains(src.bucket, src.key, etag, size):
+                    tier = "disk"
+            rows.append({"uri": f, "bytes": size, "tier": tier, "etag": etag})
+    finally:
+        if s3 is not None:
+            s3.close()
+    return rows
+
+
+def estimate(uri: str, config: "StreamerConfig", *, history: LoadHistory | str | os.PathLike | None = None) -> dict:
+    """Predict the load time of ``uri`` on this host: ``{seconds, tier, gbps, bytes, basis, ...}``."""
+    if history is None:
+        path = history_path(config)
+        history = LoadHistory(path) if path is not None else None
+    elif not isinstance(history, LoadHistory):
+        history = LoadHistory(history)
+    if scheme_of(str(uri)) == "s3":
+        with contextlib.suppress(ImportError):
+            import boto3  # noqa: F401  (an engine has it imported already: keep it out of the timing)
+    t0 = time.perf_counter()
+    rows = locate(uri, config)
+    metadata_seconds = time.perf_counter() - t0
+    tiers: dict[str, int] = {}
+    for row in rows:
+        tiers[row["tier"]] = tiers.get(row["tier"], 0) + row["bytes"]
+    out = predict(tiers, history, metadata_seconds=metadata_seconds)
+    out.update({"uri": str(uri), "host": socket.gethostname(), "files": len(rows)})
+    return out

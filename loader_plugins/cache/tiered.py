@@ -1,0 +1,552 @@
+"""Tiered storage for s3:// URIs: the fastest tier holding the exact object serves it.
+
+:class:`TieredStorage` is a :class:`~loader_plugins.core.sources.base.Storage` for ``s3://``
+URIs. Opening an object costs one HEAD (size and ETag, as without a cache); then, in order:
+
+1. the DRAM tier (``config.dram_cache_dir``) holds ``(bucket, key, ETag)``: a preadv source on
+   the shared-memory file;
+2. the disk tier (``config.cache_dir``) holds it: the local-file source (O_DIRECT for what is
+   not in the page cache);
+3. otherwise S3 itself, and with a disk tier a *write-through* source: every range read from
+   S3 into the caller's tensor is also ``pwrite``-n at the same offset into the entry's partial
+   file (no second download); when the load ends with every byte written (gaps up to
+   :data:`GAP_FILL_BYTES`, e.g. padding, are fetched then) the entry is fsynced and published
+   by a background thread, so the load does not wait for the disk (the process waits for it at
+   exit; :func:`~loader_plugins.cache.disk.wait_for_commits`).
+
+Listing, ``exists`` and small files (index.json) always go to S3, through one boto3 client per
+process and S3 settings (:func:`_shared_s3`), not one per storage. Cached entries are immutable
+and pinned by ETag, so a hit needs no further S3 request. When every object of a load came
+from one tier, the load's bytes and seconds are recorded for :mod:`.estimate` and the metrics.
+
+Hook: ``s3_storage(config)`` is the registry target for the ``s3`` scheme; it returns a plain
+:class:`~loader_plugins.core.sources.s3.S3Storage` when no cache tier is configured.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
+
+from ..core.sources.base import BufferPool, Source, Storage, scheme_of, storage_for
+from ..core.sources.local import LocalSource
+from ..core.sources.s3 import parse_s3_uri
+from ..errors import ConfigError, SourceError
+from . import metrics
+from .disk import DiskTier, EntryHandle, EntryStore, Fill, wait_for_commits
+from .dram import DramTier
+
+if TYPE_CHECKING:
+    from ..config import StreamerConfig
+
+log = logging.getLogger(__name__)
+
+#: bytes of an object a load left unread (padding, tensors not asked for) that are fetched at the
+#: end so the entry can be published; a load of a subset leaving more gets no entry
+GAP_FILL_BYTES = 16 << 20
+
+#: bytes read per tier by this process (all storages), for tests and the bench
+TIER_BYTES: collections.Counter = collections.Counter()
+_tier_lock = threading.Lock()
+
+
+def _count(tier: str, n: int) -> None:
+    with _tier_lock:
+        TIER_BYTES[tier] += n
+    metrics.read_bytes(tier, n)
+
+
+def caching_enabled(config: "StreamerConfig") -> bool:
+    return bool(getattr(config, "cache_dir", None) or getattr(config, "dram_cache_dir", None))
+
+
+def s3_storage(config: "StreamerConfig") -> Storage:
+    """Registry target for ``s3://``: tiered when a cache tier is configured, else plain S3."""
+    if caching_enabled(config):
+        return TieredStorage(config)
+    from ..core.sources.s3 import S3Storage
+    return S3Storage(config)
+
+
+def tiered_storage_for(uri: str, config: "StreamerConfig", *, record: bool = True) -> Storage:
+    """``storage_for`` with the cache tiers in front of S3 when ``config`` enables them (whether
+    or not the registry's ``s3`` entry is :func:`s3_storage` yet)."""
+    storage = storage_for(uri, config)
+    if scheme_of(uri) != "s3" or not caching_enabled(config):
+        return storage
+    if isinstance(storage, TieredStorage):
+        storage.record = record
+        return storage
+    return TieredStorage(config, remote=storage, record=record)
+
+
+def disk_tier(config: "StreamerConfig") -> DiskTier | None:
+    return DiskTier(config.cache_dir, config.cache_max_bytes) if getattr(config, "cache_dir", None) else None
+
+
+def dram_tier(config: "StreamerConfig") -> DramTier | None:
+    return DramTier(config.dram_cache_dir) if getattr(config, "dram_cache_dir", None) else None
+
+
+_shared: dict[tuple, Storage] = {}
+_shared_lock = threading.Lock()
+
+
+def _shared_s3(config: "StreamerConfig") -> Storage:
+    """One S3Storage (one boto3 client) per process and S3 settings, reused across loads.
+
+    Creating a boto3 client costs about 50 ms here and a load used to create two (listing,
+    then reading): a tenth of a second that a cache hit should not pay. Keyed by pid so a
+    forked child never shares its parent's connections. Never closed (process lifetime)."""
+    from ..core.sources.s3 import S3Storage
+
+    key = (os.getpid(), config.s3_endpoint_url, config.s3_region, config.s3_addressing_style, config.s3_profile,
+           config.request_timeout, config.max_retries, config.concurrency)
+    with _shared_lock:
+        storage = _shared.get(key)
+        if storage is None:
+            storage = _shared[key] = S3Storage(config)
+        return storage
+
+
+def _tier_or_none(make, config: "StreamerConfig") -> EntryStore | None:
+    """A tier that cannot be set up (unwritable directory...) is skipped with a warning: a
+    broken cache must never fail a load that S3 can serve."""
+    try:
+        return make(config)
+    except ConfigError as exc:
+        log.warning("cache tier disabled for this load: %s", exc)
+        return None
+
+
+# ------------------------------------------------------------------------------------------
+# sources
+# ------------------------------------------------------------------------------------------
+
+class TierSource(Source):
+    """An object served by one tier: wraps the tier's source, counts bytes, keeps the entry locked."""
+
+    def __init__(self, uri: str, inner: Source, tier: str, owner: "TieredStorage | None" = None,
+                 handle: EntryHandle | None = None, etag: str | None = None):
+        super().__init__(uri)
+        self.tier = tier
+        self.etag = etag if etag is not None else getattr(inner, "etag", None)
+        self.inner = inner
+        self.handle = handle
+        self.header_prefetch = inner.header_prefetch
+        self.wants_staging = getattr(inner, "wants_staging", True)
+        self.bytes_read = 0
+        self.checked = False          # passed the reader's end-of-load check
+        self._owner = owner
+        self._count_lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def deadline_at(self) -> float | None:
+        return getattr(self.inner, "deadline_at", None)
+
+    @deadline_at.setter
+    def deadline_at(self, value: float | None) -> None:
+        if hasattr(self.inner, "deadline_at"):
+            self.inner.deadline_at = value
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
+                  cancelled: threading.Event | None = None, slack: bool = False) -> None:
+        self.inner.read_into(offset, dest, pool, cancelled, slack)
+        self._counted(memoryview(dest).nbytes)
+
+    def _counted(self, n: int) -> None:
+        with self._count_lock:
+            self.bytes_read += n
+        _count(self.tier, n)
+
+    def check_unchanged(self) -> None:
+        if self.handle is None:           # S3: entries are immutable and pinned by ETag
+            self.inner.check_unchanged()
+        self._finish()
+        if self._owner is not None:
+            self._owner._checked(self)
+
+    def _finish(self) -> None:
+        """Publish what this source wrote (write-through); nothing for plain tiers."""
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.inner.close()
+        finally:
+            if self.handle is not None:
+                self.handle.close()
+            if self._owner is not None:
+                self._owner._closed(self)
+
+
+class WriteThroughSource(TierSource):
+    """An S3 object read into the caller's memory and, at the same offsets, into a cache fill."""
+
+    def __init__(self, uri: str, inner: Source, fill: Fill, owner: "TieredStorage | None" = None):
+        super().__init__(uri, inner, "s3", owner)
+        self.fill = fill
+        self._handed_off = False
+
+    def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
+                  cancelled: threading.Event | None = None, slack: bool = False) -> None:
+        self.inner.read_into(offset, dest, pool, cancelled, slack)
+        n = memoryview(dest).nbytes
+        self.fill.write(offset, dest)    # never raises: a failed fill only loses the cache entry
+        metrics.wrote_through(self.fill.store.tier, n)
+        self._counted(n)
+
+    def _finish(self) -> None:
+        fill = self.fill
+        if fill.state != "open":
+            return
+        gaps = fill.missing() if fill.failed is None else None
+        if gaps and sum(b - a for a, b in gaps) <= GAP_FILL_BYTES:
+            try:
+                for start, end in gaps:     # a few bytes no tensor covers: fetch them to complete the entry
+                    buf = bytearray(end - start)
+                    self.inner.read_into(start, memoryview(buf))
+                    fill.write(start, buf)
+            except (OSError, SourceError) as exc:   # the load itself is complete: never fail it here
+                log.warning("%s: could not fetch the %d byte(s) the load skipped (%s); not caching it", self.uri,
+                            sum(b - a for a, b in gaps), exc)
+                fill.abort()
+                return
+        if fill.complete:
+            self._handed_off = True
+            fill.commit_later()   # fsync + publish off the load's critical path
+        else:
+            fill.abort()
+
+    def close(self) -> None:
+        try:
+            if self.fill.state == "open" and not self._handed_off:
+                if self.fill.complete:
+                    self._handed_off = True
+                    self.fill.commit_later()   # every byte came through (a reader that never checks)
+                else:
+                    self.fill.abort()
+        finally:
+            super().close()
+
+
+# ------------------------------------------------------------------------------------------
+# storage
+# ------------------------------------------------------------------------------------------
+
+class TieredStorage(Storage):
+    """``s3://`` through DRAM -> disk -> S3; see the module docstring."""
+
+    def __init__(self, config: "StreamerConfig", *, remote: Storage | None = None,
+                 disk: EntryStore | None = None, dram: EntryStore | None = None, record: bool = True):
+        super().__init__(config)
+        self.record = record          # record whole loads for estimates (off for warm/promote copies)
+        self._owns_remote = remote is not None
+        self.remote = remote if remote is not None else _shared_s3(config)
+        self.deadline_at: float | None = None
+        self.disk = disk if disk is not None else _tier_or_none(disk_tier, config)
+        self.dram = dram if dram is not None else _tier_or_none(dram_tier, config)
+        self._lock = threading.Lock()
+        self._session: list[TierSource] = []
+        self._open = 0
+        self._t0 = 0.0
+        self._recorded = False
+
+    # pass-through to S3 ---------------------------------------------------------------------
+    @property
+    def stats(self):
+        return getattr(self.remote, "stats", None)
+
+    def is_dir(self, uri: str) -> bool:
+        return self.remote.is_dir(uri)
+
+    def exists(self, uri: str) -> bool:
+        return self.remote.exists(uri)
+
+    def list_dir(self, uri: str) -> list[str]:
+        return self.remote.list_dir(uri)
+
+    def join(self, base: str, name: str) -> str:
+        return self.remote.join(base, name)
+
+    def read_small(self, uri: str, limit: int = 64 << 20) -> bytes:
+        return self.remote.read_small(uri, limit)   # index.json, config: not worth an entry
+
+    def close(self) -> None:
+        if self._owns_remote:
+            self.remote.close()   # a shared client stays open for the next load
+
+    # opening --------------------------------------------------------------------------------
+    def open(self, uri: str) -> TierSource:
+        with self._lock:
+            if self._open == 0:
+                self._session = []
+                self._t0 = time.perf_counter()
+                self._recorded = False
+            self._open += 1
+        try:
+            src = self._open_fastest(uri)
+        except BaseException:
+            with self._lock:
+                self._open -= 1
+            raise
+        with self._lock:
+            self._session.append(src)
+        metrics.hit(src.tier)
+        log.debug("%s: served by the %s tier", uri, src.tier)
+        return src
+
+    def _open_fastest(self, uri: str) -> TierSource:
+        remote_src = self.remote.open(uri)           # HEAD: size and ETag
+        try:
+            etag = getattr(remote_src, "etag", None)
+            bucket, key = getattr(remote_src, "bucket", None), getattr(remote_src, "key", None)
+            size = remote_src.size()
+            if not etag or bucket is None:
+                return TierSource(uri, remote_src, "s3", self)
+            for store in (self.dram, self.disk):
+                if store is None:
+                    continue
+                try:
+                    handle = store.lookup(bucket, key, etag, size)
+                except OSError as exc:
+                    log.warning("%s: the %s tier cannot be read (%s); skipping it", uri, store.tier, exc)
+                    continue
+                if handle is None:
+                    continue
+                try:
+                    direct = "off" if store.tier == "dram" else self.config.direct_io
+                    local = LocalSource(handle.data_path, direct_io=direct, alignment=self.config.alignment)
+                except BaseException:
+                    handle.close()
+                    raise
+                remote_src.close()
+                local.uri = uri
+                return TierSource(uri, local, store.tier, self, handle, etag)
+            if self.disk is not None:
+                try:
+                    fill = self.disk.begin_fill(bucket, key, etag, size, uri)
+                except OSError as exc:
+                    log.warning("%s: cannot write the disk tier (%s); loading without it", uri, exc)
+                    fill = None
+                if fill is not None:
+                    return WriteThroughSource(uri, remote_src, fill, self)
+            return TierSource(uri, remote_src, "s3", self)
+        except BaseException:
+            remote_src.close()
+            raise
+
+    # load accounting ------------------------------------------------------------------------
+    def _checked(self, src: TierSource) -> None:
+        """A source passed the reader's end-of-load check; record the load once all have."""
+        src.checked = True
+        with self._lock:
+            session = list(self._session)
+            done = all(s.checked for s in session)
+            if not self.record or self._recorded or not session or not done:
+                return
+            self._recorded = True
+            seconds = time.perf_counter() - self._t0
+        tiers = {s.tier for s in session}
+        nbytes = sum(s.size() for s in session)
+        read = sum(s.bytes_read for s in session)
+        if len(tiers) != 1 or nbytes == 0 or read < 0.9 * nbytes:
+            return   # mixed tiers or a partial load: no clean bandwidth sample
+        tier = tiers.pop()
+        metrics.load_done(tier, nbytes, seconds)
+        log.info("loaded %.3f GB from the %s tier in %.3f s (%.2f GB/s)", nbytes / 1e9, tier, seconds,
+                 nbytes / seconds / 1e9)
+        try:
+            from .estimate import record_load
+            record_load(self.config, tier, nbytes, seconds)
+        except OSError as exc:
+            log.warning("could not record the load time for estimates: %s", exc)
+
+    def _closed(self, src: TierSource) -> None:
+        with self._lock:
+            self._open = max(0, self._open - 1)
+
+
+# ------------------------------------------------------------------------------------------
+# filling a tier: warm, promote
+# ------------------------------------------------------------------------------------------
+
+def copy_source_into(src: Source, fill: Fill | None, config: "StreamerConfig",
+                     cancelled: threading.Event | None = None) -> None:
+    """Read every byte of ``src`` (into ``fill`` when given) with ``config.concurrency`` threads,
+    staged in ``chunk_bytes`` buffers, one per thread, page aligned so O_DIRECT lands in place.
+
+    Without ``fill`` the bytes are only read: a write-through source fills its own entry."""
+    size = src.size()
+    if fill is not None and fill.size != size:
+        raise SourceError(errno.EIO, f"{src.uri}: {size} bytes, the cache entry expects {fill.size}")
+    if size == 0:
+        return
+    chunk = config.chunk_bytes
+    items = [(off, min(chunk, size - off)) for off in range(0, size, chunk)]
+    threads = max(1, min(config.concurrency, len(items)))
+    cancelled = cancelled or threading.Event()
+    pool = BufferPool(chunk + config.alignment, threads, cancelled) if getattr(src, "wants_staging", True) else None
+    local = threading.local()
+    buffers: list[mmap.mmap] = []
+    buffers_lock = threading.Lock()
+
+    def one(offset: int, length: int) -> None:
+        if cancelled.is_set():
+            return
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = mmap.mmap(-1, chunk)
+            with buffers_lock:
+                buffers.append(buf)
+        view = memoryview(buf)[:length]
+        try:
+            src.read_into(offset, view, pool, cancelled)
+            if fill is not None:
+                fill.write(offset, view)
+        finally:
+            view.release()
+        if fill is not None and fill.failed is not None:
+            raise SourceError(errno.EIO, f"{src.uri}: writing the {fill.store.tier} cache entry failed: "
+                              f"{fill.failed}")
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-fill") as ex:
+            futures = [ex.submit(one, off, n) for off, n in items]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    cancelled.set()
+                    for p in pending:
+                        p.cancel()
+                    raise f.exception()
+    finally:
+        if pool is not None:
+            pool.close()
+        for buf in buffers:
+            with contextlib.suppress(BufferError):
+                buf.close()
+
+
+def copy_entry(src_store: EntryStore, dst_store: EntryStore, entry: dict, config: "StreamerConfig") -> str:
+    """Copy one complete entry (manifest fields in ``entry``) between tiers; returns what happened."""
+    bucket, key, etag, size = entry["bucket"], entry["key"], entry["etag"], int(entry["size"])
+    if dst_store.contains(bucket, key, etag, size):
+        return "already there"
+    handle = src_store.lookup(bucket, key, etag, size, touch=False)
+    if handle is None:
+        return f"gone from the {src_store.tier} tier"
+    try:
+        fill = dst_store.begin_fill(bucket, key, etag, size, entry.get("uri"))
+        if fill is None:
+            return "skipped (being written elsewhere, or over budget)"
+        direct = "off" if src_store.tier == "dram" else config.direct_io
+        src = LocalSource(handle.data_path, direct_io=direct, alignment=config.alignment)
+        try:
+            copy_source_into(src, fill, config)
+        except BaseException:
+            fill.abort()
+            raise
+        finally:
+            src.close()
+        return f"copied from the {src_store.tier} tier" if fill.commit() else "failed"
+    finally:
+        handle.close()
+
+
+def _shards(uri: str, config: "StreamerConfig") -> list[str]:
+    from ..core.checkpoint import expand
+
+    files, _ = expand(uri, config)
+    return files
+
+
+def warm(uri: str, config: "StreamerConfig", *, tier: str = "dram") -> list[dict]:
+    """Put every shard of the checkpoint at ``uri`` (s3://) into ``tier`` ("dram" or "disk"),
+    reading each from the fastest tier holding it. Returns one row per shard."""
+    if tier not in ("dram", "disk"):
+        raise ConfigError(f"tier {tier!r}: must be dram or disk")
+    target = dram_tier(config) if tier == "dram" else disk_tier(config)
+    if target is None:
+        flag = "--dram-cache-dir" if tier == "dram" else "--cache-dir"
+        raise ConfigError(f"warming the {tier} tier needs {flag}")
+    rows = []
+    storage: TieredStorage | None = None
+    try:
+        for shard in _shards(uri, config):
+            t0 = time.perf_counter()
+            if scheme_of(shard) != "s3":
+                rows.append({"uri": shard, "result": "skipped (only s3:// objects are cached)", "bytes": 0})
+                continue
+            if storage is None:
+                storage = tiered_storage_for(shard, config, record=False)   # type: ignore[assignment]
+            src = storage.open(shard)
+            try:
+                size = src.size()
+                if src.tier == tier:
+                    result = "already there"
+                elif isinstance(src, WriteThroughSource) and src.fill.store.tier == tier:
+                    copy_source_into(src, None, config)     # the source writes its own entry
+                    src.check_unchanged()                   # hands it to the committer
+                    wait_for_commits()
+                    result = "fetched from s3" if src.fill.state == "committed" else "failed"
+                elif not src.etag:
+                    result = "skipped (the server sent no ETag)"
+                else:
+                    bucket, key = parse_s3_uri(shard)
+                    fill = target.begin_fill(bucket, key, src.etag, size, shard)
+                    if fill is None:
+                        result = "skipped (being written by another process, or over budget)"
+                    else:
+                        try:
+                            copy_source_into(src, fill, config)
+                            src.check_unchanged()   # S3: still the same object; write-through: publish
+                        except BaseException:
+                            fill.abort()
+                            raise
+                        result = f"copied from {src.tier}" if fill.commit() else "failed"
+            finally:
+                src.close()
+            seconds = time.perf_counter() - t0
+            rows.append({"uri": shard, "result": result, "bytes": size, "seconds": round(seconds, 4)})
+    finally:
+        if storage is not None:
+            storage.close()
+    return rows
+
+
+def evict(uri: str | None, config: "StreamerConfig", *, tiers: tuple[str, ...] = ("dram", "disk")) -> dict:
+    """Evict the entries of ``uri`` (an s3:// object or prefix; None = everything) from ``tiers``
+    without contacting S3. Entries being read are skipped and reported."""
+    out: dict[str, dict] = {}
+    bucket = prefix = None
+    if uri is not None:
+        bucket, prefix = parse_s3_uri(uri)
+    for name in tiers:
+        store = dram_tier(config) if name == "dram" else disk_tier(config)
+        if store is None:
+            continue
+        evicted, skipped = [], []
+        for entry in store.entries():
+            k = str(entry.get("key", ""))
+            if bucket is not None and (entry.get("bucket") != bucket or not (
+                    not prefix or k == prefix or k.startswith(prefix.rstrip("/") + "/"))):
+                continue
+            (evicted if store.evict_key(entry["cache_key"]) else skipped).append(entry.get("uri"))
+        store.sweep()
+        out[name] = {"evicted": evicted, "in_use": skipped}
+    return out
