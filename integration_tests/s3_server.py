@@ -155,7 +155,13 @@ class SeaweedS3:
                 raise _EarlyExit(f"weed exited with status {self._proc.returncode} while starting; "
                                    f"log tail:\n{self.log_tail()}")
             try:
-                client.create_bucket(Bucket=probe)
+                try:
+                    client.create_bucket(Bucket=probe)
+                except botocore.exceptions.ClientError as exc:
+                    # an earlier attempt created it before a later step failed: carry on
+                    if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou",
+                                                                          "BucketAlreadyExists"):
+                        raise
                 client.put_object(Bucket=probe, Key="probe", Body=b"ok")
                 client.delete_object(Bucket=probe, Key="probe")
                 client.delete_bucket(Bucket=probe)
