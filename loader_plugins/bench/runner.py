@@ -123,6 +123,22 @@ def build_methods(paths: list[str], config: StreamerConfig, workdir: Path) -> li
     return methods
 
 
+def select_methods(methods: list, args) -> list | int:
+    """Apply ``--list`` (print, return 0) and ``--methods`` (unknown name: return 2) to ``methods``."""
+    if args.list:
+        for m in methods:
+            print(f"{m.name:<22} {m.group:<13} {m.note}")
+        return 0
+    if args.methods == "all":
+        return methods
+    wanted = {x.strip() for x in args.methods.split(",")}
+    unknown = wanted - {m.name for m in methods}
+    if unknown:
+        print(f"unknown method(s): {', '.join(sorted(unknown))}; see --list", file=sys.stderr)
+        return 2
+    return [m for m in methods if m.name in wanted]
+
+
 def _time(method: Method, files: list[str], cache: str) -> tuple[float, int]:
     if cache == "cold":
         peers.evict(files)
@@ -172,17 +188,9 @@ def run_bench(args, config: StreamerConfig) -> int:
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
     with tempfile.TemporaryDirectory(prefix="model-streamer-bench-", dir=os.path.dirname(paths[0])) as tmp:
         methods = build_methods(paths, config, Path(tmp))
-        if args.list:
-            for m in methods:
-                print(f"{m.name:<22} {m.group:<13} {m.note}")
-            return 0
-        if args.methods != "all":
-            wanted = {x.strip() for x in args.methods.split(",")}
-            unknown = wanted - {m.name for m in methods}
-            if unknown:
-                print(f"unknown method(s): {', '.join(sorted(unknown))}; see --list", file=sys.stderr)
-                return 2
-            methods = [m for m in methods if m.name in wanted]
+        methods = select_methods(methods, args)
+        if not isinstance(methods, list):
+            return methods
         results: dict[str, dict[str, Any]] = {}
         print(f"checkpoint: {args.path} ({len(paths)} files, {total / 1e9:.2f} GB); concurrency={config.concurrency} "
               f"chunk={config.chunk_bytes >> 20}MiB direct_io={config.direct_io}; median of {args.repeat}",

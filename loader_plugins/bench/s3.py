@@ -216,17 +216,11 @@ def run_s3_bench(args, config: StreamerConfig) -> int:
     uris, sizes, tensor_bytes = _checkpoint(args.path, config)
     total = sum(sizes)
     methods = build_methods(uris, sizes, config)
-    if args.list:
-        for m in methods:
-            print(f"{m.name:<22} {m.group:<13} {m.note}")
-        return 0
-    if args.methods != "all":
-        wanted = {x.strip() for x in args.methods.split(",")}
-        unknown = wanted - {m.name for m in methods}
-        if unknown:
-            print(f"unknown method(s): {', '.join(sorted(unknown))}; see --list", file=sys.stderr)
-            return 2
-        methods = [m for m in methods if m.name in wanted]
+    from .runner import select_methods
+
+    methods = select_methods(methods, args)
+    if not isinstance(methods, list):
+        return methods
     print(f"checkpoint: {args.path} ({len(uris)} objects, {total / 1e9:.2f} GB) at {endpoint_of(config) or 'AWS'}; "
           f"concurrency={config.concurrency} chunk={config.chunk_bytes >> 20}MiB; median of {args.repeat}; "
           f"server caches as they are", file=sys.stderr)

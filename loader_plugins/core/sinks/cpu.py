@@ -13,11 +13,11 @@ place. With ``hugepages`` on, large tensors get transparent huge pages, pre-faul
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import mmap
 from typing import TYPE_CHECKING
 
+from .._libc import libc
 from ...errors import DestinationError
 from ..header import TensorSpec
 
@@ -31,19 +31,7 @@ log = logging.getLogger(__name__)
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 _MADV_POPULATE_WRITE = 23   # Linux 5.14+; older kernels answer EINVAL and pages fault in on first write
-_libc = None
-
-
-def _lib():
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-        except OSError:
-            _libc = False
-    return _libc
+_lib = libc  # the shared, typed C library (core/_libc.py)
 
 
 def _madvise(addr: int, nbytes: int, advice: int, granule: int) -> bool:

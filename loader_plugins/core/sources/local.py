@@ -12,7 +12,6 @@ staging buffer from the pool.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import mmap
@@ -20,6 +19,7 @@ import os
 import threading
 from pathlib import Path
 
+from .._libc import libc
 from ...errors import SourceChangedError, SourceError
 from .base import BufferPool, Source, Storage
 
@@ -28,23 +28,7 @@ log = logging.getLogger(__name__)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _PAGE = mmap.PAGESIZE
 
-_libc = None
-
-
-def _lib():
-    global _libc
-    if _libc is None:
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            lib.mmap.restype = ctypes.c_void_p
-            lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                 ctypes.c_long]
-            lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-            lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-            _libc = lib
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc
+_lib = libc  # the shared, typed C library (core/_libc.py)
 
 
 def _strip_scheme(uri: str) -> str:
