@@ -2,9 +2,9 @@
 DRAM hits, a writer killed mid-load, two processes loading one checkpoint, eviction under a
 budget, ``cache serve`` and load-time estimates.
 
-Loads go through ``loader_plugins.load_file`` with the registry's ``s3`` entry set to
-``loader_plugins.cache.tiered:s3_storage`` (the proposed one-line hook in core/sources/base.py);
-subprocesses set it the same way.
+Loads go through ``loader_plugins.load_file``: the registry's ``s3`` entry
+(core/sources/base.py) is ``loader_plugins.cache.tiered:s3_storage``, which puts the tiers in
+front of S3 when ``cache_dir`` / ``dram_cache_dir`` is set.
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ HOOK = ("loader_plugins.cache.tiered:s3_storage", "install loader-plugins[s3] (b
 # A load in a fresh process: prints the tensors' digest and the bytes each tier served.
 _LOADER = r"""
 import hashlib, json, sys
-from loader_plugins.core.sources import base
-base.register_storage("s3", "loader_plugins.cache.tiered:s3_storage")
 from loader_plugins import StreamerConfig, load_file
 from loader_plugins.cache.tiered import TIER_BYTES
 print("start", flush=True)
@@ -131,7 +129,7 @@ def leftovers(cache: Path) -> list[str]:
 
 @pytest.fixture
 def hooked(monkeypatch):
-    """The proposed registry hook: s3:// goes through the tiered storage when a tier is configured."""
+    """The registry hook (already the default): s3:// goes through the tiered storage when a tier is set."""
     monkeypatch.setitem(base._REGISTRY, "s3", HOOK)
 
 

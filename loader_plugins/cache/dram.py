@@ -51,11 +51,15 @@ class DramTier(EntryStore):
 
     def __init__(self, root: str | os.PathLike, max_bytes: int = 0):
         super().__init__(root, max_bytes)
-        fs = filesystem_type(self.root)
-        if fs is not None and fs not in _MEMORY_FS and str(self.root) not in _warned:
+        fs, options = mount_of(self.root)
+        if str(self.root) not in _warned:
             _warned.add(str(self.root))
-            log.warning("the DRAM cache directory %s is on %s, not tmpfs: it will run at disk speed; use a "
-                        "directory under /dev/shm", self.root, fs)
+            if fs is not None and fs not in _MEMORY_FS:
+                log.warning("the DRAM cache directory %s is on %s, not tmpfs: it will run at disk speed; use a "
+                            "directory under /dev/shm", self.root, fs)
+            elif fs == "tmpfs" and not _huge_tmpfs(options):
+                log.info("the DRAM cache directory %s is on a tmpfs without huge pages: reads copy 4 KiB pages "
+                         "(measured 6-8 GB/s vs 12-17 GB/s on a tmpfs mounted with -o huge=within_size)", self.root)
 
     def budget(self) -> int:
         if self.max_bytes:
@@ -92,22 +96,38 @@ class DramTier(EntryStore):
         return out
 
 
-def filesystem_type(path: str | os.PathLike) -> str | None:
-    """The file system type of ``path`` from /proc/self/mounts (longest mount prefix), or None."""
+def mount_of(path: str | os.PathLike) -> tuple[str | None, str]:
+    """(file system type, mount options) of ``path`` from /proc/self/mounts (longest mount prefix)."""
     try:
         real = os.path.realpath(path)
-        best, fstype = "", None
+        best, fstype, options = "", None, ""
         with open("/proc/self/mounts") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) < 3:
+                if len(parts) < 4:
                     continue
                 mnt = parts[1].replace("\\040", " ")
                 if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, fstype = mnt, parts[2]
-        return fstype
+                    best, fstype, options = mnt, parts[2], parts[3]
+        return fstype, options
     except OSError:
-        return None
+        return None, ""
+
+
+def filesystem_type(path: str | os.PathLike) -> str | None:
+    return mount_of(path)[0]
+
+
+def _huge_tmpfs(options: str) -> bool:
+    """Whether a tmpfs with these mount options allocates huge pages (or the host forces them)."""
+    huge = next((o.split("=", 1)[1] for o in options.split(",") if o.startswith("huge=")), "never")
+    if huge in ("always", "within_size"):   # "advise" needs madvise on a mapping; the tier writes with pwrite
+        return True
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+            return "[force]" in f.read()
+    except OSError:
+        return False
 
 
 def serve(config: "StreamerConfig", *, max_bytes: int = 0, warm_uris: Sequence[str] = (), promote: bool = False,
