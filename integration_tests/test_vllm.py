@@ -72,7 +72,9 @@ def reference(models):
 def test_offline_tokens_match_default_loader(models, reference):
     got = run_job({"model": str(models["one"]), "load_format": "streamer"})
     assert got["outputs"][0] == reference("one")
-    assert "Streamer loaded" in got["output"] and "tensors in place" in got["output"]
+    # every tensor, q/k/v and gate/up included (into their rows of qkv_proj / gate_up_proj), was
+    # streamed into the parameters; none went through a temporary and the model's weight loader
+    assert "Streamer loaded" in got["output"] and "21 tensors in place, 0 through" in got["output"]
 
 
 def test_sharded_checkpoint(models, reference):
@@ -84,6 +86,7 @@ def test_sharded_checkpoint(models, reference):
 def test_bf16_checkpoint_into_float32_model(models, reference):
     got = run_job({"model": str(models["bf16"]), "load_format": "streamer", "dtype": "float32"})
     assert got["outputs"][0] == reference("bf16")
+    assert "21 tensors in place, 0 through" in got["output"]   # cast once in the sink, fused parts too
 
 
 def test_reload_weights_switches_and_restores(models, reference):

@@ -237,6 +237,7 @@ class StreamReader:
                                      cancelled=self._cancelled)
             else:
                 view = job.buffer[item.dest_offset - job.base:item.dest_offset - job.base + item.length]
+                self._sink.prefault(view)
                 source.read_into(item.file_offset, view, self._pool, self._cancelled, job.slack)
         except StreamerError as exc:
             if self._cancelled.is_set() and isinstance(exc, CancelledError):

@@ -312,3 +312,19 @@ def test_close_from_another_thread_stops_the_consumer(tmp_path):
     assert not consumer.is_alive()
     assert "finished" in outcome or "closed" in str(outcome.get("error"))
     assert len(_streamer_threads()) == threads
+
+
+def test_prefault_keeps_contents_of_caller_memory():
+    """The sink pre-faults destination pages before each read; the caller's bytes must survive it."""
+    import torch
+
+    from loader_plugins import StreamerConfig
+    from loader_plugins.core.sinks.cpu import CpuSink, tensor_buffer
+
+    sink = CpuSink(StreamerConfig(pin_memory="off"))
+    data = torch.arange(3 << 20, dtype=torch.int32)
+    expected = data.clone()
+    view = tensor_buffer(data)
+    sink.prefault(view[123:len(view) - 4567])   # unaligned edges: only whole pages inside are touched
+    sink.prefault(view[:10])                    # too small: nothing to do
+    assert torch.equal(data, expected)

@@ -1,11 +1,14 @@
 """The vLLM model loader behind ``--load-format streamer``.
 
-Checkpoint tensors that map 1:1 onto a parameter (same name and shape, no tensor-parallel
-split, unquantized) are streamed straight into the parameter's own storage (cast once in the
-sink when the dtypes differ). Every other tensor (fused qkv / gate_up, padded vocabularies,
-tensor-parallel slices) is streamed into a buffer and handed to the model's own
-``load_weights``, exactly as vLLM's default loader does. The strict "every parameter was
-loaded" check runs afterwards.
+Checkpoint tensors that map 1:1 onto a parameter (same name and shape, or this rank's
+tensor-parallel shard of it; unquantized) are streamed straight into the parameter's own
+storage (cast once in the sink when the dtypes differ). So are the parts of fused parameters:
+``q_proj`` / ``k_proj`` / ``v_proj`` land in their rows of ``qkv_proj`` and ``gate_proj`` /
+``up_proj`` in theirs, found through the model's ``packed_modules_mapping`` and the fused
+layer's own shard offsets (``QKVParallelLinear``, ``MergedColumnParallelLinear``; single-rank).
+Every other tensor (padded vocabularies, strided shards, quantized layers) is streamed into a
+buffer and handed to the model's own ``load_weights``, exactly as vLLM's default loader does.
+The strict "every parameter was loaded" check runs afterwards.
 
 ``--model-loader-extra-config`` takes every :class:`~loader_plugins.StreamerConfig` key plus
 ``weights_uri`` (weights stored somewhere other than the model directory, e.g. ``s3://...``).
@@ -95,6 +98,66 @@ def _shard_dim(spec, param, rank: int, world: int):
     return False
 
 
+def _fused_rows(module: nn.Module, index: int, param_name: str) -> tuple[int, int] | None:
+    """Rows ``[start, end)`` of part ``index`` inside a fused layer's output dimension (one rank)."""
+    try:
+        from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+    except ImportError:  # pragma: no cover
+        return None
+    if getattr(module, "tp_size", 1) != 1 or getattr(module, "quant_method", None) is None:
+        return None
+    if type(module.quant_method).__name__ != "UnquantizedLinearMethod":
+        return None
+    if isinstance(module, QKVParallelLinear):
+        if index > 2:
+            return None
+        sizes = [module.num_heads * module.head_size, module.num_kv_heads * module.head_size,
+                 module.num_kv_heads * module.v_head_size]
+    elif isinstance(module, MergedColumnParallelLinear):
+        sizes = list(module.output_sizes)
+        if index >= len(sizes):
+            return None
+    else:
+        return None
+    if sum(sizes) != getattr(module, "output_size_per_partition", sum(sizes)):
+        return None
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
+def fused_parts(model: nn.Module, names) -> dict[str, tuple[str, int, int, int]]:
+    """Checkpoint name -> (fused parameter name, part index, first row, end row) for every
+    checkpoint tensor that is one part of a fused parameter (from ``packed_modules_mapping``)."""
+    packed = getattr(model, "packed_modules_mapping", None) or {}
+    if not packed:
+        return {}
+    modules = dict(model.named_modules())
+    out: dict[str, tuple[str, int, int, int]] = {}
+    for name in names:
+        parts = name.split(".")
+        for fused, subs in packed.items():
+            hit = [(i, j) for i, p in enumerate(parts[:-1]) for j, sub in enumerate(subs) if p == sub]
+            if len(hit) != 1 or len(subs) < 2:
+                continue
+            pos, index = hit[0]
+            module_name = ".".join(parts[:pos] + [fused])
+            module = modules.get(module_name)
+            if module is None or pos != len(parts) - 2:
+                continue
+            rows = _fused_rows(module, index, module_name)
+            if rows is not None:
+                out[name] = (f"{module_name}.{parts[-1]}", index, *rows)
+            break
+    return out
+
+
+def packed_subs(model: nn.Module, param_name: str) -> list[str]:
+    """The checkpoint parts of fused parameter ``param_name`` (``packed_modules_mapping``)."""
+    packed = getattr(model, "packed_modules_mapping", None) or {}
+    parts = param_name.split(".")
+    return list(packed.get(parts[-2], [])) if len(parts) >= 2 else []
+
+
 class StreamerModelLoader(BaseModelLoader):
     """Streams safetensors checkpoints with loader_plugins."""
 
@@ -120,19 +183,36 @@ class StreamerModelLoader(BaseModelLoader):
                              specs) -> tuple[dict[str, torch.Tensor], dict[str, ColumnBlock]]:
         """Parameters the checkpoint fills 1:1 (same name, unquantized): the whole tensor, or this
         tensor-parallel rank's shard of it (a dim-0 shard reads only its bytes; a strided one is
-        cut on the GPU). On a GPU the CUDA sink fills them; on the CPU, whole tensors and dim-0 shards."""
+        cut on the GPU). On a GPU the CUDA sink fills them; on the CPU, whole tensors and dim-0 shards.
+        Parts of fused parameters (q/k/v, gate/up) go to their rows of the fused parameter."""
+        self._fused_groups = {}
         if model_config.quantization is not None:
             return {}, {}
         world, rank = _tp_world_size(), _tp_rank()
         params = dict(model.named_parameters())
         out: dict[str, torch.Tensor] = {}
         shards: dict[str, ColumnBlock] = {}
+        fused = fused_parts(model, [n for n in specs if n not in params]) if world == 1 else {}
+        for name, (pname, index, start, end) in fused.items():
+            param, spec = params.get(pname), specs[name]
+            if param is None or not self._usable(param, spec) or param.dim() < 1 or end > param.shape[0]:
+                continue
+            if param.device.type == "cuda" and not cuda_sink_available():
+                continue
+            view = param.data[start:end]
+            if tuple(view.shape) != tuple(spec.shape):
+                continue
+            out[name] = view
+            self._fused_groups.setdefault(pname, {})[name] = index
+        for pname, members in list(self._fused_groups.items()):
+            parts = len(packed_subs(model, pname))
+            if len(set(members.values())) != parts:   # not every part can be streamed: the model loads them all
+                for name in members:
+                    out.pop(name, None)
+                del self._fused_groups[pname]
         for name, spec in specs.items():
             param = params.get(name)
-            if param is None or param.device.type not in ("cpu", "cuda") or not param.is_contiguous():
-                continue
-            src = spec.torch_dtype()
-            if param.dtype != src and not (param.dtype.is_floating_point and src.is_floating_point):
+            if param is None or not self._usable(param, spec):
                 continue
             dim = _shard_dim(spec, param, rank, world)
             if dim is False:
@@ -147,9 +227,17 @@ class StreamerModelLoader(BaseModelLoader):
             out[name] = param.data
         return out, shards
 
+    @staticmethod
+    def _usable(param: torch.Tensor, spec) -> bool:
+        if param.device.type not in ("cpu", "cuda") or not param.is_contiguous():
+            return False
+        src = spec.torch_dtype()
+        return param.dtype == src or (param.dtype.is_floating_point and src.is_floating_point)
+
     def _stream(self, location: str, model: nn.Module, model_config: ModelConfig,
                 direct: bool) -> Iterator[tuple[str, torch.Tensor]]:
         t0 = time.perf_counter()
+        self._fused_groups: dict[str, dict[str, int]] = {}
         streamer = SafetensorsStreamer(self.streamer_config)
         filled: set[str] = set()
         total = 0
@@ -159,19 +247,28 @@ class StreamerModelLoader(BaseModelLoader):
             specs = open_checkpoint(location, self.streamer_config).tensors
             destinations, shards = self._direct_destinations(model, model_config, specs) if direct else ({}, {})
             streamer.stream_files(location, destinations=destinations or None, shards=shards or None)
+            parts_of = {n: p for p, members in self._fused_groups.items() for n in members}
+            waiting = {p: set(members) for p, members in self._fused_groups.items()}
             for name, tensor in streamer.get_tensors():
                 total += specs[name].nbytes
                 if name in destinations:
-                    filled.add(name)
+                    pname = parts_of.get(name)
+                    if pname is None:
+                        filled.add(name)
+                    else:
+                        waiting[pname].discard(name)
+                        if not waiting[pname]:
+                            filled.add(pname)
                     continue
                 yield name, tensor
         seconds = time.perf_counter() - t0
+        in_place = sum(1 for n in specs if n in destinations)
         self.last_stats = {"bytes": total, "seconds": seconds, "gbps": total / seconds / 1e9 if seconds else 0.0,
-                           "in_place": len(filled), "via_model": len(specs) - len(filled), "location": location}
+                           "in_place": in_place, "via_model": len(specs) - in_place, "location": location}
         self._filled = filled
         log.info("Streamer loaded %.3f GB in %.2f seconds (%.2f GB/s) from %s: %d tensors in place, %d through "
-                 "the model's weight loader", total / 1e9, seconds, self.last_stats["gbps"], location, len(filled),
-                 len(specs) - len(filled))
+                 "the model's weight loader", total / 1e9, seconds, self.last_stats["gbps"], location, in_place,
+                 len(specs) - in_place)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         location = self._location(model_config)

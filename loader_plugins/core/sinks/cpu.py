@@ -129,6 +129,15 @@ class CpuSink:
         if nbytes >= 2 * _HUGE and _madvise(addr, nbytes, _MADV_HUGEPAGE, _HUGE):
             _madvise(addr, nbytes, _MADV_POPULATE_WRITE, mmap.PAGESIZE)
 
+    def prefault(self, view: memoryview) -> None:
+        """Fault the pages under ``view`` in with one ``madvise(MADV_POPULATE_WRITE)`` before a
+        read lands there: cheaper than the kernel taking one fault per 4 KiB page inside
+        ``preadv``, and a no-op for pages already mapped. Contents never change."""
+        if self._pin or len(view) < 2 * mmap.PAGESIZE:
+            return
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE)
+
     def wrap_destination(self, dest: "torch.Tensor") -> Allocation:
         """A caller's tensor to read into directly; pre-faulting it never changes its contents."""
         return Allocation(dest, dest, False, owned=False)
