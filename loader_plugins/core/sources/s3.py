@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import http.client
 import logging
+import os
 import random
 import threading
 import time
@@ -247,7 +248,7 @@ class S3Storage(Storage):
         self.stats = S3Stats()
         #: absolute ``time.monotonic()`` deadline for metadata calls and new sources (reader sets it)
         self.deadline_at: float | None = None
-        self.client = _make_client(config)
+        self.client = shared_client(config)
         self.endpoint = self.client.meta.endpoint_url
 
     # -- Storage API -------------------------------------------------------------------------
@@ -302,9 +303,7 @@ class S3Storage(Storage):
         return str(base).rstrip("/") + "/" + name
 
     def close(self) -> None:
-        close = getattr(self.client, "close", None)  # botocore 1.27+
-        if close is not None:
-            close()
+        """The client is shared by every storage with the same settings (:func:`shared_client`)."""
 
     # -- retries and errors ------------------------------------------------------------------
     def _call(self, uri: str, what: str, fn: Callable[..., Any], *, deadline_at: float | None = None,
@@ -439,6 +438,37 @@ def _botocore_session(config: "StreamerConfig"):
             loader = _LOADERS[data_path] = botocore.loaders.create_loader(data_path)
     session.register_component("data_loader", loader)
     return session
+
+
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+#: environment variables that change which endpoint, region or credentials a new client gets
+_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+               "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+               "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE",
+               "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+               "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_DATA_PATH")
+
+
+def shared_client(config: "StreamerConfig"):
+    """One boto3 client per process, S3 settings and AWS environment, reused across loads.
+
+    A client costs ~50-100 ms of CPU to create and its connections are worth keeping (no new
+    TCP handshakes on the next load). Clients are thread-safe. The key holds a digest of the
+    AWS_* variables, never their values, so a changed key, secret, profile or endpoint gets a
+    new client; the pid keeps a forked child off its parent's connections."""
+    import hashlib
+
+    env = hashlib.sha256("\0".join(f"{k}={os.environ.get(k, '')}" for k in _CLIENT_ENV).encode()).hexdigest()
+    key = (os.getpid(), env, config.s3_endpoint_url, config.s3_region, config.s3_addressing_style,
+           config.s3_profile, config.request_timeout, config.concurrency)
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+    if client is None:
+        client = _make_client(config)
+        with _CLIENTS_LOCK:
+            client = _CLIENTS.setdefault(key, client)
+    return client
 
 
 def _make_client(config: "StreamerConfig"):
