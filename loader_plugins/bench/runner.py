@@ -139,6 +139,22 @@ def select_methods(methods: list, args) -> list | int:
     return [m for m in methods if m.name in wanted]
 
 
+def prepare_methods(methods: list[Method], results: dict[str, dict[str, Any]]) -> list[Method]:
+    """Run each method's untimed ``prepare``; a method whose peer is missing is recorded as
+    skipped in ``results`` (never stops the table). Returns the methods that can run."""
+    live: list[Method] = []
+    for method in methods:
+        results[method.name] = {"group": method.group, "note": method.note}
+        try:
+            if method.prepare:
+                method.prepare()
+            live.append(method)
+        except Exception as exc:  # noqa: BLE001 - a missing peer must not stop the table
+            results[method.name]["error"] = f"{type(exc).__name__}: {exc}"
+            print(f"  {method.name:<22} skipped: {results[method.name]['error']}", file=sys.stderr)
+    return live
+
+
 def _time(method: Method, files: list[str], cache: str) -> tuple[float, int]:
     if cache == "cold":
         peers.evict(files)
@@ -197,16 +213,7 @@ def run_bench(args, config: StreamerConfig) -> int:
               file=sys.stderr)
         # Methods take turns (round robin) so that slow drifts of the machine (page cache,
         # memory the hypervisor has to back again) hit every method alike.
-        live: list[Method] = []
-        for method in methods:
-            results[method.name] = {"group": method.group, "note": method.note}
-            try:
-                if method.prepare:
-                    method.prepare()
-                live.append(method)
-            except Exception as exc:  # noqa: BLE001 - a missing peer must not stop the table
-                results[method.name]["error"] = f"{type(exc).__name__}: {exc}"
-                print(f"  {method.name:<22} skipped: {results[method.name]['error']}", file=sys.stderr)
+        live = prepare_methods(methods, results)
         for cache in caches:
             runs: dict[str, list[float]] = {m.name: [] for m in live}
             nbytes: dict[str, int] = {}

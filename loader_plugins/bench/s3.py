@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from ..config import StreamerConfig
 from . import peers
-from .runner import Method, _Into, format_table
+from .runner import Method, _Into, format_table, prepare_methods
 
 log = logging.getLogger(__name__)
 
@@ -225,16 +225,7 @@ def run_s3_bench(args, config: StreamerConfig) -> int:
           f"concurrency={config.concurrency} chunk={config.chunk_bytes >> 20}MiB; median of {args.repeat}; "
           f"server caches as they are", file=sys.stderr)
     results: dict[str, dict[str, Any]] = {}
-    live: list[Method] = []
-    for method in methods:
-        results[method.name] = {"group": method.group, "note": method.note}
-        try:
-            if method.prepare:
-                method.prepare()
-            live.append(method)
-        except Exception as exc:  # noqa: BLE001 - a missing peer must not stop the table
-            results[method.name]["error"] = f"{type(exc).__name__}: {exc}"
-            print(f"  {method.name:<22} skipped: {results[method.name]['error']}", file=sys.stderr)
+    live = prepare_methods(methods, results)
     runs: dict[str, list[float]] = {m.name: [] for m in live}
     failures: dict[str, list[str]] = {m.name: [] for m in live}
     nbytes: dict[str, int] = {}

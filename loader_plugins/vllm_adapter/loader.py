@@ -98,7 +98,7 @@ def _shard_dim(spec, param, rank: int, world: int):
     return False
 
 
-def _fused_rows(module: nn.Module, index: int, param_name: str) -> tuple[int, int] | None:
+def _fused_rows(module: nn.Module, index: int) -> tuple[int, int] | None:
     """Rows ``[start, end)`` of part ``index`` inside a fused layer's output dimension (one rank)."""
     try:
         from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
@@ -125,14 +125,14 @@ def _fused_rows(module: nn.Module, index: int, param_name: str) -> tuple[int, in
     return start, start + sizes[index]
 
 
-def fused_parts(model: nn.Module, names) -> dict[str, tuple[str, int, int, int]]:
-    """Checkpoint name -> (fused parameter name, part index, first row, end row) for every
-    checkpoint tensor that is one part of a fused parameter (from ``packed_modules_mapping``)."""
+def fused_parts(model: nn.Module, names) -> dict[str, tuple[str, int, int, int, int]]:
+    """Checkpoint name -> (fused parameter name, part index, first row, end row, number of parts)
+    for every checkpoint tensor that is one part of a fused parameter (``packed_modules_mapping``)."""
     packed = getattr(model, "packed_modules_mapping", None) or {}
     if not packed:
         return {}
     modules = dict(model.named_modules())
-    out: dict[str, tuple[str, int, int, int]] = {}
+    out: dict[str, tuple[str, int, int, int, int]] = {}
     for name in names:
         parts = name.split(".")
         for fused, subs in packed.items():
@@ -144,18 +144,11 @@ def fused_parts(model: nn.Module, names) -> dict[str, tuple[str, int, int, int]]
             module = modules.get(module_name)
             if module is None or pos != len(parts) - 2:
                 continue
-            rows = _fused_rows(module, index, module_name)
+            rows = _fused_rows(module, index)
             if rows is not None:
-                out[name] = (f"{module_name}.{parts[-1]}", index, *rows)
+                out[name] = (f"{module_name}.{parts[-1]}", index, *rows, len(subs))
             break
     return out
-
-
-def packed_subs(model: nn.Module, param_name: str) -> list[str]:
-    """The checkpoint parts of fused parameter ``param_name`` (``packed_modules_mapping``)."""
-    packed = getattr(model, "packed_modules_mapping", None) or {}
-    parts = param_name.split(".")
-    return list(packed.get(parts[-2], [])) if len(parts) >= 2 else []
 
 
 class StreamerModelLoader(BaseModelLoader):
@@ -185,7 +178,6 @@ class StreamerModelLoader(BaseModelLoader):
         tensor-parallel rank's shard of it (a dim-0 shard reads only its bytes; a strided one is
         cut on the GPU). On a GPU the CUDA sink fills them; on the CPU, whole tensors and dim-0 shards.
         Parts of fused parameters (q/k/v, gate/up) go to their rows of the fused parameter."""
-        self._fused_groups = {}
         if model_config.quantization is not None:
             return {}, {}
         world, rank = _tp_world_size(), _tp_rank()
@@ -193,7 +185,8 @@ class StreamerModelLoader(BaseModelLoader):
         out: dict[str, torch.Tensor] = {}
         shards: dict[str, ColumnBlock] = {}
         fused = fused_parts(model, [n for n in specs if n not in params]) if world == 1 else {}
-        for name, (pname, index, start, end) in fused.items():
+        nparts: dict[str, int] = {}
+        for name, (pname, index, start, end, count) in fused.items():
             param, spec = params.get(pname), specs[name]
             if param is None or not self._usable(param, spec) or param.dim() < 1 or end > param.shape[0]:
                 continue
@@ -204,9 +197,9 @@ class StreamerModelLoader(BaseModelLoader):
                 continue
             out[name] = view
             self._fused_groups.setdefault(pname, {})[name] = index
+            nparts[pname] = count
         for pname, members in list(self._fused_groups.items()):
-            parts = len(packed_subs(model, pname))
-            if len(set(members.values())) != parts:   # not every part can be streamed: the model loads them all
+            if len(set(members.values())) != nparts[pname]:   # not every part can be streamed: the model loads them all
                 for name in members:
                     out.pop(name, None)
                 del self._fused_groups[pname]
