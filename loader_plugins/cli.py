@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="cold,warm")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--settle", type=float, default=3.0,
+                   help="seconds of quiet before each run (the previous engine's memory is handed back)")
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=lambda a: __import__("loader_plugins.bench.vllm_load", fromlist=["run"]).run(a))
     return parser

@@ -35,6 +35,12 @@ class Method:
     note: str = ""
 
 
+def rotated(items: list, round_index: int) -> list:
+    """``items`` starting at position ``round_index`` (mod its length)."""
+    k = round_index % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 def _shards(path: str, config: StreamerConfig) -> list[str]:
     from ..core.checkpoint import expand
 
@@ -218,7 +224,9 @@ def run_bench(args, config: StreamerConfig) -> int:
             runs: dict[str, list[float]] = {m.name: [] for m in live}
             nbytes: dict[str, int] = {}
             for rep in range(args.repeat + (1 if args.warmup else 0)):
-                for method in list(live):
+                # each round starts one method later: no method always runs right after the same
+                # one (on a shared host the storage's speed depends on what was read just before)
+                for method in rotated(list(live), rep):
                     files = paths + (method.extra_files() if method.extra_files else [])
                     if args.settle:
                         # memory freed by the previous run is handed back to the hypervisor in the

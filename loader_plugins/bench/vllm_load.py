@@ -5,7 +5,7 @@
 Each run is a fresh process that builds an offline engine (engine core in-process) with
 ``skip_tokenizer_init`` and times the loader's ``load_weights`` call (vLLM logs "Loading
 weights took" only for some formats, so one timer measures all). Cold runs evict the
-checkpoint from the page cache first.
+checkpoint from the page cache right before ``load_weights``; warm runs read it right before.
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ if __name__ == "__main__":
     def load_model(self, *a, **k):
         inner = type(self).load_weights
         def timed(this, model, model_config):
+            # the page cache is set up right before the timed call: the engine's start-up takes
+            # long enough for this VM's reclaim (DAMON) to drop pages read earlier
+            if spec["cold"]:
+                evict(spec["files"])
+            else:
+                warm(spec["files"])
             t0 = time.perf_counter()
             try:
                 return inner(this, model, model_config)
@@ -40,9 +46,8 @@ if __name__ == "__main__":
         finally:
             type(self).load_weights = inner
     bl.BaseModelLoader.load_model = load_model
-    if spec["cold"]:
-        from loader_plugins.bench.peers import evict
-        evict(spec["files"])
+    from loader_plugins.bench.peers import evict
+    from loader_plugins.bench.runner import _warm as warm
     from vllm import LLM
     kwargs = {}
     if spec.get("extra"):
@@ -75,13 +80,18 @@ def run_once(model: str, fmt: str, *, cold: bool, dtype: str, extra: dict | None
 
 
 def run(args) -> int:
+    from .runner import rotated
+
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
     size = sum(os.path.getsize(f) for f in _files(args.model))
     results: dict[str, dict[str, list[float]]] = {f: {c: [] for c in caches} for f in formats}
     for cache in caches:
         for rep in range(args.repeat):
-            for fmt in formats:   # interleaved so drift hits every format alike
+            # interleaved so drift hits every format alike, and each round starts one format
+            # later so that no format always follows the same one
+            for fmt in rotated(formats, rep):
+                time.sleep(getattr(args, "settle", 0) or 0)
                 t = run_once(args.model, fmt, cold=cache == "cold", dtype=args.dtype)
                 results[fmt][cache].append(t)
                 print(f"  {fmt:<16} {cache} run {rep + 1}: load_weights {t:.2f} s", file=sys.stderr, flush=True)

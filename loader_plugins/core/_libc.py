@@ -7,6 +7,9 @@ import ctypes.util
 
 _libc = None
 
+#: madvise advice (Linux 5.14+; older kernels answer EINVAL and pages fault in on first write)
+MADV_POPULATE_WRITE = 23
+
 
 def libc():
     """The C library with madvise/mincore/mmap/munmap typed, or False where it cannot be loaded."""

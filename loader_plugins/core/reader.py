@@ -4,6 +4,8 @@
   reader allocates the tensors it hands out, a window is admitted only while the bytes the
   reader holds (allocated, not yet taken by the consumer, plus staging buffers) stay within
   ``memory_limit``; caller-owned destinations cost nothing and form one window.
+* Each worker reads its share of the plan in file order; one that runs out early takes
+  unstarted items from the worker with the most bytes left (:class:`WorkQueues`).
 * A tensor is handed out as soon as its last byte lands, in whatever order that happens.
 * The first error in any worker cancels the others and is raised to the consumer, with the
   file, tensor and byte range in the message. Closing the reader (or leaving the consumer's
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import sys
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 from ..errors import CancelledError, DestinationError, SourceError, StreamerError
 from .header import TensorSpec
-from .plan import ReadItem, plan_reads, split_windows
+from .plan import ReadItem, ReadPlan, plan_reads, split_windows
 from .sinks.cpu import Allocation, CpuSink, tensor_buffer
 from .sources.base import BufferPool, Source
 from .tp import ColumnBlock
@@ -57,12 +60,41 @@ class _Job:
         self.lock = threading.Lock()
 
 
+class WorkQueues:
+    """The plan's items per worker, taken in order; a worker whose own list has run dry takes
+    the last item of the worker with the most bytes left (work stealing). The plan balances
+    bytes; this balances time, when one connection, server or disk region is slower than the
+    others (a shard on S3 next to shards on local disk). Every item is handed out once."""
+
+    def __init__(self, plan: ReadPlan):
+        self._lock = threading.Lock()
+        self._items = [collections.deque(items) for items in plan.workers]
+        self._left = plan.worker_bytes
+        self.stolen = 0
+
+    def next(self, index: int) -> ReadItem | None:
+        with self._lock:
+            own = self._items[index]
+            if own:
+                item = own.popleft()
+                self._left[index] -= item.length
+                return item
+            victim = max(range(len(self._items)), key=self._left.__getitem__)
+            if not self._items[victim]:
+                return None
+            item = self._items[victim].pop()
+            self._left[victim] -= item.length
+            self.stolen += 1
+            return item
+
+
 class _Window:
-    __slots__ = ("specs", "plan", "bytes", "admitted", "jobs")
+    __slots__ = ("specs", "plan", "queues", "bytes", "admitted", "jobs")
 
     def __init__(self, specs: list[TensorSpec], budget_bytes: int):
         self.specs = specs
         self.plan = None
+        self.queues: WorkQueues | None = None
         self.bytes = budget_bytes
         self.admitted = False
         self.jobs: dict[str, _Job] = {}
@@ -206,6 +238,7 @@ class StreamReader:
             if job.remaining == 0:
                 self._finish(job)
         window.plan = plan_reads(window.specs, self._workers, self._config.chunk_bytes, self._ranges)
+        window.queues = WorkQueues(window.plan)
 
     # ---- workers --------------------------------------------------------------------------
     def _worker(self, index: int) -> None:
@@ -216,10 +249,13 @@ class StreamReader:
                         self._cond.wait(0.1)
                 if self._cancelled.is_set():
                     return
-                for item in window.plan.workers[index]:
-                    if self._cancelled.is_set():
-                        return
+                while not self._cancelled.is_set():
+                    item = window.queues.next(index)
+                    if item is None:
+                        break
                     self._read(window.jobs[item.tensor], item)
+                if self._cancelled.is_set():
+                    return
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the consumer
             self._fail(exc)
         finally:

@@ -1,6 +1,7 @@
 import json
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -328,3 +329,137 @@ def test_prefault_keeps_contents_of_caller_memory():
     sink.prefault(view[123:len(view) - 4567])   # unaligned edges: only whole pages inside are touched
     sink.prefault(view[:10])                    # too small: nothing to do
     assert torch.equal(data, expected)
+
+
+@pytest.fixture
+def spares(monkeypatch):
+    from loader_plugins.core.sources import base
+
+    base._spares.clear()
+    yield base._spares
+    base._spares.clear()
+
+
+def test_staging_buffers_are_kept_for_the_next_load_then_freed(spares, monkeypatch):
+    from loader_plugins.core.sources.base import BufferPool
+
+    monkeypatch.setattr(spares, "keep_seconds", 0.2)
+    pool = BufferPool(1 << 20, 2)
+    first, second = pool.acquire(), pool.acquire()
+    pool.release(first)
+    pool.close()                  # the free buffer goes to the spares ...
+    assert spares.held_bytes() == 1 << 20
+    pool.release(second)          # ... and one released after close too
+    assert spares.held_bytes() == 2 << 20
+    again = BufferPool(1 << 20, 2)
+    reused = again.acquire()
+    assert reused in (first, second)     # the next load reuses them
+    assert spares.held_bytes() == 1 << 20
+    assert BufferPool(2 << 20, 1).acquire() not in (first, second)   # only buffers of the same size
+    again.release(reused)
+    again.close()
+    assert spares.held_bytes() == 2 << 20
+    deadline = time.monotonic() + 30
+    while spares.held_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert spares.held_bytes() == 0 and first.closed and second.closed   # unmapped once idle
+
+
+def test_spare_staging_buffers_are_bounded(spares, monkeypatch):
+    from loader_plugins.core.sources.base import BufferPool
+
+    monkeypatch.setattr(spares, "max_bytes", 3 << 20)
+    pool = BufferPool(1 << 20, 5)
+    bufs = [pool.acquire() for _ in range(5)]
+    for buf in bufs:
+        pool.release(buf)
+    pool.close()
+    assert spares.held_bytes() == 3 << 20
+    assert sum(buf.closed for buf in bufs) == 2
+
+
+def test_a_forked_child_does_not_inherit_spare_buffers(spares):
+    from loader_plugins.core.sources.base import BufferPool
+
+    pool = BufferPool(1 << 20, 1)
+    pool.release(pool.acquire())
+    pool.close()
+    assert spares.held_bytes() == 1 << 20
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if spares.held_bytes() == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert spares.held_bytes() == 1 << 20
+
+
+def test_loads_reusing_staging_buffers_stay_bit_exact(tmp_path, spares):
+    """Unaligned tensors read with O_DIRECT through staging buffers, twice in one process."""
+    tensors = {f"t{i}": torch.randint(0, 255, (4096 * 3 + i * 7,), dtype=torch.uint8) for i in range(1, 6)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    expected = st_load_file(str(path))
+    for _ in range(2):
+        dests = {n: torch.zeros_like(t) for n, t in tensors.items()}
+        with SafetensorsStreamer(StreamerConfig(direct_io="on", chunk_bytes=8192, concurrency=3)) as s:
+            s.stream_file(str(path), destinations=dests)
+            for _ in s.get_tensors():
+                pass
+        assert_bit_exact(dests, expected)
+    assert spares.held_bytes() > 0
+
+
+class _HeldSource:
+    """Wraps a real local source; the read of byte ``hold_at`` waits until every other read is
+    done (a fault we cannot cause for real: one connection or disk region stalling)."""
+
+    def __init__(self, inner, hold_at: int, others: int):
+        self.inner, self.hold_at, self.others = inner, hold_at, others
+        self.uri = inner.uri
+        self.readers: dict[int, str] = {}
+        self.done = 0
+        self.lock = threading.Lock()
+        self.others_done = threading.Event()
+
+    def read_into(self, offset, dest, pool=None, cancelled=None, slack=False):
+        if offset == self.hold_at and not self.others_done.wait(60):
+            raise SourceError(f"held read at {offset}: the other workers never took the held worker's items")
+        self.inner.read_into(offset, dest, pool, cancelled, slack)
+        with self.lock:
+            self.readers[offset] = threading.current_thread().name
+            if offset != self.hold_at:
+                self.done += 1
+                if self.done == self.others:
+                    self.others_done.set()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_idle_workers_take_items_of_a_stalled_worker(tmp_path):
+    """Worker 0's first read stalls until all other reads are done: only if the other workers
+    take worker 0's remaining items can the load finish; the result stays bit-exact."""
+    from loader_plugins.core.checkpoint import open_checkpoint
+    from loader_plugins.core.plan import plan_reads
+    from loader_plugins.core.reader import StreamReader
+
+    tensors = {f"w{i}": torch.randint(-1000, 1000, (1024 + 17 * i,), dtype=torch.int32) for i in range(12)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    config = StreamerConfig(concurrency=3, chunk_bytes=4096, direct_io="off", pin_memory="off")
+    sources: dict = {}
+    specs = list(open_checkpoint(str(path), config, sources=sources).tensors.values())
+    (uri, inner), = sources.items()
+    plan = plan_reads(sorted(specs, key=lambda s: s.offset), 3, config.chunk_bytes)
+    held = plan.workers[0]
+    assert len(held) >= 3
+    source = _HeldSource(inner, held[0].file_offset, sum(len(w) for w in plan.workers) - 1)
+    try:
+        reader = StreamReader(specs, {uri: source}, config)
+        got = dict(reader)
+    finally:
+        inner.close()
+    assert_bit_exact(got, st_load_file(str(path)))
+    assert source.readers[held[0].file_offset] == "streamer-0"
+    assert all(source.readers[item.file_offset] != "streamer-0" for item in held[1:])
+    assert reader._windows[0].queues.stolen >= len(held) - 1

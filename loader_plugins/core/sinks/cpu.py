@@ -17,7 +17,7 @@ import logging
 import mmap
 from typing import TYPE_CHECKING
 
-from .._libc import libc
+from .._libc import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE, libc
 from ...errors import DestinationError
 from ..header import TensorSpec
 
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
-_MADV_POPULATE_WRITE = 23   # Linux 5.14+; older kernels answer EINVAL and pages fault in on first write
 _lib = libc  # the shared, typed C library (core/_libc.py)
 
 

@@ -180,10 +180,10 @@ class LocalSource(Source):
         length = len(dest)
         buf = pool.acquire()
         try:
-            staging = memoryview(buf)
+            staging = buf.view
             capacity = (len(staging) // align) * align
             dest_addr = _addr(dest)
-            src_addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            src_addr = buf.addr
             pos = 0
             while pos < length:
                 if cancelled is not None and cancelled.is_set():
