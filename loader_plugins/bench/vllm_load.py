@@ -91,7 +91,7 @@ def run(args) -> int:
             # interleaved so drift hits every format alike, and each round starts one format
             # later so that no format always follows the same one
             for fmt in rotated(formats, rep):
-                time.sleep(getattr(args, "settle", 0) or 0)
+                time.sleep(args.settle)
                 t = run_once(args.model, fmt, cold=cache == "cold", dtype=args.dtype)
                 results[fmt][cache].append(t)
                 print(f"  {fmt:<16} {cache} run {rep + 1}: load_weights {t:.2f} s", file=sys.stderr, flush=True)

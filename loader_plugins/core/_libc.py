@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 
 _libc = None
 
 #: madvise advice (Linux 5.14+; older kernels answer EINVAL and pages fault in on first write)
 MADV_POPULATE_WRITE = 23
+MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+HUGE_PAGE = 2 << 20
 
 
 def libc():
@@ -27,3 +30,14 @@ def libc():
         except (OSError, AttributeError):
             _libc = False
     return _libc
+
+
+def madvise_range(addr: int, nbytes: int, advice: int, granule: int) -> bool:
+    """``madvise`` the whole ``granule``-aligned pages inside ``[addr, addr + nbytes)``;
+    True when there were some and the kernel took the advice."""
+    lib = libc()
+    if not lib:
+        return False
+    start = -(-addr // granule) * granule
+    end = (addr + nbytes) // granule * granule
+    return end > start and lib.madvise(start, end - start, advice) == 0

@@ -254,8 +254,6 @@ class StreamReader:
                     if item is None:
                         break
                     self._read(window.jobs[item.tensor], item)
-                if self._cancelled.is_set():
-                    return
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the consumer
             self._fail(exc)
         finally:

@@ -51,7 +51,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from ..core.header import encode_header, safetensors_dtype
-from ..core.sinks.cpu import _HUGE, _MADV_HUGEPAGE, _MADV_POPULATE_WRITE, _madvise, tensor_buffer
+from ..core._libc import HUGE_PAGE as _HUGE
+from ..core._libc import MADV_HUGEPAGE as _MADV_HUGEPAGE
+from ..core._libc import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE
+from ..core._libc import madvise_range as _madvise
+from ..core.sinks.cpu import tensor_buffer
 from ..errors import StreamerError
 from .metrics import SwapMetrics, default_metrics
 

@@ -17,7 +17,11 @@ import logging
 import mmap
 from typing import TYPE_CHECKING
 
-from .._libc import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE, libc
+from .._libc import HUGE_PAGE as _HUGE
+from .._libc import MADV_HUGEPAGE as _MADV_HUGEPAGE
+from .._libc import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE
+from .._libc import libc
+from .._libc import madvise_range as _madvise
 from ...errors import DestinationError
 from ..header import TensorSpec
 
@@ -28,18 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_HUGE = 2 << 20
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 _lib = libc  # the shared, typed C library (core/_libc.py)
-
-
-def _madvise(addr: int, nbytes: int, advice: int, granule: int) -> bool:
-    lib = _lib()
-    if not lib:
-        return False
-    start = -(-addr // granule) * granule
-    end = (addr + nbytes) // granule * granule
-    return end > start and lib.madvise(start, end - start, advice) == 0
 
 
 def _resident(addr: int, nbytes: int) -> bool:

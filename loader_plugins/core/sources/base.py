@@ -15,14 +15,10 @@ import threading
 from typing import TYPE_CHECKING, Callable
 
 from ...errors import SourceError, StreamerError
-from .._libc import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE, libc
+from .._libc import HUGE_PAGE, MADV_HUGEPAGE, MADV_POPULATE_WRITE, madvise_range
 
 if TYPE_CHECKING:
     from ...config import StreamerConfig
-
-
-_HUGE = 2 << 20
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 
 
 class StagingBuffer:
@@ -41,17 +37,15 @@ class StagingBuffer:
     __slots__ = ("_map", "addr", "nbytes", "view")
 
     def __init__(self, nbytes: int):
-        span = -(-nbytes // _HUGE) * _HUGE
-        self._map = mmap.mmap(-1, span + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        span = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+        self._map = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        skip = -base % _HUGE
+        skip = -base % HUGE_PAGE
         self.addr = base + skip
         self.nbytes = nbytes
         self.view = memoryview(self._map)[skip:skip + nbytes]
-        lib = libc()
-        if lib:
-            lib.madvise(self.addr, span, _MADV_HUGEPAGE)   # EINVAL where THP is off: small pages
-        if not lib or lib.madvise(self.addr, nbytes, _MADV_POPULATE_WRITE) != 0:   # before Linux 5.14
+        madvise_range(self.addr, span, MADV_HUGEPAGE, HUGE_PAGE)   # refused where THP is off: small pages
+        if not madvise_range(self.addr, nbytes, MADV_POPULATE_WRITE, mmap.PAGESIZE):   # before Linux 5.14
             self.view[::mmap.PAGESIZE] = bytes(len(range(0, nbytes, mmap.PAGESIZE)))
 
     def __len__(self) -> int:
@@ -90,7 +84,7 @@ class _Spares:
         extra: list[StagingBuffer] = []
         with self._lock:
             kept = self._bufs.setdefault(nbytes, [])
-            held = sum(len(b) * size for size, b in self._bufs.items())
+            held = self._held()
             for buf in bufs:
                 if held + nbytes <= self.max_bytes and self.keep_seconds > 0:
                     kept.append(buf)
@@ -108,9 +102,12 @@ class _Spares:
         for buf in extra:
             buf.close()
 
+    def _held(self) -> int:
+        return sum(len(b) * size for size, b in self._bufs.items())
+
     def held_bytes(self) -> int:
         with self._lock:
-            return sum(len(b) * size for size, b in self._bufs.items())
+            return self._held()
 
     def clear(self) -> None:
         with self._lock:
