@@ -154,7 +154,7 @@ def test_write_through_then_disk_hit(s3_server, s3_bucket, s3_env, fault_proxy, 
     expected = make_checkpoint(tmp_path / "ckpt", seed=1, shards=2, mib=6)
     uri, shard_bytes = upload(s3_server, s3_bucket, tmp_path / "ckpt", "models/a")
     cache = tmp_path / "cache"
-    cfg = config(fault_proxy.endpoint_url, cache_dir=str(cache), chunk_bytes=1 * MiB)
+    cfg = config(fault_proxy.endpoint_url, cache_dir=str(cache), chunk_bytes=1 * MiB, s3_range_bytes=1 * MiB)
 
     before = dict(tiered.TIER_BYTES)
     got = load_file(uri, config=cfg)
@@ -196,7 +196,8 @@ def test_writer_killed_midway_leaves_no_entry(s3_server, s3_bucket, s3_env, faul
     expected = make_checkpoint(tmp_path / "ckpt", seed=2, shards=1, mib=8)
     uri, shard_bytes = upload(s3_server, s3_bucket, tmp_path / "ckpt", "models/k")
     cache = tmp_path / "cache"
-    slow = config(fault_proxy.endpoint_url, cache_dir=str(cache), chunk_bytes=64 << 10, concurrency=2)
+    slow = config(fault_proxy.endpoint_url, cache_dir=str(cache), chunk_bytes=64 << 10, s3_range_bytes=64 << 10,
+                  concurrency=2)
     # the index and the header pass, then a few ranges, then one stalls until released
     fault_proxy.stall(10, after_bytes=1 << 40)   # never reached: these GETs pass untouched
     fault_proxy.stall(1, after_bytes=1000)
@@ -233,7 +234,7 @@ def test_two_processes_load_one_checkpoint(s3_server, s3_bucket, s3_env, fault_p
     expected = make_checkpoint(tmp_path / "ckpt", seed=3, shards=2, mib=6)
     uri, shard_bytes = upload(s3_server, s3_bucket, tmp_path / "ckpt", "models/c")
     cache = tmp_path / "cache"
-    cfg = config(fault_proxy.endpoint_url, cache_dir=str(cache), chunk_bytes=1 * MiB)
+    cfg = config(fault_proxy.endpoint_url, cache_dir=str(cache), chunk_bytes=1 * MiB, s3_range_bytes=1 * MiB)
     fault_proxy.stall(1, after_bytes=1 << 40)   # index.json passes
     fault_proxy.stall(1, after_bytes=100)       # a shard's header stalls: the first process holds both entries...
     first = spawn_load(cfg, uri)
@@ -253,7 +254,7 @@ def test_two_processes_load_one_checkpoint(s3_server, s3_bucket, s3_env, fault_p
         assert Path(e["path"]).stat().st_size == e["size"]
     # both running at once, no stall: still consistent, and both bit-exact
     DiskTier(cache).clear()
-    cfg = config(s3_server.endpoint_url, cache_dir=str(cache), chunk_bytes=1 * MiB)
+    cfg = config(s3_server.endpoint_url, cache_dir=str(cache), chunk_bytes=1 * MiB, s3_range_bytes=1 * MiB)
     procs = [spawn_load(cfg, uri) for _ in range(2)]
     outs = [finish(p) for p in procs]
     assert {o["sha"] for o in outs} == {digest(expected)}

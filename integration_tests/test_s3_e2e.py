@@ -121,7 +121,7 @@ def _upload(client, files, bucket: str, prefix: str) -> list[str]:
 
 def _options(endpoint_url: str, **extra) -> dict:
     values = dict(s3_endpoint_url=endpoint_url, s3_addressing_style="path", concurrency=4, chunk_bytes=MiB,
-                  memory_limit=8 * MiB, request_timeout=10.0)
+                  s3_range_bytes=MiB, memory_limit=8 * MiB, request_timeout=10.0)
     values.update(extra)
     return values
 
@@ -153,6 +153,7 @@ class _ReadLog:
         self.readers: list[set[str]] = []
         self.bytes: dict[str, int] = {"local": 0, "s3": 0}
         self.uris: set[str] = set()
+        self.largest: dict[str, int] = {"local": 0, "s3": 0}
         self._lock = threading.Lock()
         init = reader_module.StreamReader.__init__
 
@@ -171,6 +172,8 @@ class _ReadLog:
             original(source, offset, dest, *args, **kwargs)
             with log._lock:
                 log.bytes[kind] += memoryview(dest).nbytes
+                if offset:   # not the header, which is read from byte 0 with one prefetch
+                    log.largest[kind] = max(log.largest[kind], memoryview(dest).nbytes)
                 log.uris.add(source.uri)
         return read_into
 
@@ -193,6 +196,24 @@ def test_mixed_local_and_s3_shards_in_one_call(s3_server, s3_bucket, s3_env, sha
     tensor_bytes = {f: sum(t.numel() * t.element_size() for t in _reference([f]).values()) for f in shards}
     assert log.bytes["local"] >= tensor_bytes[local]
     assert log.bytes["s3"] >= sum(tensor_bytes[f] for f in remote)
+
+
+def test_s3_objects_are_read_in_s3_ranges_and_files_in_chunks(s3_server, s3_bucket, s3_env, sharded,
+                                                               monkeypatch):
+    """One plan, two read sizes: ranged GETs of up to ``s3_range_bytes`` (fewer round trips),
+    local reads of up to ``chunk_bytes``."""
+    shards = _shards(sharded)
+    big = next(f for f in shards if "embed.f32" in _reference([f]))     # the 3 MiB tensor
+    uris = _upload(s3_server.client(), shards, s3_bucket, "ranges/model")
+    sizes = dict(chunk_bytes=64 << 10, s3_range_bytes=4 * MiB, memory_limit=16 * MiB)
+    log = _ReadLog(monkeypatch)
+    _assert_same(load_file(uris, **_options(s3_server.endpoint_url, **sizes)), _reference(shards))
+    embed_bytes = _reference([big])["embed.f32"].numel() * 4
+    assert log.largest["s3"] == embed_bytes > 64 << 10      # one GET for the whole tensor
+    remote = [u for f, u in zip(shards, uris) if f != big]
+    log = _ReadLog(monkeypatch)
+    _assert_same(load_file([str(big), *remote], **_options(s3_server.endpoint_url, **sizes)), _reference(shards))
+    assert 0 < log.largest["local"] <= 64 << 10 and log.bytes["local"] >= embed_bytes
 
 
 def test_two_buckets_and_a_local_shard_in_one_call(s3_server, s3_bucket, second_bucket, s3_env, sharded,
@@ -385,7 +406,7 @@ def test_server_killed_mid_load(s3_server_factory, s3_env, tmp_path):
 
         def load():
             try:
-                outcome["result"] = load_file(uri, **_options(proxy.endpoint_url, chunk_bytes=64 * MiB,
+                outcome["result"] = load_file(uri, **_options(proxy.endpoint_url, chunk_bytes=64 * MiB, s3_range_bytes=64 * MiB,
                                                                memory_limit=256 * MiB, request_timeout=2.0,
                                                                max_retries=2))
             except BaseException as exc:  # noqa: BLE001

@@ -506,7 +506,8 @@ def test_load_file_sharded_s3_prefix(s3_server, s3_bucket, s3_env, sharded_check
     _upload_dir(s3_server.client(), directory, s3_bucket, "org/model")
     expected = _reference(directory)
     options = dict(s3_endpoint_url=s3_server.endpoint_url, s3_addressing_style="path", concurrency=4,
-                   chunk_bytes=MiB, memory_limit=8 * MiB, request_timeout=10.0)
+                   chunk_bytes=MiB, s3_range_bytes=MiB, memory_limit=8 * MiB,
+                   request_timeout=10.0)
     for uri in (f"s3://{s3_bucket}/org/model", f"s3://{s3_bucket}/org/model/",
                 f"s3://{s3_bucket}/org/model/model.safetensors.index.json"):
         _assert_same(load_file(uri, **options), expected)
@@ -523,7 +524,8 @@ def test_load_file_through_faults(s3_server, s3_bucket, s3_env, sharded_checkpoi
     fault_proxy.cut(2, after_bytes=100_000, abortive=False)
     fault_proxy.cut(2, after_bytes=200_000, abortive=True)
     loaded = load_file(f"s3://{s3_bucket}/model", s3_endpoint_url=fault_proxy.endpoint_url,
-                       s3_addressing_style="path", concurrency=4, chunk_bytes=MiB, max_retries=6)
+                       s3_addressing_style="path", concurrency=4, chunk_bytes=MiB, s3_range_bytes=MiB,
+                       max_retries=6)
     _assert_same(loaded, _reference(directory))
     assert fault_proxy.pending_faults == 0
     assert fault_proxy.injected == {"503": 2, "close": 2, "reset": 2}

@@ -214,7 +214,7 @@ def run_bench(args, config: StreamerConfig) -> int:
         if not isinstance(methods, list):
             return methods
         results: dict[str, dict[str, Any]] = {}
-        print(f"checkpoint: {args.path} ({len(paths)} files, {total / 1e9:.2f} GB); concurrency={config.concurrency} "
+        print(f"checkpoint: {args.path} ({len(paths)} files, {total / 1e9:.2f} GB); concurrency={config.workers()} "
               f"chunk={config.chunk_bytes >> 20}MiB direct_io={config.direct_io}; median of {args.repeat}",
               file=sys.stderr)
         # Methods take turns (round robin) so that slow drifts of the machine (page cache,

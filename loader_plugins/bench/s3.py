@@ -222,7 +222,7 @@ def run_s3_bench(args, config: StreamerConfig) -> int:
     if not isinstance(methods, list):
         return methods
     print(f"checkpoint: {args.path} ({len(uris)} objects, {total / 1e9:.2f} GB) at {endpoint_of(config) or 'AWS'}; "
-          f"concurrency={config.concurrency} chunk={config.chunk_bytes >> 20}MiB; median of {args.repeat}; "
+          f"concurrency={config.workers(remote=True)} range={config.s3_range_bytes >> 20}MiB; median of {args.repeat}; "
           f"server caches as they are", file=sys.stderr)
     results: dict[str, dict[str, Any]] = {}
     live = prepare_methods(methods, results)

@@ -143,6 +143,7 @@ class TierSource(Source):
         self.handle = handle
         self.header_prefetch = inner.header_prefetch
         self.wants_staging = getattr(inner, "wants_staging", True)
+        self.remote = getattr(inner, "remote", False)
         self.bytes_read = 0
         self.checked = False          # passed the reader's end-of-load check
         self._owner = owner
@@ -162,8 +163,8 @@ class TierSource(Source):
         return self.inner.size()
 
     def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
-                  cancelled: threading.Event | None = None, slack: bool = False) -> None:
-        self.inner.read_into(offset, dest, pool, cancelled, slack)
+                  cancelled: threading.Event | None = None, slack: bool = False, fresh: bool = False) -> None:
+        self.inner.read_into(offset, dest, pool, cancelled, slack, fresh)
         self._counted(memoryview(dest).nbytes)
 
     def _counted(self, n: int) -> None:
@@ -203,8 +204,8 @@ class WriteThroughSource(TierSource):
         self._handed_off = False
 
     def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
-                  cancelled: threading.Event | None = None, slack: bool = False) -> None:
-        self.inner.read_into(offset, dest, pool, cancelled, slack)
+                  cancelled: threading.Event | None = None, slack: bool = False, fresh: bool = False) -> None:
+        self.inner.read_into(offset, dest, pool, cancelled, slack, fresh)
         n = memoryview(dest).nbytes
         self.fill.write(offset, dest)    # never raises: a failed fill only loses the cache entry
         metrics.wrote_through(self.fill.store.tier, n)
@@ -387,7 +388,7 @@ class TieredStorage(Storage):
 
 def copy_source_into(src: Source, fill: Fill | None, config: "StreamerConfig",
                      cancelled: threading.Event | None = None) -> None:
-    """Read every byte of ``src`` (into ``fill`` when given) with ``config.concurrency`` threads,
+    """Read every byte of ``src`` (into ``fill`` when given) with ``config.workers()`` threads,
     staged in ``chunk_bytes`` buffers, one per thread, page aligned so O_DIRECT lands in place.
 
     Without ``fill`` the bytes are only read: a write-through source fills its own entry."""
@@ -398,7 +399,7 @@ def copy_source_into(src: Source, fill: Fill | None, config: "StreamerConfig",
         return
     chunk = config.chunk_bytes
     items = [(off, min(chunk, size - off)) for off in range(0, size, chunk)]
-    threads = max(1, min(config.concurrency, len(items)))
+    threads = max(1, min(config.workers(getattr(src, "remote", False)), len(items)))
     cancelled = cancelled or threading.Event()
     pool = BufferPool(chunk + config.alignment, threads, cancelled) if getattr(src, "wants_staging", True) else None
     local = threading.local()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import threading
 
 _libc = None
+_lock = threading.Lock()
 
 #: madvise advice (Linux 5.14+; older kernels answer EINVAL and pages fault in on first write)
 MADV_POPULATE_WRITE = 23
@@ -15,21 +17,34 @@ HUGE_PAGE = 2 << 20
 
 
 def libc():
-    """The C library with madvise/mincore/mmap/munmap typed, or False where it cannot be loaded."""
+    """The C library with madvise/mincore/mmap/munmap typed, or False where it cannot be loaded.
+
+    Loaded once under a lock: the first load's workers all ask at the same moment, and
+    ``ctypes.util.find_library`` runs ``ldconfig -p`` in a subprocess each time it is called.
+    """
     global _libc
-    if _libc is None:
+    if _libc is not None:
+        return _libc
+    with _lock:
+        if _libc is None:
+            _libc = _load()
+    return _libc
+
+
+def _load():
+    for name in ("libc.so.6", None):
         try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            lib = ctypes.CDLL(name or ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
             lib.mmap.restype = ctypes.c_void_p
             lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                  ctypes.c_long]
             lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-            _libc = lib
+            return lib
         except (OSError, AttributeError):
-            _libc = False
-    return _libc
+            continue
+    return False
 
 
 def madvise_range(addr: int, nbytes: int, advice: int, granule: int) -> bool:

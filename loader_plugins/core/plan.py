@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from .header import TensorSpec
 
@@ -69,18 +69,22 @@ def chunk_tensor(spec: TensorSpec, chunk_bytes: int, *, start: int = 0, end: int
 
 
 def plan_reads(specs: Sequence[TensorSpec], workers: int, chunk_bytes: int,
-               ranges: dict[str, tuple[int, int]] | None = None) -> ReadPlan:
+               ranges: dict[str, tuple[int, int]] | None = None,
+               file_chunks: Mapping[str, int] | None = None) -> ReadPlan:
     """Balance the bytes of ``specs`` across ``workers``.
 
     ``ranges`` optionally restricts a tensor to bytes ``[start, end)`` of itself (a
-    tensor-parallel rank reading only its contiguous shard).
+    tensor-parallel rank reading only its contiguous shard). ``file_chunks`` gives some files
+    another chunk size than ``chunk_bytes`` (S3 objects: larger ranged GETs); the heaviest
+    worker then carries at most ``total / workers`` plus the largest chunk size.
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
     items: list[ReadItem] = []
     for spec in specs:
         start, end = (ranges or {}).get(spec.name, (0, spec.nbytes))
-        items.extend(chunk_tensor(spec, chunk_bytes, start=start, end=end))
+        chunk = file_chunks.get(spec.file, chunk_bytes) if file_chunks else chunk_bytes
+        items.extend(chunk_tensor(spec, chunk, start=start, end=end))
     # largest first; ties broken by position so the plan is deterministic
     items.sort(key=lambda i: (-i.length, i.file, i.file_offset))
     heap = [(0, w) for w in range(workers)]

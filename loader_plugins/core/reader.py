@@ -26,7 +26,7 @@ from ..errors import CancelledError, DestinationError, SourceError, StreamerErro
 from .header import TensorSpec
 from .plan import ReadItem, ReadPlan, plan_reads, split_windows
 from .sinks.cpu import Allocation, CpuSink, tensor_buffer
-from .sources.base import BufferPool, Source
+from .sources.base import BufferPool, Source, staging_bytes_for
 from .tp import ColumnBlock
 
 if TYPE_CHECKING:
@@ -118,6 +118,13 @@ class StreamReader:
                  device_sink: "CudaSink | None" = None):
         self._config = config
         self._sources = dict(sources)
+        for spec in specs:
+            if spec.file not in self._sources:
+                raise StreamerError(f"no open source for {spec.file}")
+        remote = {f for f, src in self._sources.items() if getattr(src, "remote", False)}
+        self._file_chunks = {f: config.read_bytes(f in remote) for f in self._sources}
+        chunks = sum(-(-s.nbytes // self._file_chunks[s.file]) for s in specs)
+        self._workers = max(1, min(config.workers(bool(remote)), max(1, chunks)))
         self._sink = sink or CpuSink(config)
         self._destinations = dict(destinations or {})
         self._shards = dict(shards or {})
@@ -125,7 +132,8 @@ class StreamReader:
         if device_sink is None:
             from .sinks.cuda import sink_for_destinations   # imports no GPU library; CuPy only if CUDA dests
 
-            device_sink = sink_for_destinations(config, self._destinations, memory_limit=config.memory_limit // 4)
+            device_sink = sink_for_destinations(config, self._destinations, memory_limit=config.memory_limit // 4,
+                                                workers=self._workers)
         self._cuda = device_sink
         if self._cuda is not None:
             self._cuda.ring.cancelled = self._cancelled
@@ -133,9 +141,6 @@ class StreamReader:
         unknown = [n for n in self._destinations if n not in {s.name for s in specs}]
         if unknown:
             raise StreamerError(f"destinations given for tensors not in the checkpoint: {unknown[:5]}")
-        for spec in specs:
-            if spec.file not in self._sources:
-                raise StreamerError(f"no open source for {spec.file}")
         if set(self._shards) - set(self._destinations):
             raise StreamerError(f"shards given for tensors without a destination: "
                                 f"{sorted(set(self._shards) - set(self._destinations))[:5]}")
@@ -155,12 +160,10 @@ class StreamReader:
                 self._direct[name] = self._sink.check_destination(spec, dest)
         self._ranges = {n: b.byte_range() for n, b in self._shards.items() if b.contiguous}
 
-        self._workers = max(1, min(config.concurrency, max(1, sum(-(-s.nbytes // config.chunk_bytes)
-                                                                  for s in specs))))
         needs_staging = config.direct_io != "off" and any(
             getattr(src, "wants_staging", True) for src in self._sources.values())
         if needs_staging:
-            buf = config.chunk_bytes + config.alignment
+            buf = staging_bytes_for(config.chunk_bytes, config.alignment)
             count = max(1, min(self._workers, (config.memory_limit // 4) // buf))
             self._pool: BufferPool | None = BufferPool(buf, count)
         else:
@@ -237,7 +240,8 @@ class StreamReader:
             window.jobs[spec.name] = job
             if job.remaining == 0:
                 self._finish(job)
-        window.plan = plan_reads(window.specs, self._workers, self._config.chunk_bytes, self._ranges)
+        window.plan = plan_reads(window.specs, self._workers, self._config.chunk_bytes, self._ranges,
+                                 self._file_chunks)
         window.queues = WorkQueues(window.plan)
 
     # ---- workers --------------------------------------------------------------------------
@@ -271,8 +275,8 @@ class StreamReader:
                                      cancelled=self._cancelled)
             else:
                 view = job.buffer[item.dest_offset - job.base:item.dest_offset - job.base + item.length]
-                self._sink.prefault(view)
-                source.read_into(item.file_offset, view, self._pool, self._cancelled, job.slack)
+                fresh = self._sink.prefault(view)
+                source.read_into(item.file_offset, view, self._pool, self._cancelled, job.slack, fresh)
         except StreamerError as exc:
             if self._cancelled.is_set() and isinstance(exc, CancelledError):
                 return

@@ -35,8 +35,8 @@ metadata. :func:`restore` of a spilled snapshot streams the file with
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
+import errno
 import heapq
 import json
 import logging
@@ -54,6 +54,7 @@ from ..core.header import encode_header, safetensors_dtype
 from ..core._libc import HUGE_PAGE as _HUGE
 from ..core._libc import MADV_HUGEPAGE as _MADV_HUGEPAGE
 from ..core._libc import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE
+from ..core._libc import libc
 from ..core._libc import madvise_range as _madvise
 from ..core.sinks.cpu import tensor_buffer
 from ..errors import StreamerError
@@ -472,22 +473,17 @@ def _drop_pages(address: int, nbytes: int) -> int:
     return end - start if _madvise(start, end - start, _MADV_DONTNEED, _PAGE) else 0
 
 
-_mincore = None
-
-
 def resident_pages(address: int, nbytes: int) -> tuple[int, int]:
     """(bytes of the whole pages inside a CPU memory range, bytes of those resident in RAM), by ``mincore``."""
-    global _mincore
     start = -(-address // _PAGE) * _PAGE
     end = (address + nbytes) // _PAGE * _PAGE
     if end <= start:
         return 0, 0
-    if _mincore is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-        _mincore = libc.mincore
+    lib = libc()
+    if not lib:
+        raise OSError(errno.ENOSYS, "mincore: the C library cannot be loaded")
     vec = ctypes.create_string_buffer((end - start) // _PAGE)
-    if _mincore(start, end - start, vec) != 0:
+    if lib.mincore(start, end - start, vec) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mincore({start:#x}, {end - start}): {os.strerror(err)}")
     return end - start, sum(b & 1 for b in vec.raw) * _PAGE

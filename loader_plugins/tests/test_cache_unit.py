@@ -63,8 +63,8 @@ class FakeRemoteSource(LocalSource):
         self.etag = '"' + hashlib.md5(Path(self.path).read_bytes()).hexdigest() + '"'
         storage.heads += 1
 
-    def read_into(self, offset, dest, pool=None, cancelled=None, slack=False):
-        super().read_into(offset, dest, pool, cancelled, False)
+    def read_into(self, offset, dest, pool=None, cancelled=None, slack=False, fresh=False):
+        super().read_into(offset, dest, pool, cancelled, False, fresh)
         with self._storage.lock:
             self._storage.bytes_read += memoryview(dest).nbytes
 

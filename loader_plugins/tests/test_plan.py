@@ -42,6 +42,20 @@ def test_every_byte_read_once_and_balanced(sizes, workers, chunk):
     assert max(plan.worker_bytes) <= total / workers + chunk
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5000), max_size=40), st.integers(1, 17), st.integers(1, 700), st.integers(1, 1500))
+def test_per_file_chunks(sizes, workers, chunk, remote_chunk):
+    """One file read in larger pieces (an S3 object, ``s3_range_bytes``), the other in ``chunk``."""
+    specs = _specs(sizes)
+    plan = plan_reads(specs, workers, chunk, file_chunks={"f1": remote_chunk})
+    seen = defaultdict(int)
+    for item in plan.items():
+        assert 0 < item.length <= (remote_chunk if item.file == "f1" else chunk)
+        seen[item.tensor] += item.length
+    assert seen == {s.name: s.nbytes for s in specs if s.nbytes}
+    assert max(plan.worker_bytes) <= sum(sizes) / workers + max(chunk, remote_chunk)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(1, 5000), min_size=1, max_size=40), st.integers(1, 8))
 def test_items_in_file_order_per_worker(sizes, workers):

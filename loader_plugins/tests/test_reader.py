@@ -164,6 +164,31 @@ def test_unknown_option_lists_allowed_keys(tmp_path):
         StreamerConfig.from_dict({"memory_limit": 10, "chunk_bytes": 4096})
 
 
+def test_concurrency_is_chosen_per_load_unless_given(monkeypatch):
+    from loader_plugins import config as config_module
+
+    monkeypatch.setattr(config_module.os, "cpu_count", lambda: 2)
+    auto = StreamerConfig()
+    assert auto.concurrency is None and auto.workers() == 8 and auto.workers(remote=True) == 16
+    monkeypatch.setattr(config_module.os, "cpu_count", lambda: 64)
+    assert auto.workers() == 32 and auto.workers(remote=True) == 32
+    given = StreamerConfig.from_dict({"concurrency": "4"})
+    assert given.workers() == 4 and given.workers(remote=True) == 4
+    assert StreamerConfig.from_dict({"concurrency": "auto"}).concurrency is None
+    assert StreamerConfig.from_dict({"concurrency": None}).concurrency is None
+    for bad in (0, 2000, True, "many"):
+        with pytest.raises(ConfigError, match="concurrency"):
+            StreamerConfig.from_dict({"concurrency": bad})
+
+
+def test_s3_reads_are_planned_in_s3_range_bytes():
+    cfg = StreamerConfig.from_dict({"s3_range_bytes": "8MiB"})
+    assert cfg.read_bytes(remote=True) == 8 << 20 and cfg.read_bytes() == cfg.chunk_bytes
+    assert StreamerConfig().s3_range_bytes == 32 << 20
+    with pytest.raises(ConfigError, match="s3_range_bytes"):
+        StreamerConfig.from_dict({"s3_range_bytes": 100})
+
+
 def test_truncated_file_is_a_header_error(tmp_path):
     path = tmp_path / "t.safetensors"
     save_file({"a": torch.randn(100), "b": torch.randn(1000)}, path)
@@ -331,6 +356,97 @@ def test_prefault_keeps_contents_of_caller_memory():
     assert torch.equal(data, expected)
 
 
+def test_prefault_says_whether_the_pages_were_fresh():
+    import mmap
+
+    from loader_plugins.core.sinks.cpu import CpuSink
+
+    sink = CpuSink(StreamerConfig(pin_memory="off"))
+    region = mmap.mmap(-1, 4 << 20)              # a new anonymous mapping: no page mapped yet
+    view = memoryview(region)
+    assert sink.prefault(view[:2 << 20]) is True
+    assert sink.prefault(view[:2 << 20]) is False     # mapped now
+    view[3 << 20] = 7                                 # touched by its owner
+    assert sink.prefault(view[3 << 20:]) is False
+    del view
+    region.close()
+
+
+class _CountingPool:
+    """A real BufferPool that counts the staging buffers it lends."""
+
+    def __init__(self, *args):
+        from loader_plugins.core.sources.base import BufferPool
+
+        self.pool, self.lent = BufferPool(*args), 0
+
+    def acquire(self):
+        self.lent += 1
+        return self.pool.acquire()
+
+    def release(self, buf):
+        self.pool.release(buf)
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_direct_reads_into_fresh_memory_go_through_staging(tmp_path, fresh):
+    """Memory faulted in just before the read is scattered 4 KiB pages: O_DIRECT reads it through a
+    huge-page staging buffer (long device requests) and copies. Memory mapped before is read in place."""
+    import mmap
+
+    from loader_plugins.core.sources.local import LocalSource
+
+    data = os.urandom((5 << 20) + 777)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    source = LocalSource(str(path), direct_io="on")
+    if source._direct_fd() is None:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    pool = _CountingPool(1 << 20, 2)
+    region = mmap.mmap(-1, 4 << 20)
+    region[:] = b"\xff" * len(region)           # mapped before the read, same alignment as the file
+    view = memoryview(region)
+    try:
+        source.read_into(8192, view[8192:8192 + (3 << 20) + 5], pool, None, False, fresh)
+        assert bytes(view[8192:8192 + (3 << 20) + 5]) == data[8192:8192 + (3 << 20) + 5]
+        assert view[8191] == 0xff and view[8192 + (3 << 20) + 5] == 0xff
+        assert (pool.lent > 0) == fresh
+    finally:
+        del view
+        region.close()
+        source.close()
+        pool.pool.close()
+
+
+def test_fresh_tensors_read_with_odirect_are_bit_exact(tmp_path, monkeypatch):
+    """The reader's own tensors are fresh memory: O_DIRECT fills them through staging buffers."""
+    from loader_plugins.core.sources.base import BufferPool
+
+    lent = []
+    acquire = BufferPool.acquire
+    monkeypatch.setattr(BufferPool, "acquire", lambda self: lent.append(1) or acquire(self))
+    g = torch.Generator().manual_seed(11)
+    tensors = {"a": torch.randn(1 << 20, generator=g), "b": torch.randn(333, 4099, generator=g).to(torch.bfloat16),
+               "c": torch.randint(0, 255, (3 << 20,), dtype=torch.uint8, generator=g),
+               "d": torch.randn(3, generator=g)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    got = load_file(path, direct_io="on", concurrency=3, chunk_bytes=1 << 20)
+    assert_bit_exact(got, st_load_file(str(path)))
+    if _takes_direct(path):
+        assert lent
+
+
+def _takes_direct(path) -> bool:
+    from loader_plugins.core.sources.local import LocalSource
+
+    source = LocalSource(str(path), direct_io="on")
+    try:
+        return source._direct_fd() is not None
+    finally:
+        source.close()
+
+
 @pytest.fixture
 def spares(monkeypatch):
     from loader_plugins.core.sources import base
@@ -421,10 +537,10 @@ class _HeldSource:
         self.lock = threading.Lock()
         self.others_done = threading.Event()
 
-    def read_into(self, offset, dest, pool=None, cancelled=None, slack=False):
+    def read_into(self, offset, dest, pool=None, cancelled=None, slack=False, fresh=False):
         if offset == self.hold_at and not self.others_done.wait(60):
             raise SourceError(f"held read at {offset}: the other workers never took the held worker's items")
-        self.inner.read_into(offset, dest, pool, cancelled, slack)
+        self.inner.read_into(offset, dest, pool, cancelled, slack, fresh)
         with self.lock:
             self.readers[offset] = threading.current_thread().name
             if offset != self.hold_at:
@@ -463,3 +579,29 @@ def test_idle_workers_take_items_of_a_stalled_worker(tmp_path):
     assert source.readers[held[0].file_offset] == "streamer-0"
     assert all(source.readers[item.file_offset] != "streamer-0" for item in held[1:])
     assert reader._windows[0].queues.stolen >= len(held) - 1
+
+
+def test_the_c_library_is_loaded_once_for_all_workers(monkeypatch):
+    """The first load's workers all ask for libc at once; it is loaded once, without running
+    ``ldconfig`` (``ctypes.util.find_library``) in a subprocess per worker."""
+    import ctypes.util
+
+    from loader_plugins.core import _libc
+
+    calls = []
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: calls.append(name) or "libc.so.6")
+    monkeypatch.setattr(_libc, "_libc", None)
+    start = threading.Barrier(16)
+    got = []
+
+    def ask():
+        start.wait()
+        got.append(_libc.libc())
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == 16 and got[0] and all(lib is got[0] for lib in got)
+    assert calls == []

@@ -32,6 +32,6 @@ def test_config_parses(path):
     env = read_env_file(path)
     assert streamer_enabled(env)
     settings = settings_from_env(env)
-    assert settings.config.concurrency >= 1
+    assert settings.config.workers() >= 1
     if "s3" in path.name:
         assert settings.weights_uri.startswith("s3://")

@@ -145,7 +145,7 @@ def run_bench(checkpoint: str, *, repeat: int = 3, world: int = 1, rank: int = 0
         baseline = "re-creation of TGI's Weights (serial safe_open + mmap); pass --tgi-source for TGI's own"
     log(f"checkpoint: {len(files)} file(s), {len(order)} tensors, "
         f"{sum(os.path.getsize(f) for f in files) / 1e9:.2f} GB; rank {rank} of {world}; baseline: {baseline}; "
-        f"streamer concurrency {config.concurrency}")
+        f"streamer concurrency {config.workers()}")
 
     methods = {
         "tgi+touch": (lambda: tgi_cls(files, "cpu", dtype, pg, None), _touch),
@@ -173,7 +173,7 @@ def run_bench(checkpoint: str, *, repeat: int = 3, world: int = 1, rank: int = 0
             medians[f"{state}/{method}"] = med
     return {"checkpoint": checkpoint, "files": len(files), "tensors": len(order),
             "bytes": runs[states[0]]["streamer"][0]["bytes"], "world": world, "rank": rank, "baseline": baseline,
-            "concurrency": config.concurrency, "medians": medians, "runs": runs}
+            "concurrency": config.workers(), "medians": medians, "runs": runs}
 
 
 def format_table(report: dict) -> str:

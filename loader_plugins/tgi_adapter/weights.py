@@ -311,7 +311,8 @@ class StreamedWeightsMixin:
         self._finalizer = weakref.finalize(self, self._store.close)
         log.info("StreamerWeights: %d tensors in %d file(s), headers parsed in %.3f s; streaming %.2f GB with "
                  "%d threads (rank %d of %d)", len(specs), len(files), self.header_seconds,
-                 sum(s.nbytes for s in specs.values()) / 1e9, config.concurrency, process_group.rank(), world_size)
+                 sum(s.nbytes for s in specs.values()) / 1e9, config.workers(any(str(f).startswith("s3://") for f in files)),
+                 process_group.rank(), world_size)
 
     # ---- lookup ---------------------------------------------------------------------------
     def _streamed_spec(self, filename: str, name: str) -> Optional["TensorSpec"]:

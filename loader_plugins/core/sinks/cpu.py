@@ -121,19 +121,25 @@ class CpuSink:
         if nbytes >= 2 * _HUGE and _madvise(addr, nbytes, _MADV_HUGEPAGE, _HUGE):
             _madvise(addr, nbytes, _MADV_POPULATE_WRITE, mmap.PAGESIZE)
 
-    def prefault(self, view: memoryview) -> None:
+    def prefault(self, view: memoryview) -> bool:
         """Fault the pages under ``view`` in with one ``madvise(MADV_POPULATE_WRITE)`` before a
         read lands there: cheaper than the kernel taking one fault per 4 KiB page inside
         ``preadv``. Skipped when the range's first whole page is already mapped (memory the
         engine touched before: walking its page tables again costs ~25% of a warm load).
-        Contents never change."""
+        Contents never change.
+
+        Returns True when the pages were freshly faulted in here. Such memory is physically
+        scattered 4 KiB pages, and an O_DIRECT read into it goes out as many short device
+        requests (the block layer takes a bounded number of segments per request), so sources
+        read it through their huge-page staging buffers instead (``read_into(fresh=True)``)."""
         if self._pin or len(view) < 2 * mmap.PAGESIZE:
-            return
+            return False
         addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
         first = -(-addr // mmap.PAGESIZE) * mmap.PAGESIZE
         if _resident(first, mmap.PAGESIZE):
-            return
-        _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE)
+            return False
+        _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE)   # pre-5.14: faults come in preadv
+        return True
 
     def wrap_destination(self, dest: "torch.Tensor") -> Allocation:
         """A caller's tensor to read into directly; pre-faulting it never changes its contents."""

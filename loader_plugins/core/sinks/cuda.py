@@ -644,11 +644,11 @@ class CudaSink:
 
     def __init__(self, config: "StreamerConfig", *, device: int | None = None, backend: CudaBackend | None = None,
                  streams: int = 2, cancelled: threading.Event | None = None, min_2d_width: int = MIN_2D_WIDTH,
-                 memory_limit: int | None = None):
+                 memory_limit: int | None = None, workers: int | None = None):
         self._backend = backend if backend is not None else CupyBackend(device)
         streams = max(2, streams)
         count, capacity = ring_geometry(memory_limit or config.memory_limit, config.chunk_bytes, config.alignment,
-                                        config.concurrency, streams)
+                                        workers or config.workers(), streams)
         self._ring = PinnedRing(self._backend, count, capacity, config.alignment, cancelled)
         self._streams = [self._backend.new_stream() for _ in range(streams)]
         self._turn = itertools.count()
@@ -856,7 +856,7 @@ def _check_bounds(ops: Sequence[Op], src_size: int, dst_size: int, dest_bytes: i
 
 
 def sink_for_destinations(config: "StreamerConfig", destinations, *, cancelled: threading.Event | None = None,
-                          memory_limit: int | None = None) -> CudaSink | None:
+                          memory_limit: int | None = None, workers: int | None = None) -> CudaSink | None:
     """A :class:`CudaSink` for the CUDA tensors among ``destinations`` (name -> tensor), or None
     when there are none or CuPy is not installed (the reader then stages on the CPU and copies
     with torch, as before). Only destinations on the first CUDA tensor's device use the sink."""
@@ -868,7 +868,7 @@ def sink_for_destinations(config: "StreamerConfig", destinations, *, cancelled: 
         log.info("CuPy is not installed: CUDA destinations are filled through CPU staging (install "
                  "loader-plugins[cuda] for the pinned ring, multi-stream copies and device-side casts)")
         return None
-    return CudaSink(config, device=device, cancelled=cancelled, memory_limit=memory_limit)
+    return CudaSink(config, device=device, cancelled=cancelled, memory_limit=memory_limit, workers=workers)
 
 
 def cuda_sink_available() -> bool:

@@ -5,8 +5,9 @@ while the kernel copies), O_DIRECT for data that is not in the page cache.
 read-only mapping of the file, which reads nothing): cached ranges are copied with buffered
 ``preadv`` at memory speed, the rest is read with O_DIRECT at the device's speed. O_DIRECT
 reads land in the destination itself when its address and the file offset share the same
-alignment (the reader allocates its tensors that way); otherwise they go through an aligned
-staging buffer from the pool.
+alignment (the reader allocates its tensors that way) and its pages were mapped before;
+otherwise they go through an aligned staging buffer from the pool (huge pages, so the device
+gets long requests) and are copied.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class LocalSource(Source):
             return self._dfd
 
     def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
-                  cancelled: threading.Event | None = None, slack: bool = False) -> None:
+                  cancelled: threading.Event | None = None, slack: bool = False, fresh: bool = False) -> None:
         length = len(dest)
         if offset + length > self._size:
             raise SourceError(
@@ -120,7 +121,7 @@ class LocalSource(Source):
             if dfd is None:
                 self._read_buffered(offset, dest)
             else:
-                self._read_direct(dfd, offset, dest, pool, cancelled, slack)
+                self._read_direct(dfd, offset, dest, pool, cancelled, slack, fresh)
         except OSError as exc:
             if isinstance(exc, SourceError):
                 raise
@@ -136,10 +137,16 @@ class LocalSource(Source):
             pos += n
 
     def _read_direct(self, dfd: int, offset: int, dest: memoryview, pool: BufferPool | None,
-                     cancelled: threading.Event | None, slack: bool) -> None:
+                     cancelled: threading.Event | None, slack: bool, fresh: bool = False) -> None:
         align = self._alignment
         length = len(dest)
         addr = _addr(dest)
+        if fresh and pool is not None:
+            # Just-faulted memory is scattered 4 KiB pages: in place, the device gets requests of
+            # 0.6-1.9 MiB (virtio-blk: 254 segments); from huge-page staging, 4 MiB ones. Measured
+            # on the reference VM, cold 3 GB into fresh tensors: 1.78 GB/s staged, 1.43 in place.
+            self._direct_staged(dfd, offset, dest, pool, cancelled)
+            return
         if (addr - offset) % align == 0:
             # Same alignment in memory and file: read in place.
             lo = offset - offset % align

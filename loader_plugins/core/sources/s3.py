@@ -97,6 +97,7 @@ class S3Source(Source):
     header_prefetch = 256 << 10
     #: bytes land straight in the destination: the reader needs no aligned staging buffers
     wants_staging = False
+    remote = True       # larger reads (s3_range_bytes) and more workers (StreamerConfig.workers)
 
     def __init__(self, storage: "S3Storage", uri: str):
         super().__init__(uri)
@@ -117,7 +118,7 @@ class S3Source(Source):
         return self._size
 
     def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
-                  cancelled: threading.Event | None = None, slack: bool = False) -> None:
+                  cancelled: threading.Event | None = None, slack: bool = False, fresh: bool = False) -> None:
         view = memoryview(dest)
         if view.ndim != 1 or view.format not in ("B", "b", "c"):
             view = view.cast("B")
@@ -485,7 +486,7 @@ def _make_client(config: "StreamerConfig"):
         raise SourceError(errno.EINVAL, f"S3 profile {config.s3_profile!r} is not in the shared AWS config "
                           f"files; check s3_profile or AWS_CONFIG_FILE") from exc
     options: dict[str, Any] = {
-        "max_pool_connections": config.concurrency + 4,  # workers + header/metadata requests
+        "max_pool_connections": config.workers(remote=True) + 4,  # workers + header/metadata requests
         "connect_timeout": config.request_timeout,
         "read_timeout": config.request_timeout,
         # Retries happen in this module, resuming from the last byte received; botocore's
