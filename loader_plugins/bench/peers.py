@@ -31,12 +31,9 @@ Quirks, measured with the installed versions:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import mmap
 import os
-import threading
-import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
@@ -139,41 +136,6 @@ def touch_all(tensors: Union[Mapping[str, Any], Iterable[Any]]) -> int:
             _touch_bytes(flat, nbytes)
         total += nbytes
     return total
-
-
-def first_touch_seconds(nbytes: int, threads: Optional[int] = None) -> float:
-    """Seconds to fault in ``nbytes`` of fresh anonymous memory with ``threads`` threads (default:
-    one per CPU), one ``madvise(MADV_POPULATE_WRITE)`` each; one write per page on kernels
-    without it. No file is read: this is the floor of any load into memory not touched before
-    (an engine's freshly allocated parameters), whatever the loader."""
-    from ..core._libc import MADV_POPULATE_WRITE, libc
-
-    threads = max(1, threads or os.cpu_count() or 1)
-    span = max(PAGE, -(-nbytes // PAGE) * PAGE)
-    region = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    view = memoryview(region)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    lib = libc()
-    per = -(-span // (threads * PAGE)) * PAGE
-
-    def fault(start: int) -> None:
-        length = min(per, span - start)
-        if length <= 0:
-            return
-        if not (lib and lib.madvise(base + start, length, MADV_POPULATE_WRITE) == 0):
-            view[start:start + length:PAGE] = bytes(len(range(start, start + length, PAGE)))
-
-    try:
-        t0 = time.perf_counter()
-        workers = [threading.Thread(target=fault, args=(i * per,)) for i in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return time.perf_counter() - t0
-    finally:
-        view.release()
-        region.close()
 
 
 def evict(paths: Union[PathLike, Sequence[PathLike]]) -> None:

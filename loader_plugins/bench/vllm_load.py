@@ -80,18 +80,14 @@ def run_once(model: str, fmt: str, *, cold: bool, dtype: str, extra: dict | None
 
 
 def run(args) -> int:
-    from .peers import first_touch_seconds
     from .runner import rotated
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
     size = sum(os.path.getsize(f) for f in _files(args.model))
     results: dict[str, dict[str, list[float]]] = {f: {c: [] for c in caches} for f in formats}
-    floor: list[float] = []
     for cache in caches:
         for rep in range(args.repeat):
-            time.sleep(args.settle)
-            floor.append(first_touch_seconds(size))
             # interleaved so drift hits every format alike, and each round starts one format
             # later so that no format always follows the same one
             for fmt in rotated(formats, rep):
@@ -110,10 +106,7 @@ def run(args) -> int:
             ours = statistics.median(results["streamer"][c]) if "streamer" in results else None
             cells += [f"{med:.2f}", f"{size / med / 1e9:.2f}", f"{ours / med:.2f}x" if ours else "-"]
         print(f"| {fmt} | " + " | ".join(cells) + " |")
-    touch = statistics.median(floor)
-    print(f"floor: faulting in {size / 1e9:.2f} GB of fresh memory with {os.cpu_count()} threads takes {touch:.2f} s "
-          f"here (median of {len(floor)}); every format fills parameters the engine has just allocated")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "bytes": size, "results": results, "first_touch_s": floor}, f, indent=2)
+            json.dump({"model": args.model, "bytes": size, "results": results}, f, indent=2)
     return 0
