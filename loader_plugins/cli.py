@@ -94,7 +94,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     result = {"path": args.path, "tensors": count, "bytes": total, "seconds": round(seconds, 4),
               "gbps": round(total / seconds / 1e9, 3) if seconds else None,
               "header_seconds": round(stats.get("header_seconds", 0.0), 4), "files": stats.get("files"),
-              "concurrency": cfg.workers(any(str(p).startswith("s3://") for p in args.path)), "direct_io": cfg.direct_io}
+              "concurrency": stats.get("workers"), "direct_io": cfg.direct_io}
     if args.json:
         print(json.dumps(result))
     else:

@@ -114,7 +114,7 @@ class SafetensorsStreamer:
                 self._reader = None
                 self._close_sources()
         seconds = time.perf_counter() - t0
-        self.stats = {"bytes": total, "seconds": seconds, "header_seconds": header_s,
+        self.stats = {"bytes": total, "seconds": seconds, "header_seconds": header_s, "workers": reader.workers,
                       "gbps": total / seconds / 1e9 if seconds > 0 else 0.0, "files": len(checkpoint.files),
                       "tensors": len(specs)}
         log.info("Streamed %d tensors (%.2f GB) from %d file(s) in %.2f s (%.2f GB/s)", len(specs), total / 1e9,

@@ -197,6 +197,7 @@ class StreamReader:
         for src in self._sources.values():
             if hasattr(src, "deadline_at"):
                 src.deadline_at = self._deadline
+        self.workers = self._workers
         self.bytes_read = 0
         self.seconds = 0.0
         self.peak_held = 0

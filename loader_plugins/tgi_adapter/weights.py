@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from ..config import StreamerConfig
+from ..core.sources.base import scheme_of
 from ..errors import StreamerError
 from .settings import TGIStreamerSettings, settings_from_env
 
@@ -311,7 +312,7 @@ class StreamedWeightsMixin:
         self._finalizer = weakref.finalize(self, self._store.close)
         log.info("StreamerWeights: %d tensors in %d file(s), headers parsed in %.3f s; streaming %.2f GB with "
                  "%d threads (rank %d of %d)", len(specs), len(files), self.header_seconds,
-                 sum(s.nbytes for s in specs.values()) / 1e9, config.workers(any(str(f).startswith("s3://") for f in files)),
+                 sum(s.nbytes for s in specs.values()) / 1e9, config.workers(any(scheme_of(f) != "file" for f in files)),
                  process_group.rank(), world_size)
 
     # ---- lookup ---------------------------------------------------------------------------
