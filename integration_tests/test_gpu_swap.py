@@ -120,6 +120,30 @@ def test_cuda_copy_only_keeps_addresses():
     print(f"\nCUDA restore (same addresses): {stats['gbps']:.1f} GB/s vs pinned H2D {ceiling:.1f} GB/s")
 
 
+def test_a_dropped_kept_arena_leaves_cuda_usable():
+    """A snapshot restored with ``keep_arena=True`` and then dropped unregisters its page-locked
+    arena before the memory is unmapped; left registered, the next pinned allocation or CUDA
+    call failed with "resource already mapped" (seen on an H100)."""
+    import gc
+    import weakref
+
+    for _ in range(3):
+        model = Model()
+        snap = offload(model, release="none")
+        restore(snap, keep_arena=True)
+        arena = weakref.ref(snap.arena)
+        assert arena().pinned
+        del snap
+        gc.collect()
+        assert arena() is None
+        host = torch.full((64 << 20,), 7, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty_like(host, device="cuda")
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        assert int(dev[-1]) == 7
+        del host, dev, model
+
+
 def test_cuda_pool_spill_and_restore_from_disk(tmp_path):
     model = Model(layers=4)
     reference = _reference(model)

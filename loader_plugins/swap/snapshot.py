@@ -272,6 +272,15 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def _host_unregister(address: int) -> None:
+    import torch
+
+    try:
+        torch.cuda.cudart().cudaHostUnregister(address)
+    except Exception as exc:  # noqa: BLE001 - never fail a restore on cleanup
+        log.debug("cudaHostUnregister failed: %s", exc)
+
+
 class HostArena:
     """One host buffer for a snapshot: anonymous memory (page aligned, huge pages), page-locked
     with ``cudaHostRegister`` when it will feed CUDA copies (no power-of-two rounding, unlike
@@ -283,6 +292,7 @@ class HostArena:
         self.nbytes = nbytes
         self.pinned = False
         self._mm: mmap.mmap | None = None
+        self._unregister: weakref.finalize | None = None
         t0 = time.perf_counter()
         if nbytes == 0:
             self.tensor = torch.empty(0, dtype=torch.uint8)
@@ -314,7 +324,11 @@ class HostArena:
         except Exception as exc:  # noqa: BLE001 - feature probe; fall back to torch's pinned memory
             log.debug("cudaHostRegister unavailable (%s)", exc)
             return False
-        self._registered = self.tensor.data_ptr()
+        # Unregistered on close, or when the arena is dropped without one (a restored snapshot that
+        # kept its arena and went out of scope): weakref callbacks run before the mapping goes.
+        # Unmapped while registered, the range stays known to the driver, and a later pinned
+        # allocation there fails with "resource already mapped".
+        self._unregister = weakref.finalize(self, _host_unregister, self.tensor.data_ptr())
         return True
 
     def view(self, offset: int, nbytes: int):
@@ -324,15 +338,9 @@ class HostArena:
         return tensor_buffer(self.view(offset, nbytes))
 
     def close(self) -> None:
-        registered = getattr(self, "_registered", None)
-        if registered is not None:
-            import torch
-
-            try:
-                torch.cuda.cudart().cudaHostUnregister(registered)
-            except Exception as exc:  # noqa: BLE001 - never fail a restore on cleanup
-                log.debug("cudaHostUnregister failed: %s", exc)
-            self._registered = None
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
         self.tensor = None
         self._mm = None  # unmapped when the last view of it is gone
 
