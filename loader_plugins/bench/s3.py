@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from ..config import StreamerConfig
 from . import peers
-from .runner import Method, _Into, format_table, prepare_methods, rotated
+from .runner import Method, _Into, format_table, prepare_methods, round_order
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def run_s3_bench(args, config: StreamerConfig) -> int:
     nbytes: dict[str, int] = {}
     rounds = args.repeat + (1 if args.warmup else 0)
     for rep in range(rounds):
-        for method in rotated(live, rep):   # each round starts one method later
+        for method in round_order(live, rep):   # each method after another one every round
             t0 = time.perf_counter()
             try:
                 n = method.run()

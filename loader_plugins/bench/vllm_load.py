@@ -80,7 +80,7 @@ def run_once(model: str, fmt: str, *, cold: bool, dtype: str, extra: dict | None
 
 
 def run(args) -> int:
-    from .runner import rotated
+    from .runner import round_order
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
@@ -88,9 +88,9 @@ def run(args) -> int:
     results: dict[str, dict[str, list[float]]] = {f: {c: [] for c in caches} for f in formats}
     for cache in caches:
         for rep in range(args.repeat):
-            # interleaved so drift hits every format alike, and each round starts one format
-            # later so that no format always follows the same one
-            for fmt in rotated(formats, rep):
+            # interleaved so drift hits every format alike, in a new order each round so
+            # that no format always follows the same one
+            for fmt in round_order(formats, rep):
                 time.sleep(args.settle)
                 t = run_once(args.model, fmt, cold=cache == "cold", dtype=args.dtype)
                 results[fmt][cache].append(t)
