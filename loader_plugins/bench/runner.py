@@ -49,10 +49,7 @@ def round_order(items: list, round_index: int) -> list:
     ``items[j]`` is then ``items[j - a]``.
     """
     n = len(items)
-    if n < 3:
-        k = round_index % n if n else 0
-        return items[k:] + items[:k]
-    strides = [a for a in range(1, n) if math.gcd(a, n) == 1]
+    strides = [a for a in range(1, n) if math.gcd(a, n) == 1] or [1]
     a = strides[round_index % len(strides)]
     return [items[(round_index + a * i) % n] for i in range(n)]
 

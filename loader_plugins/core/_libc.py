@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
+import os
 import threading
 
 _libc = None
@@ -56,3 +58,17 @@ def madvise_range(addr: int, nbytes: int, advice: int, granule: int) -> bool:
     start = -(-addr // granule) * granule
     end = (addr + nbytes) // granule * granule
     return end > start and lib.madvise(start, end - start, advice) == 0
+
+
+def residency(start: int, length: int) -> bytes:
+    """``mincore`` of the page-aligned range ``[start, start + length)``: one byte per page, whose
+    low bit says the page is resident (the other bits are reserved, zero). Raises OSError when
+    the C library cannot be loaded or the call fails (e.g. ENOMEM: part of the range is unmapped)."""
+    lib = libc()
+    if not lib:
+        raise OSError(errno.ENOSYS, "mincore: the C library cannot be loaded")
+    vec = ctypes.create_string_buffer(length // mmap.PAGESIZE)
+    if lib.mincore(start, length, vec) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mincore({start:#x}, {length}): {os.strerror(err)}")
+    return vec.raw

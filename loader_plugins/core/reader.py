@@ -124,7 +124,7 @@ class StreamReader:
         remote = {f for f, src in self._sources.items() if getattr(src, "remote", False)}
         self._file_chunks = {f: config.read_bytes(f in remote) for f in self._sources}
         chunks = sum(-(-s.nbytes // self._file_chunks[s.file]) for s in specs)
-        self._workers = max(1, min(config.workers(bool(remote)), max(1, chunks)))
+        self.workers = max(1, min(config.workers(bool(remote)), max(1, chunks)))
         self._sink = sink or CpuSink(config)
         self._destinations = dict(destinations or {})
         self._shards = dict(shards or {})
@@ -133,7 +133,7 @@ class StreamReader:
             from .sinks.cuda import sink_for_destinations   # imports no GPU library; CuPy only if CUDA dests
 
             device_sink = sink_for_destinations(config, self._destinations, memory_limit=config.memory_limit // 4,
-                                                workers=self._workers)
+                                                workers=self.workers)
         self._cuda = device_sink
         if self._cuda is not None:
             self._cuda.ring.cancelled = self._cancelled
@@ -164,7 +164,7 @@ class StreamReader:
             getattr(src, "wants_staging", True) for src in self._sources.values())
         if needs_staging:
             buf = staging_bytes_for(config.chunk_bytes, config.alignment)
-            count = max(1, min(self._workers, (config.memory_limit // 4) // buf))
+            count = max(1, min(self.workers, (config.memory_limit // 4) // buf))
             self._pool: BufferPool | None = BufferPool(buf, count)
         else:
             self._pool = None
@@ -197,7 +197,6 @@ class StreamReader:
         for src in self._sources.values():
             if hasattr(src, "deadline_at"):
                 src.deadline_at = self._deadline
-        self.workers = self._workers
         self.bytes_read = 0
         self.seconds = 0.0
         self.peak_held = 0
@@ -241,7 +240,7 @@ class StreamReader:
             window.jobs[spec.name] = job
             if job.remaining == 0:
                 self._finish(job)
-        window.plan = plan_reads(window.specs, self._workers, self._config.chunk_bytes, self._ranges,
+        window.plan = plan_reads(window.specs, self.workers, self._config.chunk_bytes, self._ranges,
                                  self._file_chunks)
         window.queues = WorkQueues(window.plan)
 
@@ -327,7 +326,7 @@ class StreamReader:
         self._started = True
         self._t0 = time.perf_counter()
         self._admit()
-        for i in range(self._workers):
+        for i in range(self.workers):
             t = threading.Thread(target=self._worker, args=(i,), name=f"streamer-{i}", daemon=True)
             self._threads.append(t)
             t.start()

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import errno
 import heapq
 import json
 import logging
@@ -54,7 +53,7 @@ from ..core.header import encode_header, safetensors_dtype
 from ..core._libc import HUGE_PAGE as _HUGE
 from ..core._libc import MADV_HUGEPAGE as _MADV_HUGEPAGE
 from ..core._libc import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE
-from ..core._libc import libc
+from ..core._libc import residency
 from ..core._libc import madvise_range as _madvise
 from ..core.sinks.cpu import tensor_buffer
 from ..errors import StreamerError
@@ -487,14 +486,7 @@ def resident_pages(address: int, nbytes: int) -> tuple[int, int]:
     end = (address + nbytes) // _PAGE * _PAGE
     if end <= start:
         return 0, 0
-    lib = libc()
-    if not lib:
-        raise OSError(errno.ENOSYS, "mincore: the C library cannot be loaded")
-    vec = ctypes.create_string_buffer((end - start) // _PAGE)
-    if lib.mincore(start, end - start, vec) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mincore({start:#x}, {end - start}): {os.strerror(err)}")
-    return end - start, sum(b & 1 for b in vec.raw) * _PAGE
+    return end - start, sum(b & 1 for b in residency(start, end - start)) * _PAGE
 
 
 def _resolve_release(release: str, entry: StorageEntry, storage) -> str:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from .._libc import HUGE_PAGE as _HUGE
 from .._libc import MADV_HUGEPAGE as _MADV_HUGEPAGE
 from .._libc import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE
-from .._libc import libc
 from .._libc import madvise_range as _madvise
+from .._libc import residency as _residency
 from ...errors import DestinationError
 from ..header import TensorSpec
 
@@ -32,21 +32,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_lib = libc  # the shared, typed C library (core/_libc.py)
-
-
 def _resident(addr: int, nbytes: int) -> bool:
     """True when every page of the range is already mapped (``mincore``)."""
-    lib = _lib()
     page = mmap.PAGESIZE
     start = addr - addr % page
     pages = -(-(addr + nbytes - start) // page)
-    if not lib or pages <= 0:
+    if pages <= 0:
         return False
-    vec = ctypes.create_string_buffer(pages)
-    if lib.mincore(start, pages * page, vec) != 0:
+    try:
+        return b"\x00" not in _residency(start, pages * page)
+    except OSError:
         return False
-    return b"\x00" not in vec.raw
 
 
 def tensor_buffer(tensor: "torch.Tensor") -> memoryview:

@@ -20,7 +20,7 @@ import os
 import threading
 from pathlib import Path
 
-from .._libc import libc
+from .._libc import libc, residency
 from ...errors import SourceChangedError, SourceError
 from .base import BufferPool, Source, Storage
 
@@ -84,11 +84,10 @@ class LocalSource(Source):
             return True
         start = offset - offset % _PAGE
         pages = -(-(offset + length - start) // _PAGE)
-        vec = ctypes.create_string_buffer(pages)
-        if lib.mincore(self._map + start, pages * _PAGE, vec) != 0:
+        try:
+            return b"\x00" not in residency(self._map + start, pages * _PAGE)
+        except OSError:
             return True
-        # the low bit of each byte says "resident"; the other bits are reserved (zero)
-        return b"\x00" not in vec.raw
 
     # ---- reads ---------------------------------------------------------------------------
     def _direct_fd(self) -> int | None:
