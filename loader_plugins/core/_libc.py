@@ -15,6 +15,7 @@ _lock = threading.Lock()
 #: madvise advice (Linux 5.14+; older kernels answer EINVAL and pages fault in on first write)
 MADV_POPULATE_WRITE = 23
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
 HUGE_PAGE = 2 << 20
 
 

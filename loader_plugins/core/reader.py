@@ -47,7 +47,7 @@ class _Job:
     def __init__(self, spec: TensorSpec, target, dest, budget: int, alloc: Allocation | None = None, *,
                  block: ColumnBlock | None = None, on_device: bool = False):
         self.spec = spec
-        self.alloc = alloc            # memory the reader allocated (populated by the first worker)
+        self.alloc = alloc            # memory the reader allocated
         self.target = alloc.tensor if alloc is not None else target   # tensor the bytes are read into
         self.dest = dest              # final destination when it differs from target (cast/copy)
         self.buffer = None if on_device else tensor_buffer(self.target)   # None: through the CUDA sink
@@ -159,6 +159,8 @@ class StreamReader:
             else:
                 self._direct[name] = self._sink.check_destination(spec, dest)
         self._ranges = {n: b.byte_range() for n, b in self._shards.items() if b.contiguous}
+        fresh = sum(s.nbytes for s in specs if s.name not in self._destinations or not self._direct[s.name])
+        self.hugepages = self._sink.choose_pages(fresh)   # "on", "off" or "auto" for the tensors it allocates
 
         needs_staging = config.direct_io != "off" and any(
             getattr(src, "wants_staging", True) for src in self._sources.values())
@@ -201,6 +203,7 @@ class StreamReader:
         self.seconds = 0.0
         self.peak_held = 0
         self.limit = self._limit if self._budgeted else None
+        self.page_sizes: dict[str, float] | None = None   # hugepages="auto": what was measured and chosen
 
     # ---- accounting -----------------------------------------------------------------------
     def _budget_for(self, spec: TensorSpec) -> int:
@@ -265,9 +268,6 @@ class StreamReader:
 
     def _read(self, job: _Job, item: ReadItem) -> None:
         source = self._sources[item.file]
-        if job.alloc is not None and not job.alloc.populated:
-            with job.lock:
-                self._sink.populate(job.alloc)
         try:
             if job.buffer is None:     # a CUDA destination: pinned ring, async copy (and cast/cut) on the device
                 self._cuda.read_into(source, item.file_offset, item.length, job.target, item.dest_offset,
@@ -275,7 +275,7 @@ class StreamReader:
                                      cancelled=self._cancelled)
             else:
                 view = job.buffer[item.dest_offset - job.base:item.dest_offset - job.base + item.length]
-                fresh = self._sink.prefault(view)
+                fresh = self._sink.prefault(view, job.alloc)
                 source.read_into(item.file_offset, view, self._pool, self._cancelled, job.slack, fresh)
         except StreamerError as exc:
             if self._cancelled.is_set() and isinstance(exc, CancelledError):
@@ -378,6 +378,9 @@ class StreamReader:
                 src.check_unchanged()
             self.seconds = time.perf_counter() - self._t0
             self.bytes_read = self._total_bytes
+            if self._sink.chooser is not None:
+                self.page_sizes = self._sink.chooser.summary()
+                log.debug("page sizes chosen while loading: %s", self.page_sizes)
         finally:
             self.close()
 

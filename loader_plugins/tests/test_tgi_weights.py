@@ -433,7 +433,7 @@ def test_settings_come_from_the_environment():
                            "TGI_STREAMER_WEIGHTS_URI": "s3://bucket/llama/", "TGI_STREAMER_DEADLINE": "none",
                            "TGI_STREAMER_HUGEPAGES": "off", "OTHER": "x"})
     assert s.config.concurrency == 3 and s.config.memory_limit == 1 << 30 and s.config.deadline is None
-    assert s.config.hugepages is False
+    assert s.config.hugepages == "off"
     assert s.weights_uri == "s3://bucket/llama/"
     assert s.explicit == {"concurrency", "memory_limit", "deadline", "hugepages"}
     with pytest.raises(ConfigError, match="TGI_STREAMER_CONCURENCY: 'concurency' is not a streamer option; allowed: "

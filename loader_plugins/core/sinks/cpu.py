@@ -6,8 +6,10 @@ a staging tensor of the checkpoint's dtype and are copied (and cast) once when c
 
 Tensors the reader allocates are placed so that their address has the same alignment as their
 bytes in the file, with a little slack before and after: O_DIRECT can then read into them in
-place. With ``hugepages`` on, large tensors get transparent huge pages, pre-faulted in one
-``madvise(MADV_POPULATE_WRITE)`` call by the worker that first reads into them.
+place. Each read's pages are faulted in just before it (``madvise(MADV_POPULATE_WRITE)``) by
+the worker doing it. With huge pages (``hugepages``; ``auto`` measures which page size faults
+in faster on this machine, per load), large tensors also start on a 2 MiB boundary and are
+advised ``MADV_HUGEPAGE``, so those faults hand out 2 MiB pages.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from .._libc import HUGE_PAGE as _HUGE
 from .._libc import MADV_HUGEPAGE as _MADV_HUGEPAGE
+from .._libc import MADV_NOHUGEPAGE as _MADV_NOHUGEPAGE
 from .._libc import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE
 from .._libc import madvise_range as _madvise
 from .._libc import residency as _residency
@@ -55,16 +60,91 @@ def tensor_buffer(tensor: "torch.Tensor") -> memoryview:
 
 class Allocation:
     """A tensor the reader allocated: the tensor, its backing bytes, and whether the
-    ``alignment`` bytes around it are ours (O_DIRECT may overwrite them)."""
+    ``alignment`` bytes around it are ours (O_DIRECT may overwrite them). ``huge``: its pages
+    are (True) or are not (False) transparent huge pages, None while that is still to decide
+    (``hugepages="auto"``: decided by the first read that lands in it)."""
 
-    __slots__ = ("tensor", "raw", "slack", "populated", "owned")
+    __slots__ = ("tensor", "raw", "slack", "owned", "huge", "span")
 
-    def __init__(self, tensor, raw, slack: bool, owned: bool = True):
+    def __init__(self, tensor, raw, slack: bool, owned: bool = True, huge: bool | None = False,
+                 span: tuple[int, int] = (0, 0)):
         self.tensor = tensor
         self.raw = raw
         self.slack = slack
-        self.populated = raw is None
         self.owned = owned      # False: the caller's memory (pre-fault it, change nothing else)
+        self.huge = huge
+        self.span = span        # (address, bytes) that page-size advice may cover
+
+
+#: Fresh bytes below which ``hugepages="auto"`` keeps small pages without measuring: faulting
+#: in a small load takes too little time for the choice to matter.
+AUTO_MIN_BYTES = 256 << 20
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent huge page mode: ``always``, ``madvise`` or ``never``."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "never"
+    return text[text.find("[") + 1:text.find("]")] if "[" in text else "never"
+
+
+class PageSizeChooser:
+    """Chooses, tensor by tensor, small (4 KiB) or transparent huge (2 MiB) pages for the
+    memory a load allocates, from what faulting each kind in has cost so far in this load.
+
+    Why measure instead of fixing one: in a VM whose host takes freed memory back (free page
+    reporting), fresh memory costs a host fault per page, and on the 2-core reference VM huge
+    pages faulted in at 0.35-0.9 GB/s against 2-3 GB/s for small ones on some days, at
+    3-7 against 1-4.5 GB/s on others, and flipped within minutes; a probe of a few MiB right
+    before a load did not predict how gigabytes would go. So the load itself is the probe:
+    each read's ``MADV_POPULATE_WRITE`` is timed (CPU time of the thread doing it, which
+    includes the host's share and excludes waiting), the first ``explore_bytes`` of each kind
+    are taken alternately, and then each new tensor gets the cheaper kind per byte, with every
+    ``recheck``-th tensor given the other kind so that a change of the machine's state shows.
+    """
+
+    def __init__(self, explore_bytes: int = 96 << 20, recheck: int = 8):
+        self._lock = threading.Lock()
+        self._explore = explore_bytes
+        self._recheck = recheck
+        self._bytes = {False: 0, True: 0}
+        self._seconds = {False: 0.0, True: 0.0}
+        self._placed = {False: 0, True: 0}
+        self._decisions = 0
+
+    def choose(self, nbytes: int) -> bool:
+        with self._lock:
+            self._decisions += 1
+            if min(self._bytes.values()) < self._explore:
+                huge = self._placed[True] + self._bytes[True] <= self._placed[False] + self._bytes[False]
+                huge = huge if self._bytes[huge] < self._explore else not huge
+            else:
+                huge = self.cost(True) < self.cost(False)
+                if self._decisions % self._recheck == 0:
+                    huge = not huge
+            self._placed[huge] += nbytes
+            return huge
+
+    def record(self, huge: bool, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self._placed[huge] = max(0, self._placed[huge] - nbytes)
+            self._bytes[huge] += nbytes
+            self._seconds[huge] += seconds
+
+    def cost(self, huge: bool) -> float:
+        """CPU seconds per byte measured for one kind (infinite before any measurement)."""
+        return self._seconds[huge] / self._bytes[huge] if self._bytes[huge] else float("inf")
+
+    def summary(self) -> dict[str, float]:
+        """Bytes faulted in each way and the rate measured for each (GB/s of CPU time)."""
+        with self._lock:
+            out: dict[str, float] = {}
+            for huge, name in ((False, "small"), (True, "huge")):
+                out[f"{name}_bytes"] = self._bytes[huge]
+                out[f"{name}_gbps"] = (self._bytes[huge] / self._seconds[huge] / 1e9) if self._seconds[huge] else 0.0
+            return out
 
 
 class CpuSink:
@@ -74,16 +154,31 @@ class CpuSink:
         import torch
 
         self._torch = torch
-        self._hugepages = config.hugepages
         self._align = config.alignment
         if config.pin_memory == "auto":
             self._pin = bool(torch.cuda.is_available())
         else:
             self._pin = config.pin_memory == "on"
+        self._thp = "never" if self._pin else _thp_mode()
+        self._hugepages_mode = "off" if self._thp == "never" else config.hugepages
+        self.chooser: PageSizeChooser | None = None
+        self._decide = threading.Lock()
 
     @property
     def pinned(self) -> bool:
         return self._pin
+
+    def choose_pages(self, fresh_bytes: int) -> str:
+        """Set the page policy for a load that allocates ``fresh_bytes`` of tensors: ``"on"``,
+        ``"off"``, or ``"auto"`` (measured during the load, :class:`PageSizeChooser`; only
+        for loads of at least :data:`AUTO_MIN_BYTES`). Pinned tensors (cudaHostAlloc) and a
+        kernel without transparent huge pages always get ``"off"``."""
+        mode = self._hugepages_mode
+        if mode == "auto" and fresh_bytes < AUTO_MIN_BYTES:
+            mode = "off"
+        self.chooser = PageSizeChooser() if mode == "auto" else None
+        self._hugepages_mode = mode
+        return mode
 
     def allocate(self, spec: TensorSpec) -> Allocation:
         torch = self._torch
@@ -93,36 +188,47 @@ class CpuSink:
         want = spec.offset % align
         if spec.nbytes < align or want % itemsize:
             return Allocation(torch.empty(spec.shape, dtype=dtype, pin_memory=self._pin), None, False)
+        if self._hugepages_mode != "off" and spec.nbytes >= 2 * _HUGE:
+            return self._allocate_mapping(spec, want)
         raw = torch.empty(spec.nbytes + 3 * align, dtype=torch.uint8, pin_memory=self._pin)
         base = raw.data_ptr()
         start = align + (want - (base + align)) % align
         tensor = raw[start:start + spec.nbytes].view(dtype).reshape(spec.shape)
         return Allocation(tensor, raw, True)
 
-    def populate(self, alloc: Allocation) -> None:
-        """With ``hugepages``: back the allocation with transparent huge pages, faulted in at once.
+    def _allocate_mapping(self, spec: TensorSpec, want: int) -> Allocation:
+        """A tensor that may get huge pages: its own anonymous mapping (so page-size advice
+        never outlives it or reaches memory the allocator hands out later), unmapped when the
+        last view of it is freed. Its first page starts a 2 MiB page; the bytes before it and
+        the ``alignment`` after it are slack that O_DIRECT may overwrite."""
+        torch = self._torch
+        length = -(-(_HUGE + want + spec.nbytes + self._align) // mmap.PAGESIZE) * mmap.PAGESIZE
+        region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        raw = torch.frombuffer(region, dtype=torch.uint8)   # keeps the mapping alive, shares its memory
+        del region
+        base = raw.data_ptr()
+        page = -(-base // _HUGE) * _HUGE
+        start = page - base + want
+        tensor = raw[start:start + spec.nbytes].view(spec.torch_dtype()).reshape(spec.shape)
+        alloc = Allocation(tensor, raw, True, huge=None, span=(page, want + spec.nbytes))
+        if self.chooser is None:
+            self._advise(alloc, True)
+        return alloc
 
-        Off by default: where the hypervisor takes free memory back (virtio-balloon free page
-        reporting), every fresh huge page costs more than 512 small ones (measured 0.5-0.8 vs
-        2-3.5 GB/s warm on the 2-core reference VM); on bare metal huge pages fill at 7+ GB/s.
-        Small pages are faulted in by the kernel during ``preadv``, in parallel across workers.
-        """
-        if alloc.populated:
-            return
-        alloc.populated = True
-        raw = alloc.raw
-        if not (alloc.owned and self._hugepages) or raw.device.type != "cpu" or self._pin:
-            return
-        addr, nbytes = raw.data_ptr(), raw.numel() * raw.element_size()
-        if nbytes >= 2 * _HUGE and _madvise(addr, nbytes, _MADV_HUGEPAGE, _HUGE):
-            _madvise(addr, nbytes, _MADV_POPULATE_WRITE, mmap.PAGESIZE)
+    def _advise(self, alloc: Allocation, huge: bool) -> None:
+        alloc.huge = huge
+        if huge:
+            _madvise(*alloc.span, _MADV_HUGEPAGE, _HUGE)
+        elif self._thp == "always":
+            _madvise(*alloc.span, _MADV_NOHUGEPAGE, _HUGE)
 
-    def prefault(self, view: memoryview) -> bool:
+    def prefault(self, view: memoryview, alloc: Allocation | None = None) -> bool:
         """Fault the pages under ``view`` in with one ``madvise(MADV_POPULATE_WRITE)`` before a
         read lands there: cheaper than the kernel taking one fault per 4 KiB page inside
         ``preadv``. Skipped when the range's first whole page is already mapped (memory the
         engine touched before: walking its page tables again costs ~25% of a warm load).
-        Contents never change.
+        Contents never change. ``alloc``: the allocation ``view`` lies in, when the reader
+        made it (its page size is decided here, on its first read, under ``hugepages="auto"``).
 
         Returns True when the pages were freshly faulted in here. Such memory is physically
         scattered 4 KiB pages, and an O_DIRECT read into it goes out as many short device
@@ -130,11 +236,21 @@ class CpuSink:
         read it through their huge-page staging buffers instead (``read_into(fresh=True)``)."""
         if self._pin or len(view) < 2 * mmap.PAGESIZE:
             return False
+        chooser = self.chooser if alloc is not None and alloc.owned else None
+        if chooser is not None and alloc.huge is None:
+            with self._decide:
+                if alloc.huge is None:
+                    self._advise(alloc, chooser.choose(alloc.span[1]))
         addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
         first = -(-addr // mmap.PAGESIZE) * mmap.PAGESIZE
         if _resident(first, mmap.PAGESIZE):
             return False
-        _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE)   # pre-5.14: faults come in preadv
+        if chooser is None or alloc.huge is None:
+            _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE)   # pre-5.14: faults come in preadv
+            return True
+        t0 = time.thread_time()
+        if _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE):
+            chooser.record(alloc.huge, len(view), time.thread_time() - t0)
         return True
 
     def wrap_destination(self, dest: "torch.Tensor") -> Allocation:
