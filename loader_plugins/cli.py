@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -221,6 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StreamerError as exc:
         print(f"model-streamer: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader of our stdout left early (``model-streamer inspect X | head``): not an error;
+        # point stdout at /dev/null so the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -186,3 +186,17 @@ def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)
 
+
+
+def test_cli_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
+    """``model-streamer inspect DIR | head``: the pipe closes before the table is written."""
+    import subprocess
+    import sys
+
+    make_demo(tmp_path, "6MB", shards=2, progress=False)
+    proc = subprocess.Popen([sys.executable, "-m", "loader_plugins.cli", "inspect", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                       # the reader is gone before the first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert b"BrokenPipeError" not in err and b"Traceback" not in err, err.decode()
