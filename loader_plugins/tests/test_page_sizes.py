@@ -157,3 +157,18 @@ def test_caller_memory_is_never_advised(big_file, monkeypatch):
             pass
     assert_bit_exact(dests, ref)
     assert all("hg" not in _vm_flags(dests[n].data_ptr() + HUGE) for n in ("a", "b", "c"))
+
+
+def test_tensors_in_their_own_mapping_own_exactly_their_bytes(big_file):
+    """torch.save writes a tensor's whole storage: no 2 MiB padding may be part of it."""
+    import io
+
+    got = load_file(big_file, hugepages="on", pin_memory="off")
+    for name in ("a", "b", "c"):
+        t = got[name]
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+    buf = io.BytesIO()
+    torch.save(got, buf)
+    assert buf.tell() < sum(t.numel() * t.element_size() for t in got.values()) + (1 << 20)
+    buf.seek(0)
+    assert_bit_exact(torch.load(buf), st_load_file(str(big_file)))

@@ -204,12 +204,13 @@ class CpuSink:
         torch = self._torch
         length = -(-(_HUGE + want + spec.nbytes + self._align) // mmap.PAGESIZE) * mmap.PAGESIZE
         region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        raw = torch.frombuffer(region, dtype=torch.uint8)   # keeps the mapping alive, shares its memory
-        del region
-        base = raw.data_ptr()
+        base = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
         page = -(-base // _HUGE) * _HUGE
-        start = page - base + want
-        tensor = raw[start:start + spec.nbytes].view(spec.torch_dtype()).reshape(spec.shape)
+        # the storage spans the tensor's bytes only (torch.save writes no padding); it keeps
+        # the mapping alive and shares its memory
+        raw = torch.frombuffer(region, dtype=torch.uint8, count=spec.nbytes, offset=page - base + want)
+        del region
+        tensor = raw.view(spec.torch_dtype()).reshape(spec.shape)
         alloc = Allocation(tensor, raw, True, huge=None, span=(page, want + spec.nbytes))
         if self.chooser is None:
             self._advise(alloc, True)
