@@ -56,12 +56,14 @@ class StreamerConfig:
     """Largest safetensors JSON header accepted (the format's own limit is 100 MB)."""
 
     hugepages: str = "auto"
-    """Transparent huge pages for large tensors the reader allocates (2 MiB-aligned,
-    ``MADV_HUGEPAGE``): ``"on"``, ``"off"``, or ``"auto"``: a load that allocates at least
-    256 MiB first faults 32 MiB in both ways and takes the faster (~10 ms). Huge pages fault in
-    faster on bare metal; in a VM whose host takes freed memory back (free page reporting) they
-    have measured both faster and several times slower than small pages, from day to day.
-    ``true``/``false`` mean ``"on"``/``"off"``. Never for pinned tensors or caller-owned memory."""
+    """Transparent huge pages for tensors of 4 MiB or more that the reader allocates (each in
+    its own 2 MiB-aligned mapping, ``MADV_HUGEPAGE``): ``"on"``, ``"off"``, or ``"auto"``: on a
+    load that allocates at least 256 MiB, each tensor gets the page size that has faulted in
+    more cheaply so far in the load (both are measured first; see ``PageSizeChooser``). Huge
+    pages fault in faster on bare metal; in a VM whose host takes freed memory back (free page
+    reporting) they have measured both faster and several times slower than small pages, within
+    minutes. ``true``/``false`` mean ``"on"``/``"off"``. Never for pinned tensors or
+    caller-owned memory."""
 
     pin_memory: str = "auto"
     """Allocate output tensors in page-locked memory: ``"auto"`` (when CUDA is available),
@@ -141,8 +143,9 @@ class StreamerConfig:
         return self.s3_range_bytes if remote else self.chunk_bytes
 
     def __post_init__(self) -> None:
-        if isinstance(self.hugepages, (bool, str)) and str(self.hugepages).lower() in _HUGEPAGE_WORDS:
-            object.__setattr__(self, "hugepages", _HUGEPAGE_WORDS[str(self.hugepages).lower()])   # True -> "on"
+        if isinstance(self.hugepages, (bool, str)):   # True -> "on" for StreamerConfig(hugepages=True)
+            object.__setattr__(self, "hugepages", _HUGEPAGE_WORDS.get(str(self.hugepages).strip().lower(),
+                                                                      self.hugepages))
         _validate(self)
 
 
@@ -198,11 +201,9 @@ def _coerce_all(values: dict[str, Any], where: str) -> dict[str, Any]:
                 value = int(value)
             elif key in ("request_timeout", "deadline"):
                 value = None if value is None else float(value)
-            elif key == "hugepages":
-                text = str(value).strip().lower()
-                if text not in _HUGEPAGE_WORDS:
+            elif key == "hugepages":   # the words themselves are mapped in __post_init__
+                if str(value).strip().lower() not in _HUGEPAGE_WORDS:
                     raise ValueError(f"expected auto, on or off, got {value!r}")
-                value = _HUGEPAGE_WORDS[text]
             elif key in _CHOICES:
                 if value is True:
                     value = "on"

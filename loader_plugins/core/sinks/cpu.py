@@ -246,7 +246,7 @@ class CpuSink:
         first = -(-addr // mmap.PAGESIZE) * mmap.PAGESIZE
         if _resident(first, mmap.PAGESIZE):
             return False
-        if chooser is None or alloc.huge is None:
+        if chooser is None:
             _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE)   # pre-5.14: faults come in preadv
             return True
         t0 = time.thread_time()
