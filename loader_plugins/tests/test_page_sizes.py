@@ -172,3 +172,29 @@ def test_tensors_in_their_own_mapping_own_exactly_their_bytes(big_file):
     assert buf.tell() < sum(t.numel() * t.element_size() for t in got.values()) + (1 << 20)
     buf.seek(0)
     assert_bit_exact(torch.load(buf), st_load_file(str(big_file)))
+
+
+@needs_thp
+def test_direct_reads_land_in_place_in_fresh_huge_pages_and_staged_in_fresh_small_ones(big_file, monkeypatch):
+    """Fresh huge pages are physically contiguous 2 MiB each: O_DIRECT reads into them in place (no
+    copy out of staging). Fresh small pages are scattered: O_DIRECT goes through staging buffers."""
+    from loader_plugins.core.sources.local import LocalSource
+
+    probe = LocalSource(str(big_file), direct_io="on")
+    try:
+        if probe._direct_fd() is None:
+            pytest.skip(f"{big_file.parent} does not take O_DIRECT")
+    finally:
+        probe.close()
+    staged = []
+    real = LocalSource._direct_staged
+    monkeypatch.setattr(LocalSource, "_direct_staged",
+                        lambda self, fd, offset, dest, *a: staged.append(len(dest)) or real(self, fd, offset, dest, *a))
+    expected = st_load_file(str(big_file))
+    got = load_file(big_file, hugepages="on", direct_io="on", concurrency=2, chunk_bytes="4MiB", pin_memory="off")
+    assert_bit_exact(got, expected)
+    assert all(n < 4096 for n in staged), staged   # only "d" (60 bytes, not file-aligned) goes through staging
+    staged.clear()
+    got = load_file(big_file, hugepages="off", direct_io="on", concurrency=2, chunk_bytes="4MiB", pin_memory="off")
+    assert_bit_exact(got, expected)
+    assert sum(staged) > 90 << 20, staged          # a, b, c: fresh small pages, through staging

@@ -231,10 +231,13 @@ class CpuSink:
         Contents never change. ``alloc``: the allocation ``view`` lies in, when the reader
         made it (its page size is decided here, on its first read, under ``hugepages="auto"``).
 
-        Returns True when the pages were freshly faulted in here. Such memory is physically
+        Returns True when small pages were freshly faulted in here. Such memory is physically
         scattered 4 KiB pages, and an O_DIRECT read into it goes out as many short device
         requests (the block layer takes a bounded number of segments per request), so sources
-        read it through their huge-page staging buffers instead (``read_into(fresh=True)``)."""
+        read it through their huge-page staging buffers instead (``read_into(fresh=True)``).
+        Fresh huge pages are 2 MiB physically contiguous each: O_DIRECT reads into them in
+        place, which saves the copy out of staging (cold 3 GB load, 2-core reference VM, same
+        process, 6 rounds: median 1.53 GB/s in place against 1.27 staged, ``hugepages=auto``)."""
         if self._pin or len(view) < 2 * mmap.PAGESIZE:
             return False
         chooser = self.chooser if alloc is not None and alloc.owned else None
@@ -246,13 +249,14 @@ class CpuSink:
         first = -(-addr // mmap.PAGESIZE) * mmap.PAGESIZE
         if _resident(first, mmap.PAGESIZE):
             return False
+        small = not (alloc is not None and alloc.huge)
         if chooser is None:
             _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE)   # pre-5.14: faults come in preadv
-            return True
+            return small
         t0 = time.thread_time()
         if _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE):
             chooser.record(alloc.huge, len(view), time.thread_time() - t0)
-        return True
+        return small
 
     def wrap_destination(self, dest: "torch.Tensor") -> Allocation:
         """A caller's tensor to read into directly; pre-faulting it never changes its contents."""
