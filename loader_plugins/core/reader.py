@@ -275,8 +275,8 @@ class StreamReader:
                                      cancelled=self._cancelled)
             else:
                 view = job.buffer[item.dest_offset - job.base:item.dest_offset - job.base + item.length]
-                fresh = self._sink.prefault(view, job.alloc)
-                source.read_into(item.file_offset, view, self._pool, self._cancelled, job.slack, fresh)
+                self._sink.fill(view, job.alloc, lambda staged: source.read_into(
+                    item.file_offset, view, self._pool, self._cancelled, job.slack, staged))
         except StreamerError as exc:
             if self._cancelled.is_set() and isinstance(exc, CancelledError):
                 return

@@ -175,9 +175,9 @@ def test_tensors_in_their_own_mapping_own_exactly_their_bytes(big_file):
 
 
 @needs_thp
-def test_direct_reads_land_in_place_in_fresh_huge_pages_and_staged_in_fresh_small_ones(big_file, monkeypatch):
+def test_direct_reads_land_in_place_in_fresh_huge_pages(big_file, monkeypatch):
     """Fresh huge pages are physically contiguous 2 MiB each: O_DIRECT reads into them in place (no
-    copy out of staging). Fresh small pages are scattered: O_DIRECT goes through staging buffers."""
+    copy out of staging)."""
     from loader_plugins.core.sources.local import LocalSource
 
     probe = LocalSource(str(big_file), direct_io="on")
@@ -194,7 +194,21 @@ def test_direct_reads_land_in_place_in_fresh_huge_pages_and_staged_in_fresh_smal
     got = load_file(big_file, hugepages="on", direct_io="on", concurrency=2, chunk_bytes="4MiB", pin_memory="off")
     assert_bit_exact(got, expected)
     assert all(n < 4096 for n in staged), staged   # only "d" (60 bytes, not file-aligned) goes through staging
-    staged.clear()
-    got = load_file(big_file, hugepages="off", direct_io="on", concurrency=2, chunk_bytes="4MiB", pin_memory="off")
-    assert_bit_exact(got, expected)
-    assert sum(staged) > 90 << 20, staged          # a, b, c: fresh small pages, through staging
+
+
+def test_fill_stages_direct_reads_only_into_fresh_small_pages():
+    import mmap
+
+    from loader_plugins.core.sinks.cpu import Allocation, CpuSink
+
+    sink = CpuSink(StreamerConfig(pin_memory="off", hugepages="off"))
+    region = mmap.mmap(-1, 8 << 20)               # a new anonymous mapping: no page mapped yet
+    view = memoryview(region)
+    seen = []
+    sink.fill(view[:2 << 20], None, seen.append)                       # fresh small pages: staged
+    sink.fill(view[:2 << 20], None, seen.append)                       # mapped now: in place
+    huge = Allocation(None, None, True, huge=True)
+    sink.fill(view[4 << 20:], huge, seen.append)                       # fresh, but huge pages: in place
+    assert seen == [True, False, False]
+    del view
+    region.close()

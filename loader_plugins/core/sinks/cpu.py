@@ -19,7 +19,7 @@ import logging
 import mmap
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .._libc import HUGE_PAGE as _HUGE
 from .._libc import MADV_HUGEPAGE as _MADV_HUGEPAGE
@@ -99,8 +99,8 @@ class PageSizeChooser:
     pages faulted in at 0.35-0.9 GB/s against 2-3 GB/s for small ones on some days, at
     3-7 against 1-4.5 GB/s on others, and flipped within minutes; a probe of a few MiB right
     before a load did not predict how gigabytes would go. So the load itself is the probe:
-    each read's ``MADV_POPULATE_WRITE`` is timed (CPU time of the thread doing it, which
-    includes the host's share and excludes waiting), the first ``explore_bytes`` of each kind
+    each read that faults pages in is timed, fault and read together (CPU time of the thread
+    doing it, which includes the host's share and excludes waiting; :meth:`CpuSink.fill`), the first ``explore_bytes`` of each kind
     are taken alternately, and then each new tensor gets the cheaper kind per byte, with every
     ``recheck``-th tensor given the other kind so that a change of the machine's state shows.
     """
@@ -223,6 +223,32 @@ class CpuSink:
         elif self._thp == "always":
             _madvise(*alloc.span, _MADV_NOHUGEPAGE, _HUGE)
 
+    def fill(self, view: memoryview, alloc: Allocation | None, read: Callable[[bool], None]) -> None:
+        """Land one read in ``view``: fault its pages in (:meth:`prefault`), then ``read(staged)``.
+
+        ``staged`` is True when small pages were freshly faulted in here. Such memory is
+        physically scattered 4 KiB pages, and an O_DIRECT read into it goes out as many short
+        device requests (the block layer takes a bounded number of segments per request), so
+        sources read it through their huge-page staging buffers and copy
+        (``read_into(fresh=True)``). Fresh huge pages are 2 MiB physically contiguous each:
+        O_DIRECT reads into them in place, which saves that copy (cold 3 GB load, 2-core
+        reference VM, same process, 6 rounds: median 1.53 GB/s in place against 1.27 staged,
+        ``hugepages="auto"``).
+
+        Under ``hugepages="auto"`` the chooser compares the thread CPU time of both steps per
+        byte: faulting in, and the copy out of staging that small pages cost when the read is
+        direct (against timing the fault alone: same medians, cold 1.57 / 1.58 GB/s, warm
+        2.02 / 1.93, 5 rounds each; this one also counts what the fault alone hides)."""
+        chooser = self.chooser if alloc is not None and alloc.owned else None
+        if chooser is None:
+            read(self.prefault(view, alloc) and not (alloc is not None and alloc.huge))
+            return
+        t0 = time.thread_time()
+        fresh = self.prefault(view, alloc)
+        read(fresh and not alloc.huge)
+        if fresh:
+            chooser.record(alloc.huge, len(view), time.thread_time() - t0)
+
     def prefault(self, view: memoryview, alloc: Allocation | None = None) -> bool:
         """Fault the pages under ``view`` in with one ``madvise(MADV_POPULATE_WRITE)`` before a
         read lands there: cheaper than the kernel taking one fault per 4 KiB page inside
@@ -230,14 +256,7 @@ class CpuSink:
         engine touched before: walking its page tables again costs ~25% of a warm load).
         Contents never change. ``alloc``: the allocation ``view`` lies in, when the reader
         made it (its page size is decided here, on its first read, under ``hugepages="auto"``).
-
-        Returns True when small pages were freshly faulted in here. Such memory is physically
-        scattered 4 KiB pages, and an O_DIRECT read into it goes out as many short device
-        requests (the block layer takes a bounded number of segments per request), so sources
-        read it through their huge-page staging buffers instead (``read_into(fresh=True)``).
-        Fresh huge pages are 2 MiB physically contiguous each: O_DIRECT reads into them in
-        place, which saves the copy out of staging (cold 3 GB load, 2-core reference VM, same
-        process, 6 rounds: median 1.53 GB/s in place against 1.27 staged, ``hugepages=auto``)."""
+        Returns True when the pages were faulted in here."""
         if self._pin or len(view) < 2 * mmap.PAGESIZE:
             return False
         chooser = self.chooser if alloc is not None and alloc.owned else None
@@ -249,14 +268,8 @@ class CpuSink:
         first = -(-addr // mmap.PAGESIZE) * mmap.PAGESIZE
         if _resident(first, mmap.PAGESIZE):
             return False
-        small = not (alloc is not None and alloc.huge)
-        if chooser is None:
-            _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE)   # pre-5.14: faults come in preadv
-            return small
-        t0 = time.thread_time()
-        if _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE):
-            chooser.record(alloc.huge, len(view), time.thread_time() - t0)
-        return small
+        _madvise(addr, len(view), _MADV_POPULATE_WRITE, mmap.PAGESIZE)   # pre-5.14: faults come in preadv
+        return True
 
     def wrap_destination(self, dest: "torch.Tensor") -> Allocation:
         """A caller's tensor to read into directly; pre-faulting it never changes its contents."""
