@@ -20,7 +20,7 @@ HUGE_PAGE = 2 << 20
 
 
 def libc():
-    """The C library with madvise/mincore/mmap/munmap typed, or False where it cannot be loaded.
+    """The C library with madvise/mincore/mmap/munmap typed (and ``syscall``, for cachestat), or False where it cannot be loaded.
 
     Loaded once under a lock: the first load's workers all ask at the same moment, and
     ``ctypes.util.find_library`` runs ``ldconfig -p`` in a subprocess each time it is called.
@@ -44,6 +44,8 @@ def _load():
             lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                  ctypes.c_long]
             lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            lib.syscall.restype = ctypes.c_long
+            lib.syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
             return lib
         except (OSError, AttributeError):
             continue
@@ -73,3 +75,36 @@ def residency(start: int, length: int) -> bytes:
         err = ctypes.get_errno()
         raise OSError(err, f"mincore({start:#x}, {length}): {os.strerror(err)}")
     return vec.raw
+
+
+#: ``cachestat(2)`` (Linux 6.5+): one number on every architecture but alpha
+_SYS_CACHESTAT = 451
+_cachestat_missing = not (os.uname().sysname == "Linux" and os.uname().machine != "alpha")
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+def cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """How many of the pages that bytes ``[offset, offset + length)`` of ``fd`` span are in the
+    page cache (``cachestat``), or None where the kernel has no ``cachestat`` (before 6.5).
+
+    One walk of the file's page cache, folio by folio: on the reference VM 3.8 us for 16 MiB,
+    where ``mincore`` on a mapping of the file took 106 us (one lookup per 4 KiB page), which
+    was ~5% of a warm load into touched tensors."""
+    global _cachestat_missing
+    lib = libc()
+    if _cachestat_missing or not lib or length <= 0:
+        return None
+    rng, stat = _CachestatRange(offset, length), _Cachestat()
+    if lib.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(stat), 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):   # no such call, or a seccomp filter refuses it
+            _cachestat_missing = True
+        return None
+    return stat.nr_cache

@@ -605,3 +605,34 @@ def test_the_c_library_is_loaded_once_for_all_workers(monkeypatch):
         t.join(30)
     assert len(got) == 16 and got[0] and all(lib is got[0] for lib in got)
     assert calls == []
+
+
+def test_page_cache_residency_is_asked_per_range_and_both_kernel_calls_agree(tmp_path, monkeypatch):
+    """direct_io="auto" asks which ranges are cached: cachestat (Linux 6.5+), else mincore. A file
+    with a hole evicted from the page cache in the middle gets the same answers either way."""
+    from loader_plugins.core import _libc
+    from loader_plugins.core.sources.local import LocalSource
+
+    page, mib = 4096, 1 << 20
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(8 * mib))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        f.read()                                                  # every page cached
+        # evicted: [2 MiB, 4 MiB), whole 2 MiB-aligned blocks (the page cache keeps large folios whole)
+        os.posix_fadvise(f.fileno(), 2 * mib, 2 * mib, os.POSIX_FADV_DONTNEED)
+    ranges = [(0, 8 * mib), (0, 2 * mib), (100, 5000), (2 * mib - 1, 2), (4 * mib - 3, 3), (4 * mib, 4 * mib),
+              (5 * mib + 5, page), (2 * mib - page, page + 1), (3 * mib, 1)]
+    expected = [False, True, True, False, False, True, True, False, False]
+    source = LocalSource(str(path), direct_io="auto")
+    try:
+        if _libc.cached_pages(source._fd, 0, page) is None:
+            pytest.skip("this kernel has no cachestat (before Linux 6.5); the mincore path is the only one")
+        if _libc.cached_pages(source._fd, 3 * mib, page):
+            pytest.skip(f"{tmp_path} keeps evicted pages (tmpfs?): nothing to tell apart")
+        assert [source._cached(o, n) for o, n in ranges] == expected
+        monkeypatch.setattr(_libc, "_cachestat_missing", True)   # the fallback, as on an older kernel
+        assert _libc.cached_pages(source._fd, 0, page) is None
+        assert [source._cached(o, n) for o, n in ranges] == expected
+    finally:
+        source.close()

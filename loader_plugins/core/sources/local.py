@@ -1,13 +1,14 @@
 """Local files: ``os.preadv`` straight into the destination's memory (the GIL is released
 while the kernel copies), O_DIRECT for data that is not in the page cache.
 
-``direct_io="auto"`` asks the kernel which pages of a range are cached (``mincore`` on a
-read-only mapping of the file, which reads nothing): cached ranges are copied with buffered
-``preadv`` at memory speed, the rest is read with O_DIRECT at the device's speed. O_DIRECT
-reads land in the destination itself when its address and the file offset share the same
-alignment (the reader allocates its tensors that way) and its pages were mapped before;
-otherwise they go through an aligned staging buffer from the pool (huge pages, so the device
-gets long requests) and are copied.
+``direct_io="auto"`` asks the kernel which pages of a range are cached (``cachestat``; before
+Linux 6.5 ``mincore`` on a read-only mapping of the file; neither reads anything): cached
+ranges are copied with buffered ``preadv`` at memory speed, the rest is read with O_DIRECT at
+the device's speed. O_DIRECT reads land in the destination itself when its address and the
+file offset share the same alignment (the reader allocates its tensors that way) and its pages
+were mapped before, or were just faulted in as huge pages; otherwise they go through an
+aligned staging buffer from the pool (huge pages, so the device gets long requests) and are
+copied.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import threading
 from pathlib import Path
 
-from .._libc import libc, residency
+from .._libc import cached_pages, libc, residency
 from ...errors import SourceChangedError, SourceError
 from .base import BufferPool, Source, Storage
 
@@ -70,8 +71,13 @@ class LocalSource(Source):
     # ---- page cache residency ------------------------------------------------------------
     def _cached(self, offset: int, length: int) -> bool:
         """True when every page of ``[offset, offset+length)`` is in the page cache."""
+        if length == 0:
+            return True
+        pages = cached_pages(self._fd, offset, length)
+        if pages is not None:
+            return pages >= (offset + length - 1) // _PAGE - offset // _PAGE + 1
         lib = _lib()
-        if not lib or length == 0:
+        if not lib:
             return True
         with self._lock:
             if self._map is None and self._size > 0:
