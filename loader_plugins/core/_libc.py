@@ -20,7 +20,8 @@ HUGE_PAGE = 2 << 20
 
 
 def libc():
-    """The C library with madvise/mincore/mmap/munmap typed (and ``syscall``, for cachestat), or False where it cannot be loaded.
+    """The C library with madvise/mincore/mmap/munmap/syscall typed, or False where it cannot
+    be loaded.
 
     Loaded once under a lock: the first load's workers all ask at the same moment, and
     ``ctypes.util.find_library`` runs ``ldconfig -p`` in a subprocess each time it is called.
@@ -79,7 +80,7 @@ def residency(start: int, length: int) -> bytes:
 
 #: ``cachestat(2)`` (Linux 6.5+): one number on every architecture but alpha
 _SYS_CACHESTAT = 451
-_cachestat_missing = not (os.uname().sysname == "Linux" and os.uname().machine != "alpha")
+_cachestat_missing = os.uname().sysname != "Linux" or os.uname().machine == "alpha"
 
 
 class _CachestatRange(ctypes.Structure):

@@ -100,9 +100,10 @@ class PageSizeChooser:
     3-7 against 1-4.5 GB/s on others, and flipped within minutes; a probe of a few MiB right
     before a load did not predict how gigabytes would go. So the load itself is the probe:
     each read that faults pages in is timed, fault and read together (CPU time of the thread
-    doing it, which includes the host's share and excludes waiting; :meth:`CpuSink.fill`), the first ``explore_bytes`` of each kind
-    are taken alternately, and then each new tensor gets the cheaper kind per byte, with every
-    ``recheck``-th tensor given the other kind so that a change of the machine's state shows.
+    doing it, which includes the host's share and excludes waiting; :meth:`CpuSink.fill`); the
+    first ``explore_bytes`` of each kind are taken alternately, and then each new tensor gets
+    the cheaper kind per byte, with every ``recheck``-th tensor given the other kind so that a
+    change of the machine's state shows.
     """
 
     def __init__(self, explore_bytes: int = 96 << 20, recheck: int = 8):
@@ -239,15 +240,16 @@ class CpuSink:
         byte: faulting in, and the copy out of staging that small pages cost when the read is
         direct (against timing the fault alone: same medians, cold 1.57 / 1.58 GB/s, warm
         2.02 / 1.93, 5 rounds each; this one also counts what the fault alone hides)."""
-        chooser = self.chooser if alloc is not None and alloc.owned else None
-        if chooser is None:
-            read(self.prefault(view, alloc) and not (alloc is not None and alloc.huge))
-            return
-        t0 = time.thread_time()
+        chooser = self._chooser_for(alloc)
+        t0 = time.thread_time() if chooser is not None else 0.0
         fresh = self.prefault(view, alloc)
-        read(fresh and not alloc.huge)
-        if fresh:
+        read(fresh and not (alloc is not None and alloc.huge))
+        if chooser is not None and fresh:
             chooser.record(alloc.huge, len(view), time.thread_time() - t0)
+
+    def _chooser_for(self, alloc: Allocation | None) -> PageSizeChooser | None:
+        """The chooser deciding ``alloc``'s page size: only memory the reader made, under ``auto``."""
+        return self.chooser if alloc is not None and alloc.owned else None
 
     def prefault(self, view: memoryview, alloc: Allocation | None = None) -> bool:
         """Fault the pages under ``view`` in with one ``madvise(MADV_POPULATE_WRITE)`` before a
@@ -259,7 +261,7 @@ class CpuSink:
         Returns True when the pages were faulted in here."""
         if self._pin or len(view) < 2 * mmap.PAGESIZE:
             return False
-        chooser = self.chooser if alloc is not None and alloc.owned else None
+        chooser = self._chooser_for(alloc)
         if chooser is not None and alloc.huge is None:
             with self._decide:
                 if alloc.huge is None:
