@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from loader_plugins.bench.peers import evict as drop_page_cache  # noqa: E402
 from loader_plugins.cache import tiered  # noqa: E402
 from loader_plugins.cache.disk import DiskTier, wait_for_commits  # noqa: E402
 from loader_plugins.cache.dram import DramTier  # noqa: E402
-from loader_plugins.cache.estimate import HISTORY_NAME, LoadHistory, estimate  # noqa: E402
+from loader_plugins.cache.estimate import DEFAULT_GBPS, HISTORY_NAME, RECENT, LoadHistory, estimate  # noqa: E402
 from loader_plugins.core.sources import base  # noqa: E402
 
 pytestmark = pytest.mark.s3
@@ -366,35 +367,46 @@ def test_serve(s3_server, s3_bucket, s3_env, tmp_path, shm_dir):
     assert len(DramTier(shm_dir).entries()) == 2      # entries outlive the server (no --clear-on-exit)
 
 
-def test_estimate_within_30_percent(s3_server, s3_bucket, s3_env, hooked, tmp_path):
+def test_estimate_predicts_from_recorded_loads(s3_server, s3_bucket, s3_env, hooked, tmp_path):
+    """Each whole load records one sample inside its own wall time; the estimate is the tier's default
+    before any load and the median of the recorded similar-size samples after. How close the estimate comes
+    to a measured load is a timing figure, so it is reported by ``python -m loader_plugins.cache.bench``
+    (its "estimate s" column), not asserted here."""
     make_checkpoint(tmp_path / "ckpt", seed=8, shards=2, mib=48)
     uri, shard_bytes = upload(s3_server, s3_bucket, tmp_path / "ckpt", "models/e")
     cache = tmp_path / "cache"
     cfg = config(s3_server.endpoint_url, cache_dir=str(cache))
+    history = LoadHistory(cache / HISTORY_NAME)
     first = estimate(uri, cfg)
     assert first["tier"] == "s3" and first["bytes"] == shard_bytes and first["basis"].startswith("default")
-    load_file(uri, config=cfg)                       # S3, writes the disk tier through
-    wait_for_commits()
+    assert first["transfer_seconds"] == pytest.approx(shard_bytes / (DEFAULT_GBPS["s3"] * 1e9), rel=1e-5)
+    assert first["seconds"] == pytest.approx(first["metadata_seconds"] + first["transfer_seconds"], abs=2e-6)
 
-    def disk_load() -> float:
-        drop_page_cache([e["path"] for e in DiskTier(cache).entries()])
+    def timed_load(tier: str) -> None:
+        before = len(history.samples(tier))
         t0 = time.perf_counter()
         load_file(uri, config=cfg)
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        samples = history.samples(tier)
+        assert len(samples) == before + 1, samples
+        assert samples[-1]["bytes"] == shard_bytes and 0 < samples[-1]["seconds"] <= wall
 
-    disk_load()                                      # first disk-tier load: recorded
-    errors = []
-    for _attempt in range(3):                        # a busy shared machine may disturb one load
-        predicted = estimate(uri, cfg)
-        assert predicted["tier"] == "disk" and predicted["bytes"] == shard_bytes
-        assert predicted["basis"].startswith("history")
-        measured = disk_load()
-        errors.append(abs(predicted["seconds"] - measured) / measured)
-        if errors[-1] <= 0.30:
-            break
-    assert min(errors) <= 0.30, f"estimate errors {errors}"
-    samples = LoadHistory(cache / HISTORY_NAME).samples("disk")
-    assert len(samples) >= 2 and {s["bytes"] for s in samples} == {shard_bytes}
+    timed_load("s3")                                  # S3, writes the disk tier through
+    wait_for_commits()
+    for _ in range(3):
+        drop_page_cache([e["path"] for e in DiskTier(cache).entries()])
+        timed_load("disk")
+    assert history.samples("s3") and len(history.samples("disk")) == 3
+
+    predicted = estimate(uri, cfg)
+    disk = history.samples("disk")[-RECENT:]
+    median_gbps = statistics.median(s["bytes"] / s["seconds"] / 1e9 for s in disk)
+    assert predicted["tier"] == "disk" and predicted["bytes"] == shard_bytes and predicted["files"] == 2
+    assert predicted["basis"] == f"history: median of the last {len(disk)} similar-size disk load(s) on this host"
+    assert predicted["transfer_seconds"] == pytest.approx(shard_bytes / (median_gbps * 1e9), rel=1e-5)
+    assert predicted["gbps"] == pytest.approx(median_gbps, abs=1e-4)
+    assert predicted["seconds"] == pytest.approx(predicted["metadata_seconds"] + predicted["transfer_seconds"],
+                                                 abs=2e-6)
     cli = cache_cli("estimate", uri, "--json", "--cache-dir", str(cache), "--s3-endpoint-url", s3_server.endpoint_url,
                     "--s3-region", "us-east-1", "--s3-addressing-style", "path")
     assert cli.returncode == 0, cli.stderr
