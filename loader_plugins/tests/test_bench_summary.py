@@ -1,0 +1,31 @@
+"""The benchmark's summary lines: each ratio against the right row, including the strictest one."""
+
+from loader_plugins.bench.runner import summarize
+from loader_plugins.config import StreamerConfig
+
+
+def _row(group, cold, warm):
+    return {"group": group, "cold": {"gbps": cold}, "warm": {"gbps": warm}}
+
+
+def test_ratios_name_the_row_they_are_against():
+    results = {
+        "streamer": _row("ours", 1.5, 2.0),
+        "streamer-into": _row("ours-into", 2.0, 8.0),
+        "pread-direct-8t": _row("ceiling", 0.75, 0.8),
+        "pread-direct-into-8t": _row("ceiling-into", 2.5, 2.7),
+        "pread-into-4t": _row("ceiling-into", 1.0, 10.0),
+        "runai-c4": _row("peer", 1.2, 0.5),
+        "tensorizer": _row("peer", 1.0, 1.6),
+    }
+    out = summarize(results, ["cold", "warm"], StreamerConfig(), None)
+    v = out["values"]
+    assert v["cold_vs_best_pread_ceiling"] == 1.5 / 0.75          # fresh against fresh buffers
+    assert v["cold_vs_best_Run:ai"] == 1.5 / 1.2
+    assert v["warm_vs_best_other_peer"] == 2.0 / 1.6              # Run:ai is not an "other" peer
+    assert v["cold_into_vs_ceiling"] == 2.0 / 2.5
+    assert v["warm_into_vs_ceiling"] == 8.0 / 10.0
+    assert v["cold_best_vs_any_ceiling"] == 2.0 / 2.5             # streamer-into against O_DIRECT into
+    assert v["warm_best_vs_any_ceiling"] == 8.0 / 10.0
+    assert "cold: best of ours (streamer-into, 2.00 GB/s) = 0.80x the fastest pread of any kind " \
+           "(pread-direct-into-8t, 2.50 GB/s)" in out["lines"]
