@@ -318,6 +318,7 @@ def summarize(results: dict, caches: list[str], config: StreamerConfig, rss: dic
     runai = [n for n in results if n.startswith("runai")]
     others = [n for n in results if results[n]["group"] == "peer" and not n.startswith("runai")]
     ceilings = [n for n in results if results[n]["group"] == "ceiling"]
+    ceilings_into = [n for n in results if results[n]["group"] == "ceiling-into"]
     for cache in caches:
         ours = _gbps(results, "streamer", cache)
         if not ours:
@@ -328,14 +329,14 @@ def summarize(results: dict, caches: list[str], config: StreamerConfig, rss: dic
                 values[f"{cache}_vs_{label.replace(' ', '_')}"] = ours / g
                 lines.append(f"{cache}: streamer {ours:.2f} GB/s = {ours / g:.2f}x {label} ({n}, {g:.2f} GB/s)")
         into = _gbps(results, "streamer-into", cache)
-        g, n = best([x for x in results if results[x]["group"] == "ceiling-into"], cache)
+        g, n = best(ceilings_into, cache)
         if into and g:
             values[f"{cache}_into_vs_ceiling"] = into / g
             lines.append(f"{cache}: streamer-into {into:.2f} GB/s = {into / g:.2f}x pread into the same buffers "
                          f"({n}, {g:.2f} GB/s)")
         # the strictest reading of "the pread ceiling": our faster way against the fastest pread of any kind
         mine, mine_name = best(["streamer", "streamer-into"], cache)
-        g, n = best([x for x in results if results[x]["group"] in ("ceiling", "ceiling-into")], cache)
+        g, n = best(ceilings + ceilings_into, cache)
         if mine and g:
             values[f"{cache}_best_vs_any_ceiling"] = mine / g
             lines.append(f"{cache}: best of ours ({mine_name}, {mine:.2f} GB/s) = {mine / g:.2f}x the fastest pread "
