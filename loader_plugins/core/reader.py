@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 _DONE = object()
 
+#: Copy staged bytes out on a thread of their own while the workers go on reading (see
+#: :class:`~.sources.base.CopyBehind`); False copies on the worker that read them.
+COPY_BEHIND = True
+
 
 class _Job:
     __slots__ = ("spec", "target", "dest", "buffer", "remaining", "budget", "lock", "alloc", "slack", "block",
@@ -166,8 +170,9 @@ class StreamReader:
             getattr(src, "wants_staging", True) for src in self._sources.values())
         if needs_staging:
             buf = staging_bytes_for(config.chunk_bytes, config.alignment)
-            count = max(1, min(self.workers, (config.memory_limit // 4) // buf))
-            self._pool: BufferPool | None = BufferPool(buf, count)
+            # two per worker: one being read into while the other's bytes are copied out behind it
+            count = max(1, min(2 * self.workers, (config.memory_limit // 4) // buf))
+            self._pool: BufferPool | None = BufferPool(buf, count, copy_behind=COPY_BEHIND)
         else:
             self._pool = None
         staging_bytes = self._pool.capacity_bytes if self._pool else 0

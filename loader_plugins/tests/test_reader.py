@@ -379,10 +379,12 @@ class _CountingPool:
         from loader_plugins.core.sources.base import BufferPool
 
         self.pool, self.lent = BufferPool(*args), 0
+        self.copier = self.pool.copier
 
-    def acquire(self):
-        self.lent += 1
-        return self.pool.acquire()
+    def acquire(self, wait=True):
+        buf = self.pool.acquire(wait)
+        self.lent += buf is not None
+        return buf
 
     def release(self, buf):
         self.pool.release(buf)
@@ -424,7 +426,7 @@ def test_fresh_tensors_read_with_odirect_are_bit_exact(tmp_path, monkeypatch):
 
     lent = []
     acquire = BufferPool.acquire
-    monkeypatch.setattr(BufferPool, "acquire", lambda self: lent.append(1) or acquire(self))
+    monkeypatch.setattr(BufferPool, "acquire", lambda self, wait=True: lent.append(1) or acquire(self, wait))
     g = torch.Generator().manual_seed(11)
     tensors = {"a": torch.randn(1 << 20, generator=g), "b": torch.randn(333, 4099, generator=g).to(torch.bfloat16),
                "c": torch.randint(0, 255, (3 << 20,), dtype=torch.uint8, generator=g),
@@ -445,6 +447,101 @@ def _takes_direct(path) -> bool:
         return source._direct_fd() is not None
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_staged_reads_copy_behind_the_next_read(tmp_path, spares, count):
+    """Bytes read through staging buffers are copied to the destination on the copy-behind
+    thread while the worker reads on; with one buffer it waits for each copy, with two it reads
+    the next piece meanwhile. The destination is unaligned (never read in place), spans many
+    buffers, and ends bit-exact with its neighbouring bytes untouched; every buffer goes back."""
+    import mmap
+
+    from loader_plugins.core.sources.base import BufferPool
+    from loader_plugins.core.sources.local import LocalSource
+
+    data = os.urandom((9 << 20) + 4321)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    source = LocalSource(str(path), direct_io="on")
+    if source._direct_fd() is None:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    pool = BufferPool(1 << 20, count, copy_behind=True)
+    copier_thread = pool.copier._thread
+    region = mmap.mmap(-1, 10 << 20)
+    region[:] = b"\xee" * len(region)
+    view = memoryview(region)
+    at, offset, length = 1000 + 3, 4096 + 17, (7 << 20) + 999     # memory and file alignment differ
+    copies = []
+    try:
+        source.read_into(offset, view[at:at + length], pool, None, False, False)
+        assert bytes(view[at:at + length]) == data[offset:offset + length]
+        assert view[at - 1] == 0xee and view[at + length] == 0xee
+        assert pool._made <= count and len(pool._free) == pool._made    # all returned
+        assert copier_thread.is_alive()
+        # a load cancelled part way returns with no copy in flight and every buffer back
+        cancelled = threading.Event()
+        orig = pool.copier.submit
+
+        def submit_then_cancel(*args):
+            copies.append(args[2])
+            orig(*args)
+            cancelled.set()
+        pool.copier.submit = submit_then_cancel
+        region[:] = b"\xee" * len(region)
+        source.read_into(offset, view[at:at + length], pool, cancelled, False, False)
+        assert len(copies) == 1 and bytes(view[at:at + copies[0]]) == data[offset:offset + copies[0]]
+        assert view[at + copies[0]] == 0xee                      # nothing after the cancel was copied
+        assert len(pool._free) == pool._made
+    finally:
+        del view
+        pool.close()
+        region.close()
+        source.close()
+    assert not copier_thread.is_alive()       # the pool stops its copy thread
+
+
+def test_staged_copies_run_on_the_copy_thread(tmp_path, spares, monkeypatch):
+    """The copies of a load through staging buffers happen on the pool's copy-behind thread, not
+    on the workers (with ``COPY_BEHIND = False``, on the workers); the result is bit-exact."""
+    from loader_plugins.core import reader
+    from loader_plugins.core.sources import base, local
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {"w": torch.randn(777, 1031, generator=g).to(torch.bfloat16),
+               "b": torch.randint(-99, 99, (3 << 18,), dtype=torch.int32, generator=g), "s": torch.tensor(2.5)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    if not _takes_direct(path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    expected = st_load_file(str(path))
+    import ctypes
+
+    threads_copying: list[str] = []
+
+    class _Recording:   # the real ctypes, with memmove noting the thread it runs on
+        @staticmethod
+        def memmove(dst, src, n):
+            threads_copying.append(threading.current_thread().name)
+            return ctypes.memmove(dst, src, n)
+
+        def __getattr__(self, name):
+            return getattr(ctypes, name)
+    for copy_behind in (True, False):
+        threads_copying.clear()
+        monkeypatch.setattr(reader, "COPY_BEHIND", copy_behind)
+        monkeypatch.setattr(base, "ctypes", _Recording())
+        monkeypatch.setattr(local, "ctypes", _Recording())
+        dests = {n: torch.zeros_like(t) for n, t in tensors.items()}
+        with SafetensorsStreamer(StreamerConfig(direct_io="on", chunk_bytes=1 << 20, concurrency=3)) as s:
+            s.stream_file(str(path), destinations=dests)
+            names = [n for n, _ in s.get_tensors()]
+        assert sorted(names) == sorted(tensors)
+        assert_bit_exact(dests, expected)
+        assert threads_copying
+        on_copier = {t for t in threads_copying if t == "streamer-copy"}
+        assert bool(on_copier) == copy_behind
+        assert all(t == "streamer-copy" for t in threads_copying) == copy_behind
 
 
 @pytest.fixture

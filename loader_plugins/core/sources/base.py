@@ -11,6 +11,7 @@ import ctypes
 import importlib
 import mmap
 import os
+import queue
 import threading
 from typing import TYPE_CHECKING, Callable
 
@@ -144,19 +145,64 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_spares._after_fork)
 
 
+class CopyBehind:
+    """One thread that copies staged bytes to their destination while the worker that read them
+    is already reading the next piece into another buffer.
+
+    Copied inline, each worker leaves the device idle for as long as it copies. On the 2-core
+    reference VM, cold 3 GB into touched destinations whose alignment differs from the file's
+    (the engine case), same process, shuffled rounds: 0.96x / 0.89x of O_DIRECT into file-aligned
+    buffers copied inline, 1.06x / 0.97x copied behind (6 and 8 rounds); into fresh tensors 1.53
+    against 1.95 GB/s. A scratch test with two copy threads was slower than one (they take the
+    CPU the readers' completions need). Copies run in the order they were submitted, so a
+    worker waits for its oldest.
+    """
+
+    def __init__(self, name: str = "streamer-copy"):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is None:
+                return
+            dst, src, nbytes, done = work
+            try:
+                ctypes.memmove(dst, src, nbytes)   # releases the GIL
+            except BaseException as exc:  # noqa: BLE001 - handed to the worker that waits for it
+                done.put(exc)
+            else:
+                done.put(None)
+
+    def submit(self, dst: int, src: int, nbytes: int, done: queue.SimpleQueue) -> None:
+        """Copy ``nbytes`` from address ``src`` to ``dst``; put None (or the error) on ``done`` after."""
+        self._queue.put((dst, src, nbytes, done))
+
+    def close(self) -> None:
+        """Finish the copies submitted so far, then stop the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 class BufferPool:
     """A bounded pool of aligned staging buffers (:class:`StagingBuffer`), made lazily and kept
     for the next load when the pool closes (see :class:`_Spares`).
 
     ``acquire`` blocks while all buffers are lent out; ``cancelled`` (an Event) aborts the
-    wait. Used for O_DIRECT reads, whose buffers must be aligned.
+    wait. Used for O_DIRECT reads, whose buffers must be aligned. With ``copy_behind`` the
+    pool also has a :class:`CopyBehind` thread (``copier``), stopped when the pool closes.
     """
 
-    def __init__(self, buffer_bytes: int, count: int, cancelled: threading.Event | None = None):
+    def __init__(self, buffer_bytes: int, count: int, cancelled: threading.Event | None = None,
+                 copy_behind: bool = False):
         if count < 1:
             raise ValueError("a buffer pool needs at least one buffer")
         self.buffer_bytes = buffer_bytes
         self.count = count
+        self.copier: CopyBehind | None = CopyBehind() if copy_behind else None
         self._free: list[StagingBuffer] = []
         self._made = 0
         self._cond = threading.Condition()
@@ -171,7 +217,8 @@ class BufferPool:
     def allocated_bytes(self) -> int:
         return self.buffer_bytes * self._made
 
-    def acquire(self) -> StagingBuffer:
+    def acquire(self, wait: bool = True) -> StagingBuffer | None:
+        """A free buffer; while all are lent out, wait for one (``wait``) or return None."""
         with self._cond:
             while True:
                 if self._cancelled.is_set() or self._closed:
@@ -181,6 +228,8 @@ class BufferPool:
                 if self._made < self.count:
                     self._made += 1
                     break
+                if not wait:
+                    return None
                 self._cond.wait(0.1)
         try:   # outside the lock: workers fault their buffers in parallel
             return _spares.take(self.buffer_bytes) or StagingBuffer(self.buffer_bytes)
@@ -199,6 +248,8 @@ class BufferPool:
         _spares.give(self.buffer_bytes, [buf])
 
     def close(self) -> None:
+        if self.copier is not None:
+            self.copier.close()
         with self._cond:
             self._closed = True
             free, self._free = self._free, []

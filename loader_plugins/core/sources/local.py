@@ -8,16 +8,19 @@ the device's speed. O_DIRECT reads land in the destination itself when its addre
 file offset share the same alignment (the reader allocates its tensors that way) and its pages
 were mapped before, or were just faulted in as huge pages; otherwise they go through an
 aligned staging buffer from the pool (huge pages, so the device gets long requests) and are
-copied.
+copied, by the pool's copy-behind thread while the worker reads its next piece into a second
+buffer.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import logging
 import mmap
 import os
+import queue
 import threading
 from pathlib import Path
 
@@ -188,33 +191,69 @@ class LocalSource(Source):
 
     def _direct_staged(self, dfd: int, offset: int, dest: memoryview, pool: BufferPool,
                        cancelled: threading.Event | None) -> None:
+        """O_DIRECT reads of aligned pieces into staging buffers, each copied to ``dest``: by the
+        pool's copy-behind thread while this worker reads the next piece into a second buffer
+        (when the pool has one to spare), otherwise here, between reads."""
         align = self._alignment
         length = len(dest)
-        buf = pool.acquire()
+        dest_addr = _addr(dest)
+        copier = pool.copier
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        held: list = [pool.acquire()]     # one or two buffers, used in turn
+        copying: collections.deque = collections.deque()   # buffers whose copy is in flight, oldest first
+        error: BaseException | None = None
         try:
-            staging = buf.view
-            capacity = (len(staging) // align) * align
-            dest_addr = _addr(dest)
-            src_addr = buf.addr
             pos = 0
+            turn = 0
             while pos < length:
                 if cancelled is not None and cancelled.is_set():
                     return
+                buf = held[turn % len(held)]
+                if copying and copying[0] is buf:   # its previous piece is still being copied
+                    copying.popleft()
+                    self._copied(done)
+                capacity = (len(buf) // align) * align
                 start = offset + pos
                 aligned = start - start % align
                 skip = start - aligned
                 want = min(capacity, skip + (length - pos))
                 want_aligned = -(-want // align) * align
-                n = os.preadv(dfd, [staging[:want_aligned]], aligned)
+                n = os.preadv(dfd, [buf.view[:want_aligned]], aligned)
                 useful = min(n - skip, length - pos)
                 if useful <= 0:
                     self._short(start, offset + length)
-                # ctypes.memmove releases the GIL, so copies on several workers run in parallel
-                ctypes.memmove(dest_addr + pos, src_addr + skip, useful)
+                if copier is None:
+                    ctypes.memmove(dest_addr + pos, buf.addr + skip, useful)   # releases the GIL
+                else:
+                    copier.submit(dest_addr + pos, buf.addr + skip, useful, done)
+                    copying.append(buf)
+                    if len(held) == 1 and pos + useful < length:
+                        spare = pool.acquire(wait=False)
+                        if spare is not None:
+                            held.append(spare)
                 pos += useful
+                turn += 1
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            del staging
-            pool.release(buf)
+            # Every copy into dest ends before this returns, even on error or cancel: the caller
+            # may free dest, and the buffers go back to the pool.
+            while copying:
+                copying.popleft()
+                try:
+                    self._copied(done)
+                except BaseException:
+                    if error is None:
+                        raise
+            for buf in held:
+                pool.release(buf)
+
+    @staticmethod
+    def _copied(done: queue.SimpleQueue) -> None:
+        failure = done.get()
+        if failure is not None:
+            raise failure
 
     def _short(self, at: int, end: int) -> None:
         size = os.fstat(self._fd).st_size
