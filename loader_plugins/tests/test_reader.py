@@ -390,20 +390,28 @@ class _CountingPool:
         self.pool.release(buf)
 
 
+def _direct_blob(tmp_path, nbytes: int):
+    """``nbytes`` of random data in a file, and a LocalSource reading it with O_DIRECT (skips the
+    test where the file system refuses O_DIRECT)."""
+    from loader_plugins.core.sources.local import LocalSource
+
+    data = os.urandom(nbytes)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    source = LocalSource(str(path), direct_io="on")
+    if source._direct_fd() is None:
+        source.close()
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    return data, source
+
+
 @pytest.mark.parametrize("fresh", [False, True])
 def test_direct_reads_into_fresh_memory_go_through_staging(tmp_path, fresh):
     """Memory faulted in just before the read is scattered 4 KiB pages: O_DIRECT reads it through a
     huge-page staging buffer (long device requests) and copies. Memory mapped before is read in place."""
     import mmap
 
-    from loader_plugins.core.sources.local import LocalSource
-
-    data = os.urandom((5 << 20) + 777)
-    path = tmp_path / "blob"
-    path.write_bytes(data)
-    source = LocalSource(str(path), direct_io="on")
-    if source._direct_fd() is None:
-        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    data, source = _direct_blob(tmp_path, (5 << 20) + 777)
     pool = _CountingPool(1 << 20, 2)
     region = mmap.mmap(-1, 4 << 20)
     region[:] = b"\xff" * len(region)           # mapped before the read, same alignment as the file
@@ -458,14 +466,8 @@ def test_staged_reads_copy_behind_the_next_read(tmp_path, spares, count):
     import mmap
 
     from loader_plugins.core.sources.base import BufferPool
-    from loader_plugins.core.sources.local import LocalSource
 
-    data = os.urandom((9 << 20) + 4321)
-    path = tmp_path / "blob"
-    path.write_bytes(data)
-    source = LocalSource(str(path), direct_io="on")
-    if source._direct_fd() is None:
-        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    data, source = _direct_blob(tmp_path, (9 << 20) + 4321)
     pool = BufferPool(1 << 20, count, copy_behind=True)
     copier_thread = pool.copier._thread
     region = mmap.mmap(-1, 10 << 20)
