@@ -470,6 +470,7 @@ def test_staged_reads_copy_behind_the_next_read(tmp_path, spares, count):
     data, source = _direct_blob(tmp_path, (9 << 20) + 4321)
     pool = BufferPool(1 << 20, count, copy_behind=True)
     copier_thread = pool.copier._thread
+    assert copier_thread.ident is None        # started by the first copy, not by the pool
     region = mmap.mmap(-1, 10 << 20)
     region[:] = b"\xee" * len(region)
     view = memoryview(region)

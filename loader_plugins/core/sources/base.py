@@ -161,7 +161,8 @@ class CopyBehind:
     def __init__(self, name: str = "streamer-copy"):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._start = threading.Lock()   # the thread starts with the first copy: a load that
+        self._closed = False             # never stages one (warm, all aligned) runs no extra thread
 
     def _run(self) -> None:
         while True:
@@ -178,11 +179,20 @@ class CopyBehind:
 
     def submit(self, dst: int, src: int, nbytes: int, done: queue.SimpleQueue) -> None:
         """Copy ``nbytes`` from address ``src`` to ``dst``; put None (or the error) on ``done`` after."""
+        if not self._thread.is_alive():
+            with self._start:
+                if self._closed:
+                    raise StreamerError("copy thread closed: the load was cancelled")
+                if self._thread.ident is None:
+                    self._thread.start()
         self._queue.put((dst, src, nbytes, done))
 
     def close(self) -> None:
         """Finish the copies submitted so far, then stop the thread."""
-        if self._thread.is_alive():
+        with self._start:
+            self._closed = True
+            started = self._thread.ident is not None
+        if started:
             self._queue.put(None)
             self._thread.join()
 
