@@ -62,7 +62,7 @@ class SafetensorsStreamer:
 
         ``shards`` (name -> :class:`~loader_plugins.core.tp.ColumnBlock`) says that a destination
         holds only this rank's tensor-parallel shard: a dim-0 shard is read alone (its byte range),
-        others are read whole and cut on the GPU.
+        others are read whole and cut once complete (on the GPU by the CUDA sink, else by torch).
         """
         self._pending.append((paths, names, destinations, shards))
 
@@ -73,20 +73,39 @@ class SafetensorsStreamer:
         for paths, names, destinations, shards in pending:
             yield from self._stream(paths, names, destinations, keeps_all=False, shards=shards)
 
-    def _stream(self, paths, names, destinations, *, keeps_all: bool, shards=None):
-        t0 = time.perf_counter()
+    def open(self, paths: PathArg) -> Checkpoint:
+        """Resolve and parse a checkpoint once, keeping its sources open for the next stream
+        (``_stream(checkpoint=...)``) and for :meth:`read_tensors`."""
         if self._closed:
             raise CancelledError("the streamer is closed")
         sources: dict[str, Source] = {}
         checkpoint = open_checkpoint(paths, self.config, sources=sources)
         with self._lock:
-            if self._closed:   # closed from another thread while the headers were read
-                for src in sources.values():
-                    src.close()
-                raise CancelledError("the streamer was closed before streaming started")
             self._close_sources()
             self._sources = sources
         self.checkpoint = checkpoint
+        return checkpoint
+
+    def read_tensors(self, names: Sequence[str]) -> dict[str, "torch.Tensor"]:
+        """Read these tensors of the checkpoint :meth:`open` resolved, whole, into new CPU tensors
+        (a side read: it may run while a stream of the same checkpoint is going on)."""
+        if self.checkpoint is None:
+            raise StreamerError("read_tensors() needs open() first")
+        specs = [self.checkpoint.tensors[n] for n in names]
+        reader = StreamReader(specs, {s.file: self._sources[s.file] for s in specs}, self.config,
+                              consumer_keeps_all=True)
+        return dict(reader)
+
+    def _stream(self, paths, names, destinations, *, keeps_all: bool, shards=None,
+                checkpoint: Checkpoint | None = None):
+        """Start reading now and return the iterator of ``(name, tensor)`` as they complete.
+        ``checkpoint``: one :meth:`open` returned (``paths`` is then ignored)."""
+        t0 = time.perf_counter()
+        if self._closed:
+            raise CancelledError("the streamer is closed")
+        if checkpoint is None:
+            checkpoint = self.open(paths)
+        sources = self._sources
         specs = list(checkpoint.tensors.values())
         if names is not None:
             wanted = set(names)
@@ -106,19 +125,32 @@ class SafetensorsStreamer:
                 if self._closed:
                     raise CancelledError("the streamer was closed before streaming started")
                 self._reader = reader
+            reader.start()
+        except BaseException:
+            self._end(bar)
+            raise
+        return self._drain(reader, bar, t0, header_s, total, checkpoint, len(specs))
+
+    def _drain(self, reader: StreamReader, bar, t0: float, header_s: float, total: int, checkpoint: Checkpoint,
+               count: int):
+        try:
             yield from reader
         finally:
-            if bar is not None:
-                bar.close()
-            with self._lock:
-                self._reader = None
-                self._close_sources()
+            self._end(bar)
+            reader.close()
         seconds = time.perf_counter() - t0
         self.stats = {"bytes": total, "seconds": seconds, "header_seconds": header_s, "workers": reader.workers,
                       "gbps": total / seconds / 1e9 if seconds > 0 else 0.0, "files": len(checkpoint.files),
-                      "tensors": len(specs)}
-        log.info("Streamed %d tensors (%.2f GB) from %d file(s) in %.2f s (%.2f GB/s)", len(specs), total / 1e9,
+                      "tensors": count}
+        log.info("Streamed %d tensors (%.2f GB) from %d file(s) in %.2f s (%.2f GB/s)", count, total / 1e9,
                  len(checkpoint.files), seconds, self.stats["gbps"])
+
+    def _end(self, bar) -> None:
+        if bar is not None:
+            bar.close()
+        with self._lock:
+            self._reader = None
+            self._close_sources()
 
     def _close_sources(self) -> None:
         for src in self._sources.values():

@@ -24,6 +24,7 @@ if __name__ == "__main__":
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.model_executor.model_loader import get_model_loader
     timings = []
+    stats = []
     import vllm.model_executor.model_loader.base_loader as bl
     original = bl.BaseModelLoader.load_model
     def load_model(self, *a, **k):
@@ -40,6 +41,7 @@ if __name__ == "__main__":
                 return inner(this, model, model_config)
             finally:
                 timings.append(time.perf_counter() - t0)
+                stats.append(getattr(this, "last_stats", None))
         type(self).load_weights = timed
         try:
             return original(self, *a, **k)
@@ -55,7 +57,9 @@ if __name__ == "__main__":
     llm = LLM(spec["model"], load_format=spec["format"], dtype=spec["dtype"], skip_tokenizer_init=True,
               enforce_eager=True, max_model_len=128, max_num_seqs=1, max_num_batched_tokens=128,
               kv_cache_memory_bytes=16 << 20, disable_log_stats=True, **kwargs)
-    print("VLLM_LOAD " + json.dumps({"load_weights_s": timings[-1] if timings else None}), flush=True)
+    keep = ("in_place", "in_place_bytes", "via_model", "via_model_bytes", "unused", "unused_bytes", "probe_seconds")
+    last = {k: stats[-1][k] for k in keep} if stats and stats[-1] else None
+    print("VLLM_LOAD " + json.dumps({"load_weights_s": timings[-1] if timings else None, "stats": last}), flush=True)
 """
 
 
@@ -64,7 +68,9 @@ def _files(model: str) -> list[str]:
 
 
 def run_once(model: str, fmt: str, *, cold: bool, dtype: str, extra: dict | None = None,
-             timeout: float = 900) -> float:
+             timeout: float = 900, stats: list | None = None) -> float:
+    """Seconds ``load_weights`` took in a fresh engine; the streamer's in-place counts are
+    appended to ``stats`` when given."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
            "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     spec = {"model": model, "format": fmt, "cold": cold, "files": _files(model), "dtype": dtype, "extra": extra}
@@ -73,7 +79,10 @@ def run_once(model: str, fmt: str, *, cold: bool, dtype: str, extra: dict | None
     lines = [x for x in proc.stdout.splitlines() if x.startswith("VLLM_LOAD ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"vLLM run ({fmt}) failed with exit {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    value = json.loads(lines[-1][len("VLLM_LOAD "):])["load_weights_s"]
+    record = json.loads(lines[-1][len("VLLM_LOAD "):])
+    value = record["load_weights_s"]
+    if stats is not None and record.get("stats"):
+        stats.append(record["stats"])
     if value is None:
         raise RuntimeError(f"vLLM run ({fmt}) did not call load_weights")
     return float(value)
@@ -86,13 +95,14 @@ def run(args) -> int:
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
     size = sum(os.path.getsize(f) for f in _files(args.model))
     results: dict[str, dict[str, list[float]]] = {f: {c: [] for c in caches} for f in formats}
+    placed: list[dict] = []
     for cache in caches:
         for rep in range(args.repeat):
             # interleaved so drift hits every format alike, in a new order each round so
             # that no format always follows the same one
             for fmt in round_order(formats, rep):
                 time.sleep(args.settle)
-                t = run_once(args.model, fmt, cold=cache == "cold", dtype=args.dtype)
+                t = run_once(args.model, fmt, cold=cache == "cold", dtype=args.dtype, stats=placed)
                 results[fmt][cache].append(t)
                 print(f"  {fmt:<16} {cache} run {rep + 1}: load_weights {t:.2f} s", file=sys.stderr, flush=True)
     print(f"\nvLLM load_weights, {args.model} ({size / 1e9:.2f} GB), median of {args.repeat}")
@@ -106,7 +116,13 @@ def run(args) -> int:
             ours = statistics.median(results["streamer"][c]) if "streamer" in results else None
             cells += [f"{med:.2f}", f"{size / med / 1e9:.2f}", f"{ours / med:.2f}x" if ours else "-"]
         print(f"| {fmt} | " + " | ".join(cells) + " |")
+    if placed:
+        last = placed[-1]
+        print(f"\nstreamer: {last['in_place']} tensors ({last['in_place_bytes'] / 1e9:.3f} GB) streamed in place, "
+              f"{last['via_model']} ({last['via_model_bytes'] / 1e9:.3f} GB) through the model's load_weights, "
+              f"{last['unused']} unused not read; dry run of load_weights median "
+              f"{statistics.median(p['probe_seconds'] for p in placed):.3f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "bytes": size, "results": results}, f, indent=2)
+            json.dump({"model": args.model, "bytes": size, "results": results, "streamer_stats": placed}, f, indent=2)
     return 0

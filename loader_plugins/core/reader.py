@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import sys
@@ -242,7 +243,7 @@ class StreamReader:
             elif dest is not None and self._direct[spec.name]:
                 job = _Job(spec, None, None, 0, self._sink.wrap_destination(dest), block=block)
             elif dest is not None:
-                job = _Job(spec, None, dest, spec.nbytes, self._sink.allocate(spec))
+                job = _Job(spec, None, dest, spec.nbytes, self._sink.allocate(_staged_part(spec, block)), block=block)
             else:
                 job = _Job(spec, None, None, spec.nbytes, self._sink.allocate(spec))
             window.jobs[spec.name] = job
@@ -310,7 +311,7 @@ class StreamReader:
 
     def _finish(self, job: _Job) -> None:
         if job.dest is not None:
-            job.dest.copy_(job.target)   # the one cast/copy into a destination we cannot read into
+            _deliver(job.spec, job.target, job.dest, job.block)   # the one copy (cast, cut) into it
             tensor = job.dest
         else:
             tensor = job.target
@@ -420,16 +421,46 @@ class StreamReader:
 
 
 def _check_cpu_shard(spec: TensorSpec, dest, block: ColumnBlock) -> bool:
-    """A CPU destination for a shard: only dim-0 (contiguous) shards of the checkpoint's dtype."""
+    """A destination for a tensor-parallel shard, filled without a device sink: True when its
+    bytes can be read straight into it (a contiguous CPU tensor of the checkpoint's dtype and a
+    dim-0 shard), False when they are staged and copied once (cut, cast or moved to another
+    device by torch); an error when it cannot hold the shard."""
     import torch
 
-    if not (block.contiguous and isinstance(dest, torch.Tensor) and dest.device.type == "cpu"
-            and dest.is_contiguous() and dest.dtype == spec.torch_dtype()
-            and dest.numel() * dest.element_size() == block.nbytes):
-        raise DestinationError(f"destination for a shard of {spec.describe()} must be a contiguous CPU tensor of "
-                               f"{spec.dtype} holding the {block.nbytes} bytes of a dim-0 shard (strided shards are "
-                               f"cut on the GPU, or by the model's weight loader)")
-    return True
+    if not isinstance(dest, torch.Tensor) or dest.numel() * spec.itemsize != block.nbytes:
+        raise DestinationError(f"destination for a shard of {spec.describe()} must be a tensor holding the "
+                               f"{block.nbytes // max(spec.itemsize, 1)} elements of the shard")
+    src_dtype = spec.torch_dtype()
+    if dest.dtype != src_dtype and not (dest.dtype.is_floating_point and src_dtype.is_floating_point):
+        raise DestinationError(f"destination for a shard of {spec.describe()} is {dest.dtype} but the checkpoint "
+                               f"holds {src_dtype}; only casts between floating-point types are done on load")
+    return (block.contiguous and dest.device.type == "cpu" and dest.is_contiguous() and dest.dtype == src_dtype
+            and not dest.is_quantized)
+
+
+def _staged_part(spec: TensorSpec, block: ColumnBlock | None) -> TensorSpec:
+    """The bytes a staged destination's read lands in: the shard's byte range when it is one,
+    else the whole tensor (a strided shard is cut out of it once complete)."""
+    if block is None or not block.contiguous:
+        return spec
+    start, end = block.byte_range()
+    return dataclasses.replace(spec, shape=((end - start) // spec.itemsize,), offset=spec.offset + start,
+                               nbytes=end - start)
+
+
+def _deliver(spec: TensorSpec, staged, dest, block: ColumnBlock | None) -> None:
+    """Copy a complete staged read into ``dest`` (torch's ``copy_``: the same cast as the
+    model's loader would make), cutting a strided shard's columns out of the whole tensor."""
+    if block is None or block.contiguous:
+        dest.copy_(staged.reshape(dest.shape))
+        return
+    isz = spec.itemsize
+    rows = staged.reshape(block.rows, block.row_bytes // isz)
+    part = rows[:, block.start // isz:(block.start + block.width) // isz]
+    if dest.is_contiguous():
+        dest.view(block.rows, block.width // isz).copy_(part)
+    else:
+        dest.copy_(part.reshape(dest.shape))
 
 
 def progress_bar(total: int, desc: str, mode: str):

@@ -114,6 +114,43 @@ def test_fill_caller_allocated_tensors_in_place(all_dtypes_file):
     assert_bit_exact(got, ref)
 
 
+@pytest.mark.parametrize("dst_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_shards_into_cpu_destinations(tmp_path, rank, dst_dtype):
+    """Tensor-parallel shards without a device sink: a dim-0 shard of the checkpoint's dtype is
+    read straight into its destination (only its bytes), a cast one through staging; a dim-1
+    (strided) shard is read whole and cut once complete. Same values as torch's narrow + copy_."""
+    from loader_plugins.core.header import TensorSpec
+    from loader_plugins.core.tp import shard_block
+
+    path = tmp_path / "tp.safetensors"
+    w = torch.randn(7, 10).to(torch.bfloat16)
+    save_file({"rows": w, "cols": w.clone()}, path)
+    specs = {n: TensorSpec(n, "BF16", (7, 10), str(path), 0, 140) for n in ("rows", "cols")}
+    blocks = {"rows": shard_block(specs["rows"], rank, 3, 0), "cols": shard_block(specs["cols"], rank, 3, 1)}
+    want = {"rows": w.narrow(0, 3 * rank, min(3, 7 - 3 * rank)), "cols": w.narrow(1, 4 * rank, min(4, 10 - 4 * rank))}
+    dests = {n: torch.full(t.shape, -1.0, dtype=dst_dtype) for n, t in want.items()}
+    with SafetensorsStreamer(chunk_bytes=4096) as streamer:
+        streamer.stream_file(path, destinations=dests, shards=blocks)
+        got = dict(streamer.get_tensors())
+    for name, expected in want.items():
+        assert got[name] is dests[name]
+        assert torch.equal(dests[name], expected.to(dst_dtype)), name
+
+
+def test_shard_destination_of_the_wrong_size_is_an_error(tmp_path):
+    from loader_plugins.core.header import TensorSpec
+    from loader_plugins.core.tp import shard_block
+
+    path = tmp_path / "tp.safetensors"
+    save_file({"w": torch.randn(6, 4)}, path)
+    block = shard_block(TensorSpec("w", "F32", (6, 4), str(path), 0, 96), 0, 2, 0)
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(path, destinations={"w": torch.empty(2, 4)}, shards={"w": block})
+        with pytest.raises(DestinationError, match="must be a tensor holding the 12 elements"):
+            list(streamer.get_tensors())
+
+
 def test_cast_into_destination_of_other_dtype(tmp_path):
     path = tmp_path / "bf16.safetensors"
     src = torch.randn(64, 48).to(torch.bfloat16)

@@ -1,0 +1,41 @@
+"""``--model-loader-extra-config`` for ``--load-format streamer`` (needs vLLM importable)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed")
+
+from loader_plugins import ConfigError, StreamerConfig  # noqa: E402
+from loader_plugins.vllm_adapter.loader import parse_extra_config  # noqa: E402
+
+
+def test_defaults():
+    options = parse_extra_config(None)
+    assert options.config == StreamerConfig() and options.weights_uri is None and options.in_place is True
+
+
+def test_every_streamer_key_and_the_adapter_keys():
+    options = parse_extra_config({"concurrency": 4, "memory_limit": "1GiB", "weights_uri": "s3://b/m",
+                                  "in_place": False})
+    assert options.config.concurrency == 4 and options.config.memory_limit == 1 << 30
+    assert options.weights_uri == "s3://b/m" and options.in_place is False
+
+
+def test_unknown_key_names_the_allowed_ones():
+    with pytest.raises(ConfigError) as exc:
+        parse_extra_config({"concurency": 4})
+    message = str(exc.value)
+    assert "'concurency'" in message and "concurrency" in message and "weights_uri" in message
+    assert "in_place" in message
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"in_place": "yes"}, "'in_place' must be true or false"),
+    ({"weights_uri": ""}, "'weights_uri' must be a path or s3:// URI"),
+    ({"weights_uri": 3}, "'weights_uri' must be a path or s3:// URI"),
+    ({"direct_io": "maybe"}, "must be one of auto, on, off"),
+])
+def test_bad_values(extra, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        parse_extra_config(extra)
