@@ -143,7 +143,8 @@ class StreamReader:
         if self._cuda is not None:
             self._cuda.ring.cancelled = self._cancelled
         self._on_bytes = on_bytes
-        unknown = [n for n in self._destinations if n not in {s.name for s in specs}]
+        names = {s.name for s in specs}
+        unknown = [n for n in self._destinations if n not in names]
         if unknown:
             raise StreamerError(f"destinations given for tensors not in the checkpoint: {unknown[:5]}")
         if set(self._shards) - set(self._destinations):

@@ -22,6 +22,7 @@ way not attributable to one tensor leaves every tensor to the loader.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import logging
@@ -202,7 +203,7 @@ class ProbeMode(StandInMode):
         written = written_args(func, args, kwargs)
         written_ids = {id(t) for t in written}
         tainted: set[str] = set()
-        viewing = func.is_view or func in METADATA_ONLY
+        reads = func not in METADATA_ONLY     # empty_like and the like use shapes only
         for x in flat:
             if not isinstance(x, torch.Tensor) or id(x) in written_ids:
                 continue
@@ -211,7 +212,7 @@ class ProbeMode(StandInMode):
                 continue
             if span[0] in self.taint:
                 tainted |= self.taint[span[0]]
-            elif span[0] not in self.temps and not viewing:
+            elif span[0] not in self.temps and reads:
                 self.spans.append((*span, "read"))
         returns = func._schema.returns
         if tainted and gives_data(func):
@@ -236,7 +237,7 @@ class ProbeMode(StandInMode):
         else:
             out = func(*args, **kwargs)
         for t in (out if isinstance(out, (list, tuple)) else (out,)):
-            if isinstance(t, torch.Tensor) and not viewing:
+            if isinstance(t, torch.Tensor):
                 span = byte_span(t)
                 if span is not None:
                     self.temps.add(span[0])
@@ -325,11 +326,14 @@ def predict(load_weights: Callable[[Iterator], object], model: torch.nn.Module, 
         state = ModelState(model)
         error: BaseException | None = None
 
+        given = collections.deque((n, loaded[n] if n in loaded else mode.origin(n, specs[n].torch_dtype(),
+                                                                            specs[n].shape)) for n in names)
+
         def weights():
-            for name in names:
+            while given:   # handed out one by one: nothing here keeps a stand-in the loader dropped
+                name, tensor = given.popleft()
                 mode.current = name
-                spec = specs[name]
-                yield name, loaded[name] if name in loaded else mode.origin(name, spec.torch_dtype(), spec.shape)
+                yield name, tensor
             mode.current = None
 
         alive: set[str] = set()

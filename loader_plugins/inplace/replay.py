@@ -64,14 +64,16 @@ class ReplayMode(StandInMode):
             span = byte_span(dest)
             if span is not None:
                 self._pending.setdefault(span[0], []).append((span[1], span[2], name, key))
+        self._given = collections.deque((n, self.origin(n, specs[n].torch_dtype(), specs[n].shape))
+                                        for n in self._order)
         self._exhausted = False
         self.from_stream = 0           # tensors handed to the loader as the stream completed them
 
     # ---- what the loader iterates --------------------------------------------------------------
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self._order:
-            spec = self._specs[name]
-            yield name, self.origin(name, spec.torch_dtype(), spec.shape)
+        """Stand-ins first (made before the loader runs under this mode), then the rest."""
+        while self._given:
+            yield self._given.popleft()
         for name, tensor in self.prediction.loaded.items():
             yield name, tensor
         while True:

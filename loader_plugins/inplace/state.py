@@ -10,6 +10,9 @@ from collections import OrderedDict
 import torch
 
 _CONTAINERS = (dict, OrderedDict, list, set)
+#: ``Tensor.data`` itself: some parameter classes override the attribute (vLLM's
+#: SharedWeightParameter raises on it), the memory underneath is what matters here.
+_DATA = torch._C.TensorBase.__dict__["data"]
 
 
 class ModelState:
@@ -26,7 +29,7 @@ class ModelState:
             for t in list(module._parameters.values()) + list(module._buffers.values()):
                 if t is not None and id(t) not in seen:
                     self._keep(t, seen)
-                    self._tensors.append((t, t.data, _where(t)))
+                    self._tensors.append((t, _DATA.__get__(t, type(t)), _where(t)))
 
     def _keep(self, obj, seen: set[int]) -> None:
         seen.add(id(obj))
@@ -48,7 +51,7 @@ class ModelState:
                         container.update(saved)
         for t, data, where in self._tensors:
             if _where(t) != where:
-                t.data = data
+                _DATA.__set__(t, data)
 
 
 def _same(a, b) -> bool:
@@ -73,7 +76,7 @@ def patched_data_setter(mode):
     """While active, ``x.data = y`` on ``mode``'s thread goes through ``mode.on_set_data(x, y)``,
     which returns the tensor to assign (``tensor.data`` assignment is not an aten call, so no
     dispatch mode sees it)."""
-    descriptor = torch._C.TensorBase.__dict__["data"]
+    descriptor = _DATA
     had = "data" in torch.Tensor.__dict__
     previous = torch.Tensor.__dict__.get("data")
     thread = threading.get_ident()

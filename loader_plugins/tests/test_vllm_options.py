@@ -39,3 +39,14 @@ def test_unknown_key_names_the_allowed_ones():
 def test_bad_values(extra, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         parse_extra_config(extra)
+
+
+def test_shipped_configs_parse():
+    import json
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("vllm-*.json"))
+    assert configs, "configs/vllm-*.json are missing"
+    for path in configs:
+        options = parse_extra_config(json.loads(path.read_text()))
+        assert isinstance(options.config, StreamerConfig), path
