@@ -12,7 +12,8 @@ import torch
 _CONTAINERS = (dict, OrderedDict, list, set)
 #: ``Tensor.data`` itself: some parameter classes override the attribute (vLLM's
 #: SharedWeightParameter raises on it), the memory underneath is what matters here.
-_DATA = torch._C.TensorBase.__dict__["data"]
+_BASE = getattr(torch._C, "TensorBase", None) or torch._C._TensorBase   # named _TensorBase before torch 2.3
+_DATA = _BASE.__dict__["data"]
 
 
 class ModelState:
