@@ -33,7 +33,7 @@ import torch
 
 from ..core.header import TensorSpec
 from ..core.tp import ColumnBlock
-from .standin import StandIn, StandInMode, byte_span, column_block, leaves, written_args
+from .standin import StandIn, StandInMode, byte_span, column_block, leaves, map_args, written_args
 from .state import ModelState, patched_data_setter
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class ProbeMode(StandInMode):
                 for x in leaves(args, kwargs)]
         mapping = {id(s): r for s, r in zip(leaves(args, kwargs), real)}
         swap = lambda x: mapping.get(id(x), x)  # noqa: E731
-        return func(*[_swap(swap, a) for a in args], **{k: _swap(swap, v) for k, v in kwargs.items()})
+        return func(*map_args(swap, args), **map_args(swap, kwargs))
 
     def _need(self, origins, why: str) -> NeedsData:
         self.needs |= set(origins)
@@ -233,7 +233,7 @@ class ProbeMode(StandInMode):
                 return written[0]          # an in-place op on the model: skipped
             clones = {id(t): t.clone() for t in preexisting}
             swap = lambda x: clones.get(id(x), x)  # noqa: E731
-            out = func(*[_swap(swap, a) for a in args], **{k: _swap(swap, v) for k, v in kwargs.items()})
+            out = func(*map_args(swap, args), **map_args(swap, kwargs))
         else:
             out = func(*args, **kwargs)
         for t in (out if isinstance(out, (list, tuple)) else (out,)):
@@ -290,11 +290,6 @@ def gives_data(func) -> bool:
         _GIVES_DATA[func] = known
     return known
 
-
-def _swap(fn, a):
-    if isinstance(a, (list, tuple)):
-        return type(a)(fn(x) for x in a)
-    return fn(a)
 
 
 def materialize(s: StandIn, origin: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from ..core.header import TensorSpec
 from ..errors import StreamerError
 from .probe import METADATA_ONLY, _alive, Prediction, dest_signature, materialize, value_signature
-from .standin import StandIn, StandInMode, byte_span, leaves, written_args
+from .standin import StandIn, StandInMode, byte_span, leaves, map_args, written_args
 
 
 class InPlaceMismatch(StreamerError, RuntimeError):
@@ -135,8 +135,8 @@ class ReplayMode(StandInMode):
     def on_standin_op(self, func, args, kwargs, standins):
         real = {id(s): self.value_of(s) for s in standins}
         swap = lambda x: real.get(id(x), x)  # noqa: E731
-        args = tuple(_swap(swap, a) for a in args)
-        kwargs = {k: _swap(swap, v) for k, v in kwargs.items()}
+        args = map_args(swap, args)
+        kwargs = map_args(swap, kwargs)
         return self.on_real_op(func, args, kwargs, leaves(args, kwargs))
 
     def value_of(self, s: StandIn) -> torch.Tensor:
@@ -189,9 +189,3 @@ class ReplayMode(StandInMode):
             raise InPlaceMismatch(
                 f"the model's loader kept stand-ins for {sorted(kept)[:5]} beyond the load; load with "
                 f"--model-loader-extra-config '{{\"in_place\": false}}' and report the model")
-
-
-def _swap(fn, a):
-    if isinstance(a, (list, tuple)):
-        return type(a)(fn(x) for x in a)
-    return fn(a)

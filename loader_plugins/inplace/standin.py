@@ -107,11 +107,12 @@ def leaves(args, kwargs) -> list:
     return out
 
 
-def _map(fn: Callable[[Any], Any], obj):
+def map_args(fn: Callable[[Any], Any], obj):
+    """``obj`` (an aten call's args or kwargs) with ``fn`` applied to every leaf."""
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map(fn, x) for x in obj)
+        return type(obj)(map_args(fn, x) for x in obj)
     if isinstance(obj, dict):
-        return {k: _map(fn, v) for k, v in obj.items()}
+        return {k: map_args(fn, v) for k, v in obj.items()}
     return fn(obj)
 
 
@@ -259,14 +260,14 @@ class StandInMode(TorchDispatchMode):
         origins = tuple(sorted({o for s in standins for o in s.origins}))
         device = next((x.device for x in leaves(args, kwargs)
                        if isinstance(x, torch.Tensor) and not isinstance(x, StandIn)), standins[0].device)
-        meta_args = _map(lambda x: meta_like(x) if isinstance(x, torch.Tensor) else x, args)
-        meta_kwargs = _map(lambda x: meta_like(x) if isinstance(x, torch.Tensor) else x, kwargs)
+        meta_args = map_args(lambda x: meta_like(x) if isinstance(x, torch.Tensor) else x, args)
+        meta_kwargs = map_args(lambda x: meta_like(x) if isinstance(x, torch.Tensor) else x, kwargs)
         out = func(*meta_args, **meta_kwargs)
         written = written_args(func, args, kwargs)
         if written and len(func._schema.returns) == 1 and isinstance(out, torch.Tensor):
             target = written[0]
             return target if not isinstance(target, StandIn) else self.opaque(origins, out, device)
-        return _map(lambda x: self.opaque(origins, x, device) if isinstance(x, torch.Tensor) else x, out)
+        return map_args(lambda x: self.opaque(origins, x, device) if isinstance(x, torch.Tensor) else x, out)
 
 
 _WRITES: dict = {}
