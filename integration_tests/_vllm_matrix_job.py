@@ -13,7 +13,6 @@ after it, and for the streamer its ``last_stats`` (tensors and bytes in place / 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import sys
@@ -119,8 +118,7 @@ def main(spec: dict) -> None:
                 record["error"] = f"{type(exc).__name__}: {exc}"
                 record["traceback"] = traceback.format_exc()[-4000:]
             finally:
-                cleanup_dist_env_and_memory()
-                gc.collect()
+                cleanup_dist_env_and_memory()   # collects garbage too
             print("RESULT " + json.dumps(record), flush=True)
 
 

@@ -46,7 +46,7 @@ THROUGH_LOAD_WEIGHTS = {
     "gpt_oss": r"\.experts\.(gate_up_proj|down_proj)$",            # 3D experts, permuted
     "phi": r"^lm_head\.bias$",                                     # Transformers backend: via a temporary
 }
-MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "llama4", "gpt_oss", "granitemoe", "granitemoeshared"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "llama4", "gpt_oss", "granitemoe"}
 
 
 def _run(spec: dict, env: dict) -> subprocess.Popen:
@@ -67,15 +67,14 @@ def _collect(proc: subprocess.Popen) -> list[dict]:
 def results(tmp_path_factory) -> dict[tuple[str, int], dict[str, dict]]:
     root = tmp_path_factory.mktemp("arch-matrix")
     models = [{"arch": a, "path": str(make_arch_checkpoint(a, root / a))} for a in ARCHITECTURES]
-    # two single-rank jobs side by side (engine start is mostly one core's Python), then TP 2
-    halves = [models[0::2], models[1::2]]
-    procs = [_run({"models": half, "tp": 1}, INPROCESS_ENV) for half in halves]
-    rows = [row for proc in procs for row in _collect(proc)]
+    # every job at once: an engine start is mostly one core's Python and waiting, so the single-rank
+    # halves and the TP 2 job (whose engine core stays in its process, its two workers one core
+    # each; collective_rpc sends the report function by pickle) overlap well on 2 cores
     tp = [m for m in models if m["arch"] in TP_ARCHS]
-    # the engine core stays in this process (15 s an engine start instead of 40); the two workers are
-    # processes of their own, one core each; collective_rpc sends the report function by pickle
-    rows += _collect(_run({"models": tp, "tp": 2}, {**INPROCESS_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1",
-                                                    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}))
+    procs = [_run({"models": half, "tp": 1}, INPROCESS_ENV) for half in (models[0::2], models[1::2])]
+    procs.append(_run({"models": tp, "tp": 2}, {**INPROCESS_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+                                                 "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}))
+    rows = [row for proc in procs for row in _collect(proc)]
     table: dict[tuple[str, int], dict[str, dict]] = {}
     for row in rows:
         table.setdefault((row["arch"], row["tp"]), {})[row["format"]] = row
