@@ -291,6 +291,38 @@ def test_profile_and_missing_credentials(s3_server, s3_bucket, s3_env, monkeypat
         assert info.value.errno == errno.EACCES
 
 
+def test_runai_s3_credentials_are_used_without_any_in_the_environment(s3_server, s3_bucket, s3_env, monkeypatch,
+                                                                         tmp_path):
+    """Run:ai's ``stream_file(path, s3_credentials=S3Credentials(...))`` against a real server, with
+    neither keys nor a profile for boto3's chain to find; a wrong secret is refused clearly."""
+    from runai_model_streamer.s3_utils.s3_utils import S3Credentials
+
+    from loader_plugins import SafetensorsStreamer
+
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(5, dtype=torch.int8)}
+    local = tmp_path / "m.safetensors"
+    safetensors_torch.save_file(tensors, local)
+    key = "creds/model.safetensors"
+    s3_server.client().put_object(Bucket=s3_bucket, Key=key, Body=local.read_bytes())
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    uri = f"s3://{s3_bucket}/{key}"
+    good = S3Credentials(access_key_id=s3_server.access_key, secret_access_key=s3_server.secret_key,
+                         region_name="us-east-1", endpoint=s3_server.endpoint_url)
+    with SafetensorsStreamer(s3_addressing_style="path") as streamer:
+        streamer.stream_file(uri, good, "cpu")
+        got = dict(streamer.get_tensors())
+    assert sorted(got) == ["b", "w"] and all(torch.equal(got[n], tensors[n]) for n in tensors)
+    bad = S3Credentials(access_key_id=s3_server.access_key, secret_access_key="WRONGsecret0000000000",
+                        region_name="us-east-1", endpoint=s3_server.endpoint_url)
+    with SafetensorsStreamer(s3_addressing_style="path") as streamer:
+        with pytest.raises(SourceError, match="check the S3 credentials") as info:
+            streamer.stream_file(uri, bad)
+    assert info.value.errno == errno.EACCES and "WRONGsecret" not in str(info.value)
+
+
 # ------------------------------------------------------------------------------------------
 # retries through the fault proxy
 # ------------------------------------------------------------------------------------------

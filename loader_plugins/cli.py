@@ -12,7 +12,7 @@ import time
 from typing import Any, Sequence
 
 from .config import StreamerConfig
-from .errors import StreamerError
+from .errors import SourceNotFoundError, StreamerError
 
 log = logging.getLogger("loader_plugins.cli")
 
@@ -126,7 +126,7 @@ def pull_config(uri: str, directory: str, config: StreamerConfig, *, max_bytes: 
     fetched = []
     with storage_for(uri, config) as storage:
         if not storage.is_dir(uri):
-            raise StreamerError(f"{uri}: not a checkpoint directory (no objects under it)")
+            raise SourceNotFoundError(2, f"{uri}: not a checkpoint directory (no objects under it)")
         for name in storage.list_dir(uri):
             if name.endswith(_WEIGHT_SUFFIXES) or name.startswith("."):
                 continue

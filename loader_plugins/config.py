@@ -52,7 +52,7 @@ class StreamerConfig:
     alignment: int = 4096
     """Buffer and offset alignment for O_DIRECT reads."""
 
-    max_header_bytes: int = 100 * _MiB
+    max_header_bytes: int = 100_000_000
     """Largest safetensors JSON header accepted (the format's own limit is 100 MB)."""
 
     hugepages: str = "auto"
@@ -84,6 +84,13 @@ class StreamerConfig:
 
     s3_profile: str | None = None
     """Named profile from the shared AWS config files."""
+
+    s3_access_key_id: str | None = dataclasses.field(default=None, repr=False)
+    """Explicit credentials (Run:ai's ``S3Credentials``); by default boto3's chain finds them.
+    Never logged: ``repr`` and ``to_dict(redact=True)`` leave them out."""
+
+    s3_secret_access_key: str | None = dataclasses.field(default=None, repr=False)
+    s3_session_token: str | None = dataclasses.field(default=None, repr=False)
 
     s3_range_bytes: int = 32 * _MiB
     """Largest ranged GET. Tensors larger than this are split across workers; every GET costs a
@@ -131,8 +138,14 @@ class StreamerConfig:
     def replace(self, **changes: Any) -> "StreamerConfig":
         return self.from_dict({**self.to_dict(), **changes})
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, *, redact: bool = False) -> dict[str, Any]:
+        """Every field; ``redact`` replaces set credentials with ``"***"`` (for reports)."""
+        out = dataclasses.asdict(self)
+        if redact:
+            for key in _SECRET_FIELDS:
+                if out[key] is not None:
+                    out[key] = "***"
+        return out
 
     def workers(self, remote: bool = False) -> int:
         """Reader threads for a load; ``remote``: it reads from S3 (see ``concurrency``)."""
@@ -158,6 +171,7 @@ _CHOICES = {
 }
 _HUGEPAGE_WORDS = {"auto": "auto", "on": "on", "true": "on", "1": "on", "yes": "on",
                    "off": "off", "false": "off", "0": "off", "no": "off"}
+_SECRET_FIELDS = ("s3_access_key_id", "s3_secret_access_key", "s3_session_token")
 _SIZE_FIELDS = ("chunk_bytes", "memory_limit", "alignment", "max_header_bytes", "cache_max_bytes",
                 "s3_range_bytes")
 

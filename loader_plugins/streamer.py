@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Sequence, Union
 
 from .config import StreamerConfig
-from .core.checkpoint import Checkpoint, open_checkpoint
+from .core.checkpoint import Checkpoint, merge_headers, open_checkpoint, open_headers
+from .core.header import FileHeader
 from .core.reader import StreamReader, progress_bar
 from .core.sources.base import Source
-from .errors import CancelledError, StreamerError
+from .errors import CancelledError, ConfigError, DeviceError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -30,22 +32,174 @@ def _config(config: StreamerConfig | Mapping[str, Any] | None, options: Mapping[
     return config.replace(**options) if options else config
 
 
+#: ``load_file(backend=...)`` values safetensors 0.8 accepts. Both read into memory the result
+#: owns here (safetensors' ``"pread"`` semantics); ``"mmap"`` is accepted so calls written for
+#: safetensors keep working, but the tensors are never views of the file.
+BACKENDS = ("mmap", "pread")
+
+#: device types safetensors accepts by name (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"npu:0"``...)
+_DEVICE_TYPES = ("cpu", "cuda", "musa", "mps", "npu", "xpu", "xla", "mlu", "hpu")
+
+
+def resolve_device(device: "str | int | torch.device") -> "torch.device":
+    """safetensors' device argument as a torch device, checked to exist in this process.
+
+    Accepted as safetensors accepts them: ``"cpu"``, a device type (``"cuda"`` = ``"cuda:0"``),
+    ``"type:N"`` (``"mps"`` only with index 0), an int (that index of the default accelerator);
+    a ``torch.device`` too. Anything else is a :class:`ConfigError`; a device torch cannot use
+    here (no CUDA...) a :class:`DeviceError`, a ``RuntimeError`` as torch and safetensors raise.
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        target = device
+    elif isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        target = torch.device("cuda", device)
+    elif isinstance(device, str):
+        kind, _, index = device.partition(":")
+        valid = kind in _DEVICE_TYPES and (not _ or (kind != "cpu" and index.isdigit()))
+        if not valid or (kind == "mps" and index not in ("", "0")):
+            raise ConfigError(f"device {device} is invalid: pass \"cpu\", a device type such as \"cuda\", "
+                              f"\"cuda:N\" or an int device index")
+        target = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
+    else:
+        raise ConfigError(f"device {device!r} is invalid: pass \"cpu\", \"cuda\", \"cuda:N\" or an int device index")
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {target} was asked for, but torch reports no CUDA device here "
+                              f"(torch.cuda.is_available() is False); load to \"cpu\" instead")
+        if (target.index or 0) >= torch.cuda.device_count():
+            raise DeviceError(f"device {target} does not exist: this process sees {torch.cuda.device_count()} "
+                              f"CUDA device(s)")
+    elif target.type != "cpu":
+        try:
+            torch.empty(0, device=target)
+        except Exception as exc:   # noqa: BLE001 - torch's own reason, whatever the backend
+            raise DeviceError(f"device {target} is not usable in this process: {exc}") from exc
+    return target
+
+
+def _wanted_names(tensor_names, names) -> frozenset[str] | None:
+    """Run:ai's ``tensor_names`` rule: None loads everything; a collection of names (a set,
+    list...) loads those; a single string or an empty collection is a caller bug."""
+    if tensor_names is not None and names is not None:
+        raise ConfigError("pass tensor_names or names (its older spelling), not both")
+    chosen = tensor_names if tensor_names is not None else names
+    if chosen is None:
+        return None
+    if isinstance(chosen, (str, bytes)):
+        raise ConfigError(f"tensor_names must be a collection of names, not a single str ({chosen!r}): "
+                          f"write tensor_names=[{chosen!r}]")
+    wanted = frozenset(chosen)
+    if not wanted:
+        raise ConfigError("tensor_names must not be empty - pass None to load every tensor")
+    bad = [n for n in wanted if not isinstance(n, str)]
+    if bad:
+        raise ConfigError(f"tensor_names must hold strings, got {bad[:3]!r}")
+    return wanted
+
+
+def _credentials_options(credentials: Any) -> dict[str, Any]:
+    """Config fields from a Run:ai ``S3Credentials`` (or any object with its attributes)."""
+    if credentials is None:
+        return {}
+    fields = {"access_key_id": "s3_access_key_id", "secret_access_key": "s3_secret_access_key",
+              "session_token": "s3_session_token", "region_name": "s3_region", "endpoint": "s3_endpoint_url"}
+    return {ours: getattr(credentials, theirs) for theirs, ours in fields.items()
+            if getattr(credentials, theirs, None) is not None}
+
+
+def _batches(headers: Sequence[FileHeader]) -> list[list[int]]:
+    """Indices of ``headers`` grouped so that no group holds a tensor name twice (one group
+    unless several files repeat a name, which Run:ai's streamer allows when nothing is
+    filtered: each copy is then yielded)."""
+    groups: list[tuple[list[int], set[str]]] = []
+    for i, header in enumerate(headers):
+        names = {s.name for s in header.tensors}
+        for members, seen in groups:
+            if seen.isdisjoint(names):
+                members.append(i)
+                seen |= names
+                break
+        else:
+            groups.append(([i], names))
+    return [members for members, _ in groups]
+
+
+def _check_wanted(wanted: frozenset[str], checkpoints: Sequence[Checkpoint], files: Sequence[str]) -> None:
+    """Run:ai's rules: every requested name exists, and in one file only."""
+    seen: dict[str, list[str]] = {}
+    for checkpoint in checkpoints:
+        for name in wanted & checkpoint.tensors.keys():
+            seen.setdefault(name, []).append(checkpoint.tensors[name].file)
+    missing = sorted(wanted - seen.keys())
+    if missing:
+        raise UsageError(f"tensor_names not found in checkpoint: {missing[:10]}"
+                         f"{f' and {len(missing) - 10} more' if len(missing) > 10 else ''} (files: {list(files)})")
+    repeated = sorted(n for n, where in seen.items() if len(where) > 1)
+    if repeated:
+        raise UsageError(f"tensor_names requested tensors that appear in more than one file: {repeated[:10]} "
+                         f"(e.g. {repeated[0]!r} in {seen[repeated[0]]}); ask for names that occur once")
+
+
+def _device_buffers(checkpoint: Checkpoint, names: Collection[str] | None, device) -> dict[str, "torch.Tensor"]:
+    """Empty tensors on ``device`` for the wanted tensors: the reader streams into them."""
+    import torch
+
+    return {n: torch.empty(s.shape, dtype=s.torch_dtype(), device=device) for n, s in checkpoint.tensors.items()
+            if names is None or n in names}
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@dataclasses.dataclass
+class _Job:
+    """One ``stream_files`` call: its checkpoints (headers already parsed), sources and wishes."""
+
+    checkpoints: list[Checkpoint]
+    sources: dict[str, Source]
+    names: frozenset[str] | None
+    destinations: Mapping[str, Any] | None
+    shards: Mapping[str, Any] | None
+    device: "torch.device"
+    distributed: bool
+    paths: Any
+    config: StreamerConfig
+
+
 class SafetensorsStreamer:
-    """Stream safetensors checkpoints concurrently; the names follow Run:ai Model Streamer.
+    """Stream safetensors checkpoints concurrently, call-compatible with Run:ai Model Streamer's
+    ``runai_model_streamer.SafetensorsStreamer`` (0.17).
 
     >>> with SafetensorsStreamer() as streamer:
     ...     streamer.stream_files(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
     ...     for name, tensor in streamer.get_tensors():
     ...         ...
 
-    Tensors are yielded as they complete, in no particular order, and are owned by the caller
-    (never views of a file). ``destinations`` (name -> tensor) fills caller-allocated tensors in
-    place; ``names`` restricts the load to a subset.
+    As Run:ai's: ``stream_file(path, s3_credentials=None, device="cpu", is_distributed=False,
+    tensor_names=None, owned=True)`` (``stream_files`` takes a list) parses the headers at once
+    and raises there for a bad file or an unknown name; ``get_tensors()`` yields ``(name,
+    tensor)`` as tensors complete, in no particular order; a name repeated across files is
+    yielded once per file unless ``tensor_names`` asks for it (then it is an error). Tensors are
+    always owned by the caller (never views of a file or of a reused buffer), whatever ``owned``
+    says. ``is_distributed=True`` splits the reads across the ranks of the initialised
+    ``torch.distributed`` group (:func:`~loader_plugins.core.distributed.load_distributed`); every
+    rank must then pass the same files and names.
+
+    Ours besides: a path may be a directory (sharded with ``model.safetensors.index.json`` or
+    not) or an ``s3://`` prefix; keyword-only ``destinations`` (name -> tensor) fills
+    caller-allocated tensors in place and ``shards`` (name ->
+    :class:`~loader_plugins.core.tp.ColumnBlock`) says a destination holds one tensor-parallel
+    shard; constructor keywords are :class:`StreamerConfig` fields.
     """
 
     def __init__(self, config: StreamerConfig | Mapping[str, Any] | None = None, **options: Any):
         self.config = _config(config, options)
-        self._pending: list[tuple[PathArg, Any, Any]] = []
+        self._pending: list[_Job] = []
         self._reader: StreamReader | None = None
         self._sources: dict[str, Source] = {}
         self.checkpoint: Checkpoint | None = None
@@ -53,25 +207,96 @@ class SafetensorsStreamer:
         self._lock = threading.Lock()
         self._closed = False
 
-    # Run:ai-compatible names
-    def stream_file(self, path: str | os.PathLike, *, names=None, destinations=None, shards=None) -> None:
-        self.stream_files([path], names=names, destinations=destinations, shards=shards)
+    def stream_file(self, path: str | os.PathLike, s3_credentials: Any = None, device: Any = "cpu",
+                    is_distributed: bool = False, tensor_names: Collection[str] | None = None, owned: bool = True,
+                    *, names: Collection[str] | None = None, destinations: Mapping[str, Any] | None = None,
+                    shards: Mapping[str, Any] | None = None) -> None:
+        """Queue one file (or directory, or ``s3://`` prefix); see :meth:`stream_files`."""
+        self.stream_files([path], s3_credentials, device, is_distributed, tensor_names, owned, names=names,
+                          destinations=destinations, shards=shards)
 
-    def stream_files(self, paths: PathArg, *, names=None, destinations=None, shards=None) -> None:
-        """Queue a checkpoint (file, list of files, directory, s3:// prefix) for :meth:`get_tensors`.
+    def stream_files(self, paths: PathArg, s3_credentials: Any = None, device: Any = "cpu",
+                     is_distributed: bool = False, tensor_names: Collection[str] | None = None, owned: bool = True,
+                     *, names: Collection[str] | None = None, destinations: Mapping[str, Any] | None = None,
+                     shards: Mapping[str, Any] | None = None) -> None:
+        """Parse the headers of ``paths`` now (errors are raised here) and queue their tensors
+        for :meth:`get_tensors`.
 
-        ``shards`` (name -> :class:`~loader_plugins.core.tp.ColumnBlock`) says that a destination
-        holds only this rank's tensor-parallel shard: a dim-0 shard is read alone (its byte range),
-        others are read whole and cut once complete (on the GPU by the CUDA sink, else by torch).
+        ``s3_credentials``: a Run:ai ``S3Credentials`` (key, secret, token, region, endpoint),
+        else boto3's chain. ``device``: where yielded tensors live (``"cuda"`` streams straight
+        into device memory). ``tensor_names``: load only these (``names`` is its older spelling).
+        ``owned`` is accepted for Run:ai compatibility: tensors are always the caller's.
         """
-        self._pending.append((paths, names, destinations, shards))
+        if self._closed:
+            raise CancelledError("the streamer is closed")
+        if not isinstance(owned, bool) or not isinstance(is_distributed, bool):
+            raise ConfigError("owned and is_distributed must be True or False")
+        wanted = _wanted_names(tensor_names, names)
+        target = resolve_device(device)
+        config = self.config.replace(**_credentials_options(s3_credentials)) if s3_credentials else self.config
+        sources: dict[str, Source] = {}
+        files, headers, weight_map = open_headers(paths, config, sources)
+        try:
+            checkpoints = [merge_headers([files[i] for i in group], [headers[i] for i in group],
+                                         weight_map if len(files) == len(group) else None)
+                           for group in _batches(headers)]
+            if wanted is not None:
+                _check_wanted(wanted, checkpoints, files)
+            for checkpoint in checkpoints:
+                for spec in checkpoint.tensors.values():
+                    if wanted is None or spec.name in wanted:
+                        spec.torch_dtype()   # a dtype torch cannot hold fails here, before any read
+        except BaseException:
+            for src in sources.values():
+                src.close()
+            raise
+        self._pending.append(_Job(checkpoints, sources, wanted, destinations, shards, target, is_distributed,
+                                  paths, config))
 
     def get_tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
+        """Yield ``(name, tensor)`` of every queued stream as tensors complete."""
         if not self._pending:
-            raise StreamerError("nothing to stream: call stream_file()/stream_files() first")
+            raise UsageError("nothing to stream: call stream_file()/stream_files() first")
         pending, self._pending = self._pending, []
-        for paths, names, destinations, shards in pending:
-            yield from self._stream(paths, names, destinations, keeps_all=False, shards=shards)
+        try:
+            while pending:
+                job = pending.pop(0)
+                yield from self._run_job(job)
+        finally:
+            for job in pending:   # the consumer stopped early: release what was never streamed
+                for src in job.sources.values():
+                    src.close()
+
+    def _run_job(self, job: _Job) -> Iterator[tuple[str, "torch.Tensor"]]:
+        if job.distributed and _world_size() > 1:
+            for src in job.sources.values():
+                src.close()
+            yield from self._run_distributed(job)
+            return
+        move = job.device.type not in ("cpu", "cuda")
+        for checkpoint in job.checkpoints:
+            sources = {f: job.sources.pop(f) for f in checkpoint.files}
+            names = job.names & checkpoint.tensors.keys() if job.names is not None else None
+            if names is not None and not names:
+                for src in sources.values():
+                    src.close()
+                continue
+            destinations = job.destinations
+            if job.device.type == "cuda" and destinations is None:
+                destinations = _device_buffers(checkpoint, names, job.device)
+            stream = self._stream(None, names, destinations, keeps_all=False, shards=job.shards,
+                                  checkpoint=checkpoint, sources=sources)
+            for name, tensor in stream:
+                yield name, (tensor.to(job.device) if move else tensor)
+
+    def _run_distributed(self, job: _Job) -> Iterator[tuple[str, "torch.Tensor"]]:
+        from .core.distributed import load_distributed
+
+        names = sorted(job.names) if job.names is not None else None
+        device = job.device if job.device.type == "cuda" else None
+        loaded = load_distributed(job.paths, config=job.config, names=names, device=device)
+        for name, tensor in loaded.items():
+            yield name, (tensor.to(job.device) if job.device.type not in ("cpu", "cuda") else tensor)
 
     def open(self, paths: PathArg) -> Checkpoint:
         """Resolve and parse a checkpoint once, keeping its sources open for the next stream
@@ -90,35 +315,39 @@ class SafetensorsStreamer:
         """Read these tensors of the checkpoint :meth:`open` resolved, whole, into new CPU tensors
         (a side read: it may run while a stream of the same checkpoint is going on)."""
         if self.checkpoint is None:
-            raise StreamerError("read_tensors() needs open() first")
+            raise UsageError("read_tensors() needs open() first")
         specs = [self.checkpoint.tensors[n] for n in names]
         reader = StreamReader(specs, {s.file: self._sources[s.file] for s in specs}, self.config,
                               consumer_keeps_all=True)
         return dict(reader)
 
     def _stream(self, paths, names, destinations, *, keeps_all: bool, shards=None,
-                checkpoint: Checkpoint | None = None):
+                checkpoint: Checkpoint | None = None, sources: dict[str, Source] | None = None):
         """Start reading now and return the iterator of ``(name, tensor)`` as they complete.
-        ``checkpoint``: one :meth:`open` returned (``paths`` is then ignored)."""
+        ``checkpoint``: one :meth:`open` returned (``paths`` is then ignored), or one whose open
+        ``sources`` are given (the stream then owns and closes them)."""
         t0 = time.perf_counter()
         if self._closed:
             raise CancelledError("the streamer is closed")
         if checkpoint is None:
             checkpoint = self.open(paths)
-        sources = self._sources
+        if sources is not None:
+            with self._lock:
+                self._close_sources()
+                self._sources = sources
         specs = list(checkpoint.tensors.values())
         if names is not None:
-            wanted = set(names)
-            missing = sorted(wanted - checkpoint.tensors.keys())
+            missing = sorted(set(names) - checkpoint.tensors.keys())
             if missing:
                 self._close_sources()
-                raise StreamerError(f"tensor(s) {missing[:5]} not found in {checkpoint.files}")
+                raise UsageError(f"tensor_names not found in checkpoint: {missing[:5]} (in {checkpoint.files})")
+            wanted = set(names)
             specs = [s for s in specs if s.name in wanted]
         header_s = time.perf_counter() - t0
         total = sum(s.nbytes for s in specs)
         bar = progress_bar(total, "streaming", self.config.progress)
         try:
-            reader = StreamReader(specs, sources, self.config, destinations=destinations,
+            reader = StreamReader(specs, self._sources, self.config, destinations=destinations,
                                   consumer_keeps_all=keeps_all, shards=shards,
                                   on_bytes=bar.update if bar is not None else None)
             with self._lock:
@@ -176,28 +405,36 @@ class SafetensorsStreamer:
         self.close()
 
 
-def load_file(path: PathArg, device: "str | int | torch.device" = "cpu", *,
+def load_file(filename: PathArg, device: "str | int | torch.device" = "cpu", *, backend: str = "mmap",
               config: StreamerConfig | Mapping[str, Any] | None = None, **options: Any) -> dict[str, "torch.Tensor"]:
-    """Load every tensor of a checkpoint, like ``safetensors.torch.load_file``.
+    """Load every tensor of a checkpoint: the contract of ``safetensors.torch.load_file`` (0.8).
 
-    ``path`` may be a file, a list of files, a checkpoint directory (sharded with
-    ``model.safetensors.index.json`` or not) or an ``s3://`` URI. The tensors live in memory the
-    result owns: a file changed afterwards never changes them. ``options`` are
-    :class:`StreamerConfig` fields (``concurrency=16``, ``memory_limit="4GiB"``...).
+    As safetensors': ``device`` is ``"cpu"``, a device type (``"cuda"``), ``"type:N"`` or an
+    int; ``backend`` is ``"mmap"`` or ``"pread"`` (both accepted; the tensors always live in
+    memory the result owns, as with ``"pread"``: a file rewritten afterwards never changes
+    them); keys come in file order (by offset; shard by shard); the header is validated by
+    safetensors' rules; a missing file raises ``FileNotFoundError``; every other error is a
+    ``safetensors.SafetensorError`` when safetensors is installed (and a ``ValueError``,
+    ``OSError`` or ``RuntimeError`` as fits).
+
+    Ours besides, keyword-only: ``filename`` may also be a list of files, a checkpoint
+    directory (sharded with ``model.safetensors.index.json`` or not) or an ``s3://`` URI;
+    ``config``/``options`` are :class:`StreamerConfig` fields (``concurrency=16``,
+    ``memory_limit="4GiB"``...).
     """
-    import torch
-
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is invalid (expected one of: \"mmap\", \"pread\")")
+    target = resolve_device(device)
     streamer = SafetensorsStreamer(config, **options)
     out: dict[str, torch.Tensor] = {}
-    target = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-    destinations = None
-    if target.type == "cuda":   # straight into CUDA tensors (the CUDA sink when CuPy is installed)
-        specs = open_checkpoint(path, streamer.config).tensors
-        destinations = {n: torch.empty(s.shape, dtype=s.torch_dtype(), device=target) for n, s in specs.items()}
     with streamer:
-        for name, tensor in streamer._stream(path, None, destinations, keeps_all=True):
+        checkpoint = streamer.open(filename)
+        for spec in checkpoint.tensors.values():
+            spec.torch_dtype()   # a dtype torch cannot hold (F6) fails before any read
+        destinations = _device_buffers(checkpoint, None, target) if target.type == "cuda" else None
+        for name, tensor in streamer._stream(None, None, destinations, keeps_all=True, checkpoint=checkpoint):
             out[name] = tensor
-    result = {name: out[name] for name in sorted(out)}
+    order = [spec.name for header in checkpoint.headers for spec in header.tensors]
     if target.type not in ("cpu", "cuda"):
-        result = {name: t.to(target) for name, t in result.items()}
-    return result
+        return {name: out[name].to(target) for name in order}
+    return {name: out[name] for name in order}

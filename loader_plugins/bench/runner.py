@@ -275,7 +275,7 @@ def run_bench(args, config: StreamerConfig) -> int:
     for line in summary["lines"]:
         print(line)
     if args.json:
-        payload = {"checkpoint": args.path, "files": paths, "bytes": total, "config": config.to_dict(),
+        payload = {"checkpoint": args.path, "files": paths, "bytes": total, "config": config.to_dict(redact=True),
                    "repeat": args.repeat, "results": results, "rss": rss, "summary": summary["values"]}
         text = json.dumps(payload, indent=2, default=str)
         if args.json == "-":

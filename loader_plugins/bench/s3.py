@@ -272,7 +272,7 @@ def run_s3_bench(args, config: StreamerConfig) -> int:
         print(line)
     if args.json:
         payload = {"checkpoint": args.path, "files": uris, "bytes": total, "tensor_bytes": tensor_bytes,
-                   "endpoint": endpoint_of(config), "config": config.to_dict(), "repeat": args.repeat,
+                   "endpoint": endpoint_of(config), "config": config.to_dict(redact=True), "repeat": args.repeat,
                    "results": results, "rss": rss, "summary": summary["values"]}
         text = json.dumps(payload, indent=2, default=str)
         if args.json == "-":

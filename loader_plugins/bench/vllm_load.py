@@ -58,7 +58,7 @@ if __name__ == "__main__":
               enforce_eager=True, max_model_len=128, max_num_seqs=1, max_num_batched_tokens=128,
               kv_cache_memory_bytes=16 << 20, disable_log_stats=True, **kwargs)
     keep = ("in_place", "in_place_bytes", "via_model", "via_model_bytes", "unused", "unused_bytes", "probe_seconds")
-    last = {k: stats[-1][k] for k in keep} if stats and stats[-1] else None
+    last = {k: stats[-1].get(k) for k in keep} if stats and stats[-1] else None
     print("VLLM_LOAD " + json.dumps({"load_weights_s": timings[-1] if timings else None, "stats": last}), flush=True)
 """
 

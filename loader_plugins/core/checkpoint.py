@@ -10,7 +10,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
-from ..errors import HeaderError, IndexFileError, SourceError
+from ..errors import HeaderError, IndexFileError, SourceError, SourceNotFoundError
 from .header import HEADER_LENGTH_BYTES, FileHeader, TensorSpec, header_length, parse_header
 from .sources.base import Source, Storage, scheme_of, storage_for
 
@@ -84,7 +84,7 @@ def expand(paths: PathLike | Sequence[PathLike], config: "StreamerConfig") -> tu
                 weight_map = {**(weight_map or {}), **wm}
             else:
                 if not storage.exists(item):
-                    raise SourceError(2, f"{item}: no such file; pass a .safetensors file, a checkpoint "
+                    raise SourceNotFoundError(2, f"{item}: no such file; pass a .safetensors file, a checkpoint "
                                          f"directory or a list of files")
                 files.append(item)
         finally:
@@ -100,7 +100,7 @@ def _expand_dir(storage: Storage, directory: str) -> tuple[list[str], dict | Non
         return _expand_index(storage, storage.join(directory, INDEX_NAME))
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     if not shards:
-        raise SourceError(2, f"{directory}: no *.safetensors files and no {INDEX_NAME} in this directory")
+        raise SourceNotFoundError(2, f"{directory}: no *.safetensors files and no {INDEX_NAME} in this directory")
     return [storage.join(directory, n) for n in shards], None
 
 
@@ -157,6 +157,18 @@ def open_checkpoint(paths: PathLike | Sequence[PathLike], config: "StreamerConfi
     When ``sources`` is given, the opened sources are stored in it (uri -> Source) so the reader
     can reuse them; otherwise they are closed.
     """
+    files, headers, weight_map = open_headers(paths, config, sources)
+    try:
+        return merge_headers(files, headers, weight_map)
+    except BaseException:
+        _close_all(sources)
+        raise
+
+
+def open_headers(paths: PathLike | Sequence[PathLike], config: "StreamerConfig",
+                 sources: dict[str, Source] | None = None) -> tuple[list[str], list[FileHeader], dict | None]:
+    """Resolve ``paths`` into shard URIs and parse each shard's header: ``(files, headers,
+    weight_map)``; nothing is checked across shards (see :func:`merge_headers`)."""
     files, weight_map = expand(paths, config)
     storages: dict[str, Storage] = {}
 
@@ -185,15 +197,25 @@ def open_checkpoint(paths: PathLike | Sequence[PathLike], config: "StreamerConfi
             with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
                 headers = list(pool.map(parse, files))
     except BaseException:
-        if sources:
-            for src in sources.values():
-                src.close()
-            sources.clear()
+        _close_all(sources)
         raise
     finally:
         if sources is None:  # opened sources keep their storage alive through their own reference
             for storage in storages.values():
                 storage.close()
+    return files, headers, weight_map
+
+
+def _close_all(sources: dict[str, Source] | None) -> None:
+    if sources:
+        for src in sources.values():
+            src.close()
+        sources.clear()
+
+
+def merge_headers(files: list[str], headers: list[FileHeader], weight_map: dict | None) -> Checkpoint:
+    """One checkpoint from its shards' headers: each tensor in one shard only, and where
+    ``model.safetensors.index.json`` maps it."""
     tensors: dict[str, TensorSpec] = {}
     for header in headers:
         for spec in header.tensors:
@@ -206,10 +228,6 @@ def open_checkpoint(paths: PathLike | Sequence[PathLike], config: "StreamerConfi
         for name, uri in weight_map.items():
             spec = tensors.get(name)
             if spec is None or spec.file != uri:
-                if sources:
-                    for src in sources.values():
-                        src.close()
-                    sources.clear()
                 where = f"but it is not in {uri}" if spec is None else f"but it is in {spec.file}"
                 raise IndexFileError(f"{INDEX_NAME} maps tensor {name!r} to {uri} {where}; the index and the "
                                      f"shards disagree, re-download the checkpoint")

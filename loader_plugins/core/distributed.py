@@ -22,7 +22,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from ..errors import StreamerError
+from ..errors import ConfigError, UsageError
 from .header import TensorSpec
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ def load_distributed(path: Any, group: Any = None, *, config: "StreamerConfig | 
     from .checkpoint import open_checkpoint
 
     if not dist.is_available() or not dist.is_initialized():
-        raise StreamerError("load_distributed needs an initialised torch.distributed process group "
+        raise UsageError("load_distributed needs an initialised torch.distributed process group "
                             "(torch.distributed.init_process_group); use load_file for one process")
     if config is None:
         config = StreamerConfig()
@@ -164,7 +164,7 @@ def load_distributed(path: Any, group: Any = None, *, config: "StreamerConfig | 
         device = "cpu" if backend == "gloo" else f"cuda:{torch.cuda.current_device()}"
     device = torch.device(device)
     if backend == "nccl" and device.type != "cuda":
-        raise StreamerError(f"the process group uses NCCL, which exchanges CUDA memory, but device={device}; "
+        raise ConfigError(f"the process group uses NCCL, which exchanges CUDA memory, but device={device}; "
                             f"pass a CUDA device or use a gloo group")
 
     t0 = time.perf_counter()
@@ -176,7 +176,7 @@ def load_distributed(path: Any, group: Any = None, *, config: "StreamerConfig | 
             wanted = list(dict.fromkeys(names))
             missing = sorted(set(wanted) - checkpoint.tensors.keys())
             if missing:
-                raise StreamerError(f"tensor(s) {missing[:5]} not found in {checkpoint.files}")
+                raise UsageError(f"tensor(s) {missing[:5]} not found in {checkpoint.files}")
             specs = [checkpoint.tensors[n] for n in wanted]
         _check_same_everywhere(specs, group, rank)
         plan = partition(specs, world, window_bytes or config.memory_limit)
@@ -201,7 +201,7 @@ def _check_same_everywhere(specs: Sequence[TensorSpec], group: Any, rank: int) -
     dist.all_gather_object(every, mine, group=group)
     if any(f != mine for f in every):
         others = sorted({i for i, f in enumerate(every) if f != mine})
-        raise StreamerError(f"rank {rank}: ranks {others} asked for different tensors or see a different "
+        raise UsageError(f"rank {rank}: ranks {others} asked for different tensors or see a different "
                             f"checkpoint; every rank must pass the same path and names to load_distributed")
 
 

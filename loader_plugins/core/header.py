@@ -18,35 +18,47 @@ from ..errors import HeaderError
 
 HEADER_LENGTH_BYTES = 8
 
-# safetensors dtype -> (itemsize, torch attribute). Probed lazily because float8 (torch 2.1),
-# unsigned 16/32/64 (torch 2.3) and float8_e8m0fnu (torch 2.7) depend on the torch version.
-_DTYPES: dict[str, tuple[int, str]] = {
-    "F64": (8, "float64"),
-    "F32": (4, "float32"),
-    "F16": (2, "float16"),
-    "BF16": (2, "bfloat16"),
-    "I64": (8, "int64"),
-    "I32": (4, "int32"),
-    "I16": (2, "int16"),
-    "I8": (1, "int8"),
-    "U64": (8, "uint64"),
-    "U32": (4, "uint32"),
-    "U16": (2, "uint16"),
-    "U8": (1, "uint8"),
-    "BOOL": (1, "bool"),
-    "F8_E4M3": (1, "float8_e4m3fn"),
-    "F8_E4M3FNUZ": (1, "float8_e4m3fnuz"),
-    "F8_E5M2": (1, "float8_e5m2"),
-    "F8_E5M2FNUZ": (1, "float8_e5m2fnuz"),
-    "F8_E8M0": (1, "float8_e8m0fnu"),
-    "C64": (8, "complex64"),
+#: safetensors' own limit on the JSON header (``MAX_HEADER_SIZE`` in its tensor.rs)
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype -> (bits per value, torch attribute, values per torch element). Probed lazily
+# because float8 (torch 2.1), unsigned 16/32/64 (torch 2.3), float8_e8m0fnu and
+# float4_e2m1fn_x2 (torch 2.8) depend on the torch version. F4 is stored by torch as
+# float4_e2m1fn_x2, two values per byte along the last axis, so its torch shape halves the last
+# dimension of the header's (logical) shape. F6 has no torch dtype: such files validate, as in
+# safetensors, but cannot be loaded into torch (safetensors.torch refuses them too).
+_DTYPES: dict[str, tuple[int, str | None, int]] = {
+    "F64": (64, "float64", 1),
+    "F32": (32, "float32", 1),
+    "F16": (16, "float16", 1),
+    "BF16": (16, "bfloat16", 1),
+    "I64": (64, "int64", 1),
+    "I32": (32, "int32", 1),
+    "I16": (16, "int16", 1),
+    "I8": (8, "int8", 1),
+    "U64": (64, "uint64", 1),
+    "U32": (32, "uint32", 1),
+    "U16": (16, "uint16", 1),
+    "U8": (8, "uint8", 1),
+    "BOOL": (8, "bool", 1),
+    "F8_E4M3": (8, "float8_e4m3fn", 1),
+    "F8_E4M3FNUZ": (8, "float8_e4m3fnuz", 1),
+    "F8_E5M2": (8, "float8_e5m2", 1),
+    "F8_E5M2FNUZ": (8, "float8_e5m2fnuz", 1),
+    "F8_E8M0": (8, "float8_e8m0fnu", 1),
+    "F4": (4, "float4_e2m1fn_x2", 2),
+    "F6_E2M3": (6, None, 1),
+    "F6_E3M2": (6, None, 1),
+    "C64": (64, "complex64", 1),
 }
-# Formats safetensors can describe but that torch cannot hold as one element per item.
-_UNSUPPORTED = {"F4", "F6_E2M3", "F6_E3M2"}
 
 
 def dtype_itemsize(dtype: str) -> int:
-    return _DTYPES[dtype][0]
+    """Bytes per torch element (1 for F4: torch holds two F4 values per element)."""
+    bits, attr, per_element = _DTYPES[dtype]
+    if attr is None:
+        raise HeaderError(f"dtype {dtype!r} has no torch dtype; it cannot be loaded into torch")
+    return bits * per_element // 8
 
 
 def torch_dtype(dtype: str):
@@ -54,7 +66,7 @@ def torch_dtype(dtype: str):
     import torch
 
     entry = _DTYPES.get(dtype)
-    found = getattr(torch, entry[1], None) if entry else None
+    found = getattr(torch, entry[1], None) if entry and entry[1] else None
     if found is None:
         raise HeaderError(
             f"dtype {dtype!r} is not supported by torch {torch.__version__}; "
@@ -66,13 +78,13 @@ def torch_dtype(dtype: str):
 def supported_dtypes() -> list[str]:
     import torch
 
-    return [name for name, (_, attr) in _DTYPES.items() if getattr(torch, attr, None) is not None]
+    return [name for name, (_, attr, _) in _DTYPES.items() if attr and getattr(torch, attr, None) is not None]
 
 
 def safetensors_dtype(torch_dt) -> str:
     """The safetensors dtype string for a torch dtype."""
     name = str(torch_dt).replace("torch.", "")
-    for key, (_, attr) in _DTYPES.items():
+    for key, (_, attr, _) in _DTYPES.items():
         if attr == name:
             return key
     raise HeaderError(f"torch dtype {torch_dt} has no safetensors equivalent")
@@ -88,6 +100,8 @@ class TensorSpec:
     file: str
     offset: int
     nbytes: int
+    header_shape: tuple[int, ...] | None = None
+    """The shape as the header records it, where it differs from the torch shape (F4)."""
 
     @property
     def end(self) -> int:
@@ -136,7 +150,7 @@ def header_length(prefix: bytes, *, file: str, file_size: int, max_header_bytes:
     (n,) = struct.unpack("<Q", prefix[:HEADER_LENGTH_BYTES])
     if n > max_header_bytes:
         raise HeaderError(
-            f"{file}: header length {n} bytes exceeds the limit of {max_header_bytes} "
+            f"{file}: header length {n} bytes exceeds limit of {max_header_bytes} bytes "
             f"(bytes [0, 8) of the file); the file is corrupt or not safetensors "
             f"(raise max_header_bytes only for a trusted file)"
         )
@@ -160,10 +174,13 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def parse_header(header_json: bytes, *, file: str, file_size: int) -> FileHeader:
-    """Parse and validate the JSON part of a safetensors header.
+    """Parse and validate the JSON part of a safetensors header, with safetensors' own rules.
 
-    ``header_json`` is the N bytes after the length prefix; ``file_size`` is the whole
-    file's size, used to check that every tensor lies inside the data area.
+    ``header_json`` is the N bytes after the length prefix; ``file_size`` is the whole file's
+    size. As in safetensors (``Metadata::validate`` and ``read_metadata``), the tensors, sorted
+    by ``data_offsets``, must tile the data area exactly: the first starts at 0, each starts
+    where the previous ends (no overlap, no hole), and the last ends at the end of the file.
+    Fields other than dtype, shape and data_offsets are ignored, as safetensors ignores them.
     """
     n = len(header_json)
     data_offset = HEADER_LENGTH_BYTES + n
@@ -194,8 +211,8 @@ def parse_header(header_json: bytes, *, file: str, file_size: int) -> FileHeader
     specs: list[TensorSpec] = []
     for name, entry in raw.items():
         specs.append(_parse_entry(name, entry, file=file, data_offset=data_offset, data_size=data_size))
-    specs.sort(key=lambda s: (s.offset, s.nbytes))
-    _check_overlaps(specs, file)
+    specs.sort(key=lambda s: (s.offset, s.nbytes))   # stable: equal offsets keep the header's order
+    _check_tiling(specs, file, data_offset, data_size)
     return FileHeader(file=file, file_size=file_size, data_offset=data_offset, tensors=tuple(specs),
                       metadata=metadata)
 
@@ -204,17 +221,12 @@ def _parse_entry(name: str, entry: Any, *, file: str, data_offset: int, data_siz
     where = f"{file}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise HeaderError(f"{where}: entry must be an object with dtype, shape, data_offsets")
-    extra = set(entry) - {"dtype", "shape", "data_offsets"}
     missing = {"dtype", "shape", "data_offsets"} - set(entry)
     if missing:
         raise HeaderError(f"{where}: missing {', '.join(sorted(missing))}; the header is corrupt")
-    if extra:
-        raise HeaderError(f"{where}: unknown field(s) {', '.join(sorted(extra))}; the header is corrupt")
     dtype = entry["dtype"]
     if not isinstance(dtype, str) or dtype not in _DTYPES:
-        hint = "it packs several elements per byte, which this loader does not support" if dtype in _UNSUPPORTED else (
-            f"known dtypes: {', '.join(_DTYPES)}")
-        raise HeaderError(f"{where}: unsupported dtype {dtype!r}; {hint}")
+        raise HeaderError(f"{where}: Unsupported dtype {dtype!r}; known dtypes: {', '.join(_DTYPES)}")
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
         raise HeaderError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
@@ -229,32 +241,60 @@ def _parse_entry(name: str, entry: Any, *, file: str, data_offset: int, data_siz
             f"{where}: bytes [{data_offset + begin}, {data_offset + end}) lie past the end of the "
             f"file ({data_offset + data_size} bytes); the file is truncated, re-download it"
         )
-    itemsize = _DTYPES[dtype][0]
-    numel = math.prod(shape)
-    if numel * itemsize != end - begin:
+    bits, _, per_element = _DTYPES[dtype]
+    nbits = math.prod(shape) * bits
+    if nbits % 8 or nbits >= 1 << 64:
+        raise HeaderError(f"{where}: shape {shape} of {bits}-bit {dtype} is {nbits} bits, not a whole number of "
+                          f"bytes (or too large); the header is corrupt")
+    if nbits // 8 != end - begin:
         raise HeaderError(
-            f"{where}: shape {shape} x {itemsize}-byte {dtype} = {numel * itemsize} bytes but "
-            f"data_offsets [{begin}, {end}) hold {end - begin}; the header is corrupt"
+            f"{where}: Shape claims {nbits // 8} bytes ({shape} x {dtype}) but offsets reserve {end - begin} "
+            f"(data_offsets [{begin}, {end})); the header is corrupt"
         )
-    return TensorSpec(name=name, dtype=dtype, shape=tuple(shape), file=file,
-                      offset=data_offset + begin, nbytes=end - begin)
+    torch_shape = tuple(shape)
+    if per_element > 1:   # F4: torch packs two values per element along the last axis
+        if not shape or shape[-1] % per_element:
+            raise HeaderError(f"{where}: {dtype} packs {per_element} values per torch element along the last axis, "
+                              f"so shape {shape} cannot be represented as a torch tensor (the last dimension must "
+                              f"be a multiple of {per_element})")
+        torch_shape = (*shape[:-1], shape[-1] // per_element)
+    return TensorSpec(name=name, dtype=dtype, shape=torch_shape, file=file, offset=data_offset + begin,
+                      nbytes=end - begin, header_shape=tuple(shape) if torch_shape != tuple(shape) else None)
 
 
 def _is_uint(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_overlaps(specs: Iterable[TensorSpec], file: str) -> None:
+def _check_tiling(specs: Iterable[TensorSpec], file: str, data_offset: int, data_size: int) -> None:
+    """safetensors' rule: sorted by offset, the tensors cover the data area exactly."""
     previous: TensorSpec | None = None
+    position = data_offset
     for spec in specs:
-        if spec.nbytes == 0:
-            continue
-        if previous is not None and spec.offset < previous.end:
+        if spec.offset < position:
             raise HeaderError(
-                f"{file}: tensor {spec.name!r} bytes [{spec.offset}, {spec.end}) overlap tensor "
-                f"{previous.name!r} bytes [{previous.offset}, {previous.end}); the header is corrupt"
+                f"{file}: tensor {previous.name!r} bytes [{previous.offset}, {previous.end}) overlaps with next "
+                f"tensor {spec.name!r} bytes [{spec.offset}, {spec.end}); the header is corrupt"
             )
+        if spec.offset > position:
+            if previous is None:
+                raise HeaderError(
+                    f"{file}: tensor {spec.name!r} does not start at the beginning of the data area: bytes "
+                    f"[{position}, {spec.offset}) before it belong to no tensor; the header is corrupt"
+                )
+            raise HeaderError(
+                f"{file}: bytes [{position}, {spec.offset}) between tensor {previous.name!r} and tensor "
+                f"{spec.name!r} belong to no tensor (a hole; safetensors forbids gaps); the header is corrupt"
+            )
+        position = spec.end
         previous = spec
+    end = data_offset + data_size
+    if position < end:
+        raise HeaderError(
+            f"{file}: bytes [{position}, {end}) after the last tensor"
+            f"{f' ({previous.name!r})' if previous is not None else ''} belong to no tensor: {end - position} extra "
+            f"trailing bytes (safetensors rejects them); the file is corrupt or was appended to"
+        )
 
 
 def encode_header(tensors: Mapping[str, tuple[str, tuple[int, ...], int]],

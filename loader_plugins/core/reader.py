@@ -23,7 +23,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
-from ..errors import CancelledError, DestinationError, SourceError, StreamerError
+from ..errors import CancelledError, DestinationError, InternalError, SourceError, StreamerError
 from .header import TensorSpec
 from .plan import ReadItem, ReadPlan, plan_reads, split_windows
 from .sinks.cpu import Allocation, CpuSink, tensor_buffer
@@ -125,7 +125,7 @@ class StreamReader:
         self._sources = dict(sources)
         for spec in specs:
             if spec.file not in self._sources:
-                raise StreamerError(f"no open source for {spec.file}")
+                raise InternalError(f"no open source for {spec.file}")
         remote = {f for f, src in self._sources.items() if getattr(src, "remote", False)}
         self._file_chunks = {f: config.read_bytes(f in remote) for f in self._sources}
         chunks = sum(-(-s.nbytes // self._file_chunks[s.file]) for s in specs)
@@ -146,9 +146,9 @@ class StreamReader:
         names = {s.name for s in specs}
         unknown = [n for n in self._destinations if n not in names]
         if unknown:
-            raise StreamerError(f"destinations given for tensors not in the checkpoint: {unknown[:5]}")
+            raise DestinationError(f"destinations given for tensors not in the checkpoint: {unknown[:5]}")
         if set(self._shards) - set(self._destinations):
-            raise StreamerError(f"shards given for tensors without a destination: "
+            raise DestinationError(f"shards given for tensors without a destination: "
                                 f"{sorted(set(self._shards) - set(self._destinations))[:5]}")
         # Validate every destination before any byte moves: a bad one is an error, never a partial model.
         self._direct: dict[str, bool] = {}
@@ -359,7 +359,7 @@ class StreamReader:
                                       f"({self.bytes_done_hint()} read); raise 'deadline' or check the storage")
                 if got is None:
                     if finished == len(self._threads) and handed < self._count:
-                        raise StreamerError(f"internal error: workers finished with {self._count - handed} "
+                        raise InternalError(f"internal error: workers finished with {self._count - handed} "
                                             f"tensor(s) incomplete")
                     continue
                 if got is _DONE:

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 
 from ..core.header import TensorSpec
-from ..errors import StreamerError
+from ..errors import InternalError, StreamerError
 from .probe import METADATA_ONLY, _alive, Prediction, dest_signature, materialize, value_signature
 from .standin import StandIn, StandInMode, byte_span, leaves, map_args, written_args
 
@@ -112,7 +112,7 @@ class ReplayMode(StandInMode):
             got = self._pull()
             if got is None:
                 if self._is_pending(name):
-                    raise StreamerError(f"the stream ended before {name!r} landed")
+                    raise InternalError(f"the stream ended before {name!r} landed")
                 return
             self.from_stream += 1
             self._buffer.append(got)

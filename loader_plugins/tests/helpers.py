@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 _TORCH_DTYPES = ["float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-                 "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "uint16", "uint32", "uint64",
+                 "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "uint16", "uint32", "uint64",
                  "complex64"]
 
 SHAPES = [(), (0,), (3, 0), (1,), (7,), (3, 5), (2, 3, 5), (17, 33), (1, 1, 1, 1), (129, 257)]

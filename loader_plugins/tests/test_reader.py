@@ -92,10 +92,14 @@ def test_stream_subset_of_names(all_dtypes_file):
         streamer.stream_file(all_dtypes_file, names=wanted)
         got = dict(streamer.get_tensors())
     assert_bit_exact(got, {n: ref[n] for n in wanted})
-    with SafetensorsStreamer() as streamer:
-        streamer.stream_file(all_dtypes_file, names=["nope"])
-        with pytest.raises(StreamerError, match="nope"):
-            list(streamer.get_tensors())
+    with SafetensorsStreamer() as streamer:   # as Run:ai's: unknown names fail at stream_file, as ValueError
+        with pytest.raises(ValueError, match="nope") as err:
+            streamer.stream_file(all_dtypes_file, names=["nope"])
+        assert isinstance(err.value, StreamerError)
+        with pytest.raises(ValueError, match="not a single str"):   # "AB" once loaded tensors "A" and "B"
+            streamer.stream_file(all_dtypes_file, tensor_names=wanted[0])
+        with pytest.raises(ValueError, match="must not be empty"):
+            streamer.stream_file(all_dtypes_file, tensor_names=[])
 
 
 def test_fill_caller_allocated_tensors_in_place(all_dtypes_file):

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from ..config import StreamerConfig
 from ..core.sources.base import scheme_of
-from ..errors import StreamerError
+from ..errors import CancelledError, InternalError, UsageError
 from .settings import TGIStreamerSettings, settings_from_env
 
 if TYPE_CHECKING:
@@ -157,14 +157,14 @@ class _TensorStore:
                     and self._error is None and not self._closed:
                 self._cond.wait()
             if self._error is not None:
-                raise StreamerError(f"streaming the weights failed, so {spec.describe()} cannot be served: "
+                raise CancelledError(f"streaming the weights failed, so {spec.describe()} cannot be served: "
                                     f"{self._error}") from self._error
             tensor = self._ready.pop(name, None)
             if tensor is not None:
                 self._taken.add(name)
                 return tensor
             if name not in self._taken and not self._closed:
-                raise StreamerError(f"internal error: streaming finished without {spec.describe()}")
+                raise InternalError(f"internal error: streaming finished without {spec.describe()}")
         return self.read_again(spec)
 
     def read_again(self, spec: "TensorSpec") -> "torch.Tensor":
@@ -201,7 +201,7 @@ class _TensorStore:
             while not self._done:
                 self._cond.wait()
             if self._error is not None:
-                raise StreamerError(f"streaming the weights failed: {self._error}") from self._error
+                raise CancelledError(f"streaming the weights failed: {self._error}") from self._error
 
     def close(self) -> None:
         """Stop streaming (at the next completed tensor), join, drop what was not taken."""
@@ -461,7 +461,7 @@ class _RoutingWeights:
 
     def _not_streamed(self, tensor_name: str):
         filename, name = self.get_filename(tensor_name)
-        raise StreamerError(f"tensor {name!r} of {filename} was added to routing after construction; only "
+        raise UsageError(f"tensor {name!r} of {filename} was added to routing after construction; only "
                             f"TGI's own Weights can read it (use StreamerWeights inside TGI)")
 
     def _get_slice(self, tensor_name):

@@ -29,7 +29,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from ..config import StreamerConfig
 from ..core.checkpoint import expand
-from ..errors import ConfigError, StreamerError
+from ..errors import ConfigError, DestinationError
 from ..inplace import load_into_model
 from ..streamer import SafetensorsStreamer
 
@@ -138,5 +138,5 @@ def _check_loaded(model: nn.Module, loaded: set[str], location: str) -> None:
         if not missing:
             return
         detail = str(sorted(missing))
-    raise StreamerError(f"the checkpoint at {location} does not initialise every parameter of the model ({detail}); "
+    raise DestinationError(f"the checkpoint at {location} does not initialise every parameter of the model ({detail}); "
                         f"check that the checkpoint matches the model architecture")

@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
-from ...errors import DestinationError, StreamerError
+from ...errors import CancelledError, DestinationError, InternalError, MissingDependencyError, StreamerError
 from ..header import dtype_itemsize, safetensors_dtype
 from ..tp import ColumnBlock
 
@@ -89,7 +89,7 @@ def native_dir() -> Path:
     for path in candidates:
         if (path / CONVERT_FILE).is_file():
             return path
-    raise StreamerError(f"the CUDA kernel sources ({CONVERT_FILE}, {STRIDED_FILE}) are not in "
+    raise InternalError(f"the CUDA kernel sources ({CONVERT_FILE}, {STRIDED_FILE}) are not in "
                         f"{' or '.join(map(str, candidates))}; reinstall loader-plugins")
 
 
@@ -104,7 +104,7 @@ def kernel_source(name: str) -> str:
     def paste(match: re.Match) -> str:
         included = directory / match.group(1)
         if included.parent != directory or not included.is_file():
-            raise StreamerError(f"{name}: #include \"{match.group(1)}\" is not a file in {directory}")
+            raise InternalError(f"{name}: #include \"{match.group(1)}\" is not a file in {directory}")
         return f"// ---- {match.group(1)} ----\n{included.read_text()}\n// ---- end {match.group(1)} ----"
 
     return _INCLUDE.sub(paste, (directory / name).read_text())
@@ -435,7 +435,7 @@ class PinnedRing:
         while True:
             with self._cond:
                 if self._closed or self.cancelled.is_set():
-                    raise StreamerError("pinned ring closed: the load was cancelled")
+                    raise CancelledError("pinned ring closed: the load was cancelled")
                 self._reclaim_done()
                 if self._free:
                     return self._free.pop()
@@ -512,7 +512,7 @@ class CupyBackend(CudaBackend):
         try:
             import cupy
         except ImportError as exc:
-            raise StreamerError(f"the CUDA sink needs CuPy ({exc}): install loader-plugins[cuda] "
+            raise MissingDependencyError(f"the CUDA sink needs CuPy ({exc}): install loader-plugins[cuda] "
                                 f"(cupy-cuda12x) or the cupy wheel matching your CUDA (cupy-cuda13x)") from exc
         import numpy
 

@@ -15,7 +15,7 @@ import queue
 import threading
 from typing import TYPE_CHECKING, Callable
 
-from ...errors import SourceError, StreamerError
+from ...errors import CancelledError, SourceError
 from .._libc import HUGE_PAGE, MADV_HUGEPAGE, MADV_POPULATE_WRITE, madvise_range
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ class CopyBehind:
         if not self._thread.is_alive():
             with self._start:
                 if self._closed:
-                    raise StreamerError("copy thread closed: the load was cancelled")
+                    raise CancelledError("copy thread closed: the load was cancelled")
                 if self._thread.ident is None:
                     self._thread.start()
         self._queue.put((dst, src, nbytes, done))
@@ -232,7 +232,7 @@ class BufferPool:
         with self._cond:
             while True:
                 if self._cancelled.is_set() or self._closed:
-                    raise StreamerError("buffer pool closed: the load was cancelled")
+                    raise CancelledError("buffer pool closed: the load was cancelled")
                 if self._free:
                     return self._free.pop()
                 if self._made < self.count:

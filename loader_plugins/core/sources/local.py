@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 from .._libc import cached_pages, libc, residency
-from ...errors import SourceChangedError, SourceError
+from ...errors import SourceChangedError, SourceError, SourceNotFoundError
 from .base import BufferPool, Source, Storage
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class LocalSource(Source):
         try:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            raise SourceError(exc.errno, f"{self.path}: cannot open ({exc.strerror})") from exc
+            kind = SourceNotFoundError if isinstance(exc, FileNotFoundError) else SourceError
+            raise kind(exc.errno, f"{self.path}: cannot open ({exc.strerror})") from exc
         st = os.fstat(self._fd)
         self._stat = (st.st_size, st.st_mtime_ns, st.st_ino)
         self._size = st.st_size

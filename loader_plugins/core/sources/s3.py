@@ -25,7 +25,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ...errors import CancelledError, SourceChangedError, SourceError
+from ...errors import CancelledError, SourceChangedError, SourceError, SourceNotFoundError
 from .base import BufferPool, Source, Storage
 
 if TYPE_CHECKING:
@@ -296,7 +296,7 @@ class S3Storage(Storage):
                 break
             kwargs["ContinuationToken"] = token
         if not seen_any:
-            raise SourceError(errno.ENOENT, f"{uri}: no objects under s3://{bucket}/{prefix}; "
+            raise SourceNotFoundError(errno.ENOENT, f"{uri}: no objects under s3://{bucket}/{prefix}; "
                               f"check the bucket and prefix")
         return sorted(names)
 
@@ -373,10 +373,10 @@ class S3Storage(Storage):
                                    f"{self.config.s3_profile or '(default)'}, or the instance role) and that they "
                                    f"may read this bucket")
             if code == "NoSuchBucket":
-                return SourceError(errno.ENOENT, self._missing_bucket_message(uri))
+                return SourceNotFoundError(errno.ENOENT, self._missing_bucket_message(uri))
             if code in _MISSING_CODES or status == 404:
                 thing = "object" if object_key else "bucket or prefix"
-                return SourceError(errno.ENOENT, f"{uri}: {what} found no such {thing} ({label}) at endpoint "
+                return SourceNotFoundError(errno.ENOENT, f"{uri}: {what} found no such {thing} ({label}) at endpoint "
                                    f"{self.endpoint}; check the bucket and key")
             if code == "InvalidRange" or status == 416:
                 return SourceError(errno.EIO, f"{uri}: {what} is outside the object ({label}); the object is "
@@ -405,9 +405,9 @@ class S3Storage(Storage):
             status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
             if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
-                return SourceError(errno.ENOENT, self._missing_bucket_message(uri))
+                return SourceNotFoundError(errno.ENOENT, self._missing_bucket_message(uri))
             return error
-        return SourceError(errno.ENOENT, f"{uri}: no such object in bucket {bucket!r} (HTTP 404) at endpoint "
+        return SourceNotFoundError(errno.ENOENT, f"{uri}: no such object in bucket {bucket!r} (HTTP 404) at endpoint "
                            f"{self.endpoint}; check the key")
 
     def _missing_bucket_message(self, uri: str) -> str:
@@ -432,6 +432,8 @@ def _botocore_session(config: "StreamerConfig"):
     session = botocore.session.Session(profile=config.s3_profile)
     if config.s3_region:
         session.set_config_variable("region", config.s3_region)
+    if config.s3_access_key_id or config.s3_secret_access_key:
+        session.set_credentials(config.s3_access_key_id, config.s3_secret_access_key, config.s3_session_token)
     data_path = session.get_config_variable("data_path")  # reads the profile: may raise ProfileNotFound
     with _LOADERS_LOCK:
         loader = _LOADERS.get(data_path)
@@ -456,11 +458,13 @@ def shared_client(config: "StreamerConfig"):
 
     A client costs ~50-100 ms of CPU to create and its connections are worth keeping (no new
     TCP handshakes on the next load). Clients are thread-safe. The key holds a digest of the
-    AWS_* variables, never their values, so a changed key, secret, profile or endpoint gets a
-    new client; the pid keeps a forked child off its parent's connections."""
+    explicit credentials and the AWS_* variables, never their values, so a changed key, secret,
+    profile or endpoint gets a new client; the pid keeps a forked child off its parent's connections."""
     import hashlib
 
-    env = hashlib.sha256("\0".join(f"{k}={os.environ.get(k, '')}" for k in _CLIENT_ENV).encode()).hexdigest()
+    explicit = (config.s3_access_key_id, config.s3_secret_access_key, config.s3_session_token)
+    env = hashlib.sha256("\0".join([*(f"{k}={os.environ.get(k, '')}" for k in _CLIENT_ENV),
+                                     *(v or "" for v in explicit)]).encode()).hexdigest()
     key = (os.getpid(), env, config.s3_endpoint_url, config.s3_region, config.s3_addressing_style,
            config.s3_profile, config.request_timeout, config.concurrency)
     with _CLIENTS_LOCK:
