@@ -14,7 +14,7 @@ from .core.checkpoint import Checkpoint, merge_headers, open_checkpoint, open_he
 from .core.header import FileHeader
 from .core.reader import StreamReader, progress_bar
 from .core.sources.base import Source
-from .errors import CancelledError, ConfigError, DeviceError, UsageError
+from .errors import CancelledError, ConfigError, DestinationError, DeviceError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -150,6 +150,13 @@ def _device_buffers(checkpoint: Checkpoint, names: Collection[str] | None, devic
             if names is None or n in names}
 
 
+def _only(by_name: Mapping[str, Any] | None, checkpoint: Checkpoint) -> dict[str, Any] | None:
+    """The entries of ``by_name`` for this checkpoint's tensors (all of them unless files repeat names)."""
+    if by_name is None:
+        return None
+    return {n: v for n, v in by_name.items() if n in checkpoint.tensors}
+
+
 def _world_size() -> int:
     import torch.distributed as dist
 
@@ -242,6 +249,12 @@ class SafetensorsStreamer:
                            for group in _batches(headers)]
             if wanted is not None:
                 _check_wanted(wanted, checkpoints, files)
+            known = set().union(*(c.tensors.keys() for c in checkpoints))
+            for what, by_name in (("destinations", destinations), ("shards", shards)):
+                unknown = sorted(set(by_name or ()) - known)
+                if unknown:
+                    raise DestinationError(f"{what} given for tensors not in the checkpoint: {unknown[:5]} "
+                                           f"(files: {files[:3]}{'...' if len(files) > 3 else ''})")
             for checkpoint in checkpoints:
                 for spec in checkpoint.tensors.values():
                     if wanted is None or spec.name in wanted:
@@ -259,13 +272,13 @@ class SafetensorsStreamer:
             raise UsageError("nothing to stream: call stream_file()/stream_files() first")
         pending, self._pending = self._pending, []
         try:
-            while pending:
-                job = pending.pop(0)
+            for job in pending:
                 yield from self._run_job(job)
         finally:
             for job in pending:   # the consumer stopped early: release what was never streamed
                 for src in job.sources.values():
                     src.close()
+                job.sources.clear()
 
     def _run_job(self, job: _Job) -> Iterator[tuple[str, "torch.Tensor"]]:
         if job.distributed and _world_size() > 1:
@@ -281,10 +294,10 @@ class SafetensorsStreamer:
                 for src in sources.values():
                     src.close()
                 continue
-            destinations = job.destinations
+            destinations = _only(job.destinations, checkpoint)
             if job.device.type == "cuda" and destinations is None:
                 destinations = _device_buffers(checkpoint, names, job.device)
-            stream = self._stream(None, names, destinations, keeps_all=False, shards=job.shards,
+            stream = self._stream(None, names, destinations, keeps_all=False, shards=_only(job.shards, checkpoint),
                                   checkpoint=checkpoint, sources=sources)
             for name, tensor in stream:
                 yield name, (tensor.to(job.device) if move else tensor)

@@ -212,3 +212,32 @@ def test_owned_false_still_gives_owned_tensors(tmp_path):
     for i in range(8):
         assert torch.equal(kept[f"w{i}"], torch.full((256,), float(i)))
 
+
+
+def test_destinations_are_checked_at_stream_file_and_filled_per_file(tmp_path):
+    first, second = tmp_path / "1.safetensors", tmp_path / "2.safetensors"
+    save_file({"A": torch.full((3,), 1.0), "X": torch.arange(4.0)}, first)
+    save_file({"A": torch.full((3,), 2.0), "Y": torch.arange(2, dtype=torch.int8)}, second)
+    with SafetensorsStreamer() as streamer:
+        with pytest.raises(ValueError, match="not in the checkpoint.*'nope'"):
+            streamer.stream_files([str(first), str(second)], destinations={"nope": torch.empty(1)})
+        x, y = torch.empty(4), torch.empty(2, dtype=torch.int8)
+        streamer.stream_files([str(first), str(second)], destinations={"X": x, "Y": y})
+        got = [(name, tensor) for name, tensor in streamer.get_tensors()]
+    assert sorted(name for name, _ in got) == ["A", "A", "X", "Y"]
+    assert torch.equal(x, torch.arange(4.0)) and torch.equal(y, torch.arange(2, dtype=torch.int8))
+    assert next(t for n, t in got if n == "X").data_ptr() == x.data_ptr()
+
+
+def test_stopping_early_releases_every_queued_file(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_file({f"t{i}": torch.full((8,), float(i))}, paths[-1])
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(str(paths[0]))
+        streamer.stream_files([str(paths[1]), str(paths[2])])
+        stream = streamer.get_tensors()
+        assert next(stream)[0] == "t0"
+        stream.close()
+        assert streamer._pending == [] and streamer._sources == {}
