@@ -34,6 +34,7 @@ API_KEY = "test-key-0123"
 MODELS = ("tiny-a", "tiny-b", "tiny-c")
 MAX_TOKENS = 8
 IDLE_TIMEOUT_S = 6
+LONG_TOKENS = 1000
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,8 @@ def router(tmp_path_factory):
                    "start_timeout": 300},
         "models": {name: {"checkpoint": str(make_tiny_llama(root / name, seed=i))} for i, name in enumerate(MODELS)},
     }
+    # tiny-c may generate LONG_TOKENS, so that an engine killed mid-stream is still generating on a fast machine
+    config["models"]["tiny-c"]["args"] = ["--max-model-len", "1024"]
     (root / "serve.json").write_text(json.dumps(config))
     port = _free_port()
     log_path = root / "router.log"
@@ -142,14 +145,17 @@ def test_bad_model_and_missing_key_get_openai_errors(router):
 
 def test_engine_killed_mid_request_errors_then_recovers(router):
     before = _complete(router, "tiny-c")
-    stream = router["client"].completions.create(model="tiny-c", prompt=PROMPT, max_tokens=200, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": True})
     pid = _admin(router)["tiny-c"]["pid"]
+    stream = router["client"].completions.create(model="tiny-c", prompt=PROMPT, max_tokens=LONG_TOKENS,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
     t0 = time.monotonic()
+    chunks = 0
     with pytest.raises((openai.APIError, httpx.HTTPError)):
-        for i, _chunk in enumerate(stream):
-            if i == 2:
+        for _chunk in stream:
+            chunks += 1
+            if chunks == 1:   # the engine is streaming: it has LONG_TOKENS - 1 tokens to go
                 os.killpg(pid, signal.SIGKILL)
+    assert chunks < LONG_TOKENS, "the stream ended normally: the engine finished before it was killed"
     assert time.monotonic() - t0 < 120, "the client must not hang"
     assert _complete(router, "tiny-c") == before   # a new engine, the same answers
     assert _admin(router)["tiny-c"]["pid"] != pid
