@@ -6,7 +6,9 @@ reason when its component is absent.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -29,6 +31,9 @@ MARKERS = {
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # engines record their load times (loader_plugins.cache.estimate); keep the tests' records
+    # out of the user's ~/.cache, in one directory for the session (inherited by subprocesses)
+    os.environ.setdefault("LOADER_PLUGINS_HISTORY_DIR", tempfile.mkdtemp(prefix="loader-plugins-history-"))
     known = {line.split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")}
     for name, doc in MARKERS.items():
         if name not in known:  # pyproject.toml may register them already

@@ -9,10 +9,8 @@ rounds, after swaps, must equal them token for token and logprob for logprob.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,10 +25,10 @@ httpx = pytest.importorskip("httpx")
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _smoke_vllm_default import CPU_ENGINE_ENV, CPU_ENGINE_KWARGS, PROMPT, _cli_flags, _free_port  # noqa: E402
+from _serve_router import API_KEY, admin, running_router  # noqa: E402
+from _smoke_vllm_default import CPU_ENGINE_KWARGS, PROMPT, _cli_flags  # noqa: E402
 from _tiny_models import make_tiny_llama  # noqa: E402
 
-API_KEY = "test-key-0123"
 MODELS = ("tiny-a", "tiny-b", "tiny-c")
 MAX_TOKENS = 8
 IDLE_TIMEOUT_S = 6
@@ -49,38 +47,12 @@ def router(tmp_path_factory):
     }
     # tiny-c may generate LONG_TOKENS, so that an engine killed mid-stream is still generating on a fast machine
     config["models"]["tiny-c"]["args"] = ["--max-model-len", "1024"]
-    (root / "serve.json").write_text(json.dumps(config))
-    port = _free_port()
-    log_path = root / "router.log"
-    cmd = [sys.executable, "-m", "loader_plugins.cli", "serve", "--config", str(root / "serve.json"), "--port",
-           str(port), "--api-key", API_KEY, "--log-dir", str(root / "engines")]
-    env = {**os.environ, **CPU_ENGINE_ENV}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        assert time.monotonic() < deadline, "the router did not answer /health"
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.3)
-    yield {"base": base, "log": log_path, "client": openai.OpenAI(base_url=base + "/v1", api_key=API_KEY,
-                                                                  max_retries=0, timeout=300)}
-    os.killpg(proc.pid, signal.SIGTERM)   # the router stops its engines on the way out
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with running_router(config, root) as router:
+        yield router
 
 
 def _admin(router) -> dict[str, dict]:
-    reply = httpx.get(router["base"] + "/admin/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
-    reply.raise_for_status()
-    return {m["model"]: m for m in reply.json()["models"]}
+    return {m["model"]: m for m in admin(router)["models"]}
 
 
 def _complete(router, model: str) -> tuple[list[int], list[float]]:
@@ -118,10 +90,10 @@ def test_round_robin_swaps_and_answers_identically(router):
                                                temperature=0).choices[0].text
     assert _stream_text(router, "tiny-a") == text
     metrics = httpx.get(router["base"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
-    assert 'streamer_serve_operation_seconds_count{model="tiny-b",op="swap_in"} 2.0' in metrics
-    assert 'streamer_serve_operation_seconds_count{model="tiny-a",op="start"} 1.0' in metrics
+    assert 'streamer_serve_operation_seconds_count{model="tiny-b",op="swap_in",server="local"} 2.0' in metrics
+    assert 'streamer_serve_operation_seconds_count{model="tiny-a",op="start",server="local"} 1.0' in metrics
     log = router["log"].read_text()
-    assert "cold start tiny-a" in log and "swap out tiny-a to make room for tiny-b" in log
+    assert "cold start tiny-a on local" in log and "swap out tiny-a on local to make room for tiny-b" in log
 
 
 def test_idle_model_is_swapped_out(router):
@@ -130,7 +102,7 @@ def test_idle_model_is_swapped_out(router):
     while _admin(router)["tiny-b"]["state"] != "swapped":
         assert time.monotonic() < deadline, _admin(router)
         time.sleep(0.5)
-    assert "swap out tiny-b after" in router["log"].read_text()
+    assert "swap out tiny-b on local after" in router["log"].read_text()
 
 
 def test_bad_model_and_missing_key_get_openai_errors(router):
@@ -159,3 +131,22 @@ def test_engine_killed_mid_request_errors_then_recovers(router):
     assert time.monotonic() - t0 < 120, "the client must not hang"
     assert _complete(router, "tiny-c") == before   # a new engine, the same answers
     assert _admin(router)["tiny-c"]["pid"] != pid
+
+
+def test_a_restarted_router_finds_its_engines_again(router):
+    """Runs last: it kills the module's router (SIGKILL: no clean-up) and starts another on the
+    same log directory, which takes over the engines the first one left running."""
+    answer = _complete(router, "tiny-a")          # tiny-a runs; the others are swapped out
+    before = {m: (d["state"], d["pid"]) for m, d in _admin(router).items()}
+    assert before["tiny-a"][0] == "running" and all(pid for _, pid in before.values())
+    router["proc"].kill()
+    router["proc"].wait()
+    with running_router(router["config"], router["root"]) as again:
+        after = {m: (d["state"], d["pid"]) for m, d in _admin(again).items()}
+        assert after == before                     # same processes, same states: nothing restarted
+        assert _complete(again, "tiny-a") == answer
+        assert _complete(again, "tiny-b")          # swapped out before the restart: swapped in now
+        states = _admin(again)
+        assert states["tiny-b"]["pid"] == before["tiny-b"][1] and states["tiny-b"]["state"] == "running"
+        log = again["log"].read_text()
+    assert "found 3 engine(s) again" in log and "cold start" not in log and "swap in tiny-b on local" in log

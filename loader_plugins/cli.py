@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=lambda a: __import__("loader_plugins.bench.vllm_load", fromlist=["run"]).run(a))
 
+    from .bench.serve_bench import add_parser as add_bench_serve
+
+    add_bench_serve(sub)
+
     p = sub.add_parser("serve", help="one OpenAI-compatible endpoint in front of vLLM engines started, swapped "
                                      "out and in on demand (see loader_plugins/serve/catalog.py for the config)")
     p.add_argument("--config", required=True, help="serve config, YAML or JSON (models, budget, idle_timeout)")

@@ -1,8 +1,11 @@
 """Load-time estimates: seconds = metadata time + bytes / bandwidth of the tier the checkpoint sits in.
 
-Every whole load served by one tier (see :class:`~loader_plugins.cache.tiered.TieredStorage`)
-appends ``{host, tier, bytes, seconds}`` to a small JSON history file next to the cache
-(``cache_dir/load-history.json``, else ``dram_cache_dir/...``). An estimate locates each shard
+Every whole load served by one tier (see :class:`~loader_plugins.cache.tiered.TieredStorage`),
+and every engine load of local files (tier ``local``, recorded by the engine adapters), appends
+``{host, tier, bytes, seconds}`` to a small JSON history file next to the cache
+(``cache_dir/load-history.json``, else ``dram_cache_dir/...``, else
+``$LOADER_PLUGINS_HISTORY_DIR/load-history.json``, by default
+``~/.cache/loader-plugins/load-history.json``). An estimate locates each shard
 (DRAM, disk, S3 or a local file), and for each tier takes the median GB/s of this host's recent
 loads of a similar size (within 4x; any size when there are none), or a conservative default
 when the host has no history for the tier. The measured seconds of a load run from its first
@@ -51,9 +54,17 @@ KEEP = 50           # samples kept per (host, tier)
 SIMILAR = 4.0       # a sample is "of a similar size" within this factor
 
 
-def history_path(config: "StreamerConfig") -> Path | None:
+def default_history_dir() -> Path:
+    """Where loads are recorded when no cache directory is configured."""
+    if os.environ.get("LOADER_PLUGINS_HISTORY_DIR"):
+        return Path(os.environ["LOADER_PLUGINS_HISTORY_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "loader-plugins"
+
+
+def history_path(config: "StreamerConfig") -> Path:
     root = getattr(config, "cache_dir", None) or getattr(config, "dram_cache_dir", None)
-    return Path(root) / HISTORY_NAME if root else None
+    return Path(root) / HISTORY_NAME if root else default_history_dir() / HISTORY_NAME
 
 
 class LoadHistory:
@@ -144,11 +155,16 @@ def predict(tiers: dict[str, int], history: LoadHistory | None, *, host: str | N
 
 
 def record_load(config: "StreamerConfig", tier: str, nbytes: int, seconds: float) -> dict | None:
-    """Record one whole load (a no-op without a cache directory to keep the history in)."""
-    path = history_path(config)
-    if path is None or nbytes <= 0 or seconds <= 0:
+    """Record one whole load in this host's history (see :func:`history_path`); a history that
+    cannot be written is logged and skipped: it never fails a load."""
+    if nbytes <= 0 or seconds <= 0:
         return None
-    return LoadHistory(path).record(tier, nbytes, seconds)
+    path = history_path(config)
+    try:
+        return LoadHistory(path).record(tier, nbytes, seconds)
+    except OSError as exc:
+        log.warning("could not record a %s load in %s (%s); estimates will not learn from it", tier, path, exc)
+        return None
 
 
 def locate(uri: str, config: "StreamerConfig") -> list[dict]:
@@ -190,8 +206,7 @@ def locate(uri: str, config: "StreamerConfig") -> list[dict]:
 def estimate(uri: str, config: "StreamerConfig", *, history: LoadHistory | str | os.PathLike | None = None) -> dict:
     """Predict the load time of ``uri`` on this host: ``{seconds, tier, gbps, bytes, basis, ...}``."""
     if history is None:
-        path = history_path(config)
-        history = LoadHistory(path) if path is not None else None
+        history = LoadHistory(history_path(config))
     elif not isinstance(history, LoadHistory):
         history = LoadHistory(history)
     if scheme_of(str(uri)) == "s3":

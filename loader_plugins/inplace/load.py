@@ -13,7 +13,9 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
+from ..cache.estimate import record_load
 from ..config import StreamerConfig
+from ..core.sources.base import scheme_of
 from ..streamer import SafetensorsStreamer
 from .probe import Prediction, predict
 from .replay import ReplayMode
@@ -69,7 +71,10 @@ def load_into_model(load_weights: LoadWeights, model: torch.nn.Module,
             mode.finish()
         finally:
             stream.close()
-    return LoadReport(result, _stats(str(location), specs, prediction, mode, time.perf_counter() - t0))
+    report = LoadReport(result, _stats(str(location), specs, prediction, mode, time.perf_counter() - t0))
+    if all(scheme_of(f) == "file" for f in checkpoint.files):   # tiered S3 loads record themselves
+        record_load(config, "local", report.stats["bytes"], report.stats["seconds"])
+    return report
 
 
 def _stats(location: str, specs, prediction: Prediction, mode: ReplayMode, seconds: float) -> dict[str, Any]:

@@ -1,20 +1,29 @@
-"""The serving catalogue: which models exist, how their engines start, how much memory they may hold.
+"""The serving catalogue: which models exist, where they may run, how their engines start.
 
 ``model-streamer serve --config serve.yaml`` reads YAML (or JSON)::
 
     budget: 24GiB          # bytes the resident models may hold; default: 90% of the GPU, else half of RAM
     idle_timeout: 300      # seconds without a request before a model is swapped out to host memory
+    servers:               # where engines may run (default: one server, "local", with ``budget``)
+      gpu0: {budget: 40GiB, cache_dir: /var/cache/streamer}
+      gpu1: {budget: 40GiB, cache_dir: /mnt/nvme/streamer, dram_cache_dir: /dev/shm/streamer}
     engine:                # defaults for every model's engine
       args: ["--enforce-eager"]
       env: {}
+      loader: {concurrency: 16}     # --model-loader-extra-config keys
       start_timeout: 600
     models:
       llama-8b:
-        checkpoint: /models/llama-8b
+        checkpoint: /models/llama-8b          # config and tokenizer (and the weights, unless ``weights``)
+        weights: s3://bucket/llama-8b/        # optional: the weights elsewhere (weights_uri)
+        loader: {s3_endpoint_url: "http://10.0.0.5:8333"}
         args: ["--max-model-len", "8192"]
 
 Only ``models`` is required (a name and a ``checkpoint`` each). Every engine is ``vllm serve``
-with ``--load-format streamer`` and the swap worker extension, on 127.0.0.1 and a free port.
+with ``--load-format streamer`` and the swap worker extension, on 127.0.0.1 and a free port; its
+``--model-loader-extra-config`` is the engine's and the model's ``loader`` keys, the model's
+``weights`` as ``weights_uri`` and the server's cache directories (``cache_dir``,
+``dram_cache_dir``), so each server loads through its own cache tiers.
 """
 
 from __future__ import annotations
@@ -29,11 +38,15 @@ from ..config import parse_size
 from ..errors import ConfigError
 
 #: keys accepted at the top level, under ``engine`` and under each model
-_TOP = ("budget", "idle_timeout", "engine", "models", "api_key")
-_ENGINE = ("args", "env", "start_timeout")
-_MODEL = ("checkpoint", "args", "env", "start_timeout")
+_TOP = ("budget", "idle_timeout", "engine", "models", "api_key", "servers")
+_ENGINE = ("args", "env", "start_timeout", "loader")
+_MODEL = ("checkpoint", "weights", "args", "env", "start_timeout", "loader")
+_SERVER = ("budget", "cache_dir", "dram_cache_dir", "env")
 #: flags the router sets on every engine itself
-_RESERVED = ("--host", "--port", "--served-model-name", "--load-format", "--worker-extension-cls", "--api-key")
+_RESERVED = ("--host", "--port", "--served-model-name", "--load-format", "--worker-extension-cls", "--api-key",
+             "--model-loader-extra-config")
+#: loader keys that belong to the server, not the model
+_SERVER_LOADER_KEYS = ("cache_dir", "dram_cache_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +58,27 @@ class ModelSpec:
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     start_timeout: float = 600.0
+    weights: str | None = None
+    loader: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def weights_location(self) -> str:
+        """Where the weights are read from: ``weights`` when set, else the checkpoint directory."""
+        return self.weights or self.checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSpec:
+    """A place engines run: its memory budget and the cache tiers its loads go through."""
+
+    name: str
+    budget: int
+    cache_dir: str | None = None
+    dram_cache_dir: str | None = None
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def loader_keys(self) -> dict[str, str]:
+        return {k: v for k, v in (("cache_dir", self.cache_dir), ("dram_cache_dir", self.dram_cache_dir)) if v}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +87,14 @@ class Catalog:
     budget: int
     idle_timeout: float
     api_key: str | None = None
+    servers: Mapping[str, ServerSpec] = dataclasses.field(default_factory=dict)
+
+    def extra_config(self, model: ModelSpec, server: ServerSpec) -> dict[str, Any]:
+        """The engine's ``--model-loader-extra-config`` for ``model`` on ``server``."""
+        extra = {**model.loader, **server.loader_keys()}
+        if model.weights:
+            extra["weights_uri"] = model.weights
+        return extra
 
 
 def default_budget() -> int:
@@ -93,6 +135,62 @@ def _env(where: str, value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()}
 
 
+def _loader(where: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}.loader must map --model-loader-extra-config keys to values, got {value!r}")
+    from ..config import StreamerConfig
+
+    clash = sorted(set(value) & set(_SERVER_LOADER_KEYS))
+    if clash:
+        raise ConfigError(f"{where}.loader sets {clash}: cache directories belong to a server (servers.NAME.{clash[0]})")
+    if "weights_uri" in value:
+        raise ConfigError(f"{where}.loader sets weights_uri: use the model's 'weights' key")
+    rest = {k: v for k, v in value.items() if k != "in_place"}
+    if not isinstance(value.get("in_place", True), bool):
+        raise ConfigError(f"{where}.loader.in_place must be true or false, got {value['in_place']!r}")
+    StreamerConfig.from_dict(rest, where=f"{where}.loader")   # the engine would refuse what this refuses
+    return dict(value)
+
+
+def _budget(where: str, value: Any, default: int | None = None) -> int:
+    try:
+        budget = parse_size(value) if value is not None else (default if default is not None else default_budget())
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    if budget <= 0:
+        raise ConfigError(f"{where} must be positive, got {value!r}")
+    return budget
+
+
+def _servers(where: str, value: Any, budget: int, base: Path | None) -> dict[str, ServerSpec]:
+    if value is None:
+        return {"local": ServerSpec(name="local", budget=budget)}
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"{where}.servers must map at least one server name to {{budget: ..., cache_dir: ...}}")
+    out: dict[str, ServerSpec] = {}
+    for name, entry in value.items():
+        at = f"{where}.servers.{name}"
+        if not isinstance(name, str) or not name.strip() or "/" in name:
+            raise ConfigError(f"{at}: a server name must be a non-empty string without '/'")
+        entry = entry or {}
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{at} must be a mapping (budget, cache_dir, dram_cache_dir, env)")
+        _unknown(at, entry, _SERVER)
+        dirs = {}
+        for key in ("cache_dir", "dram_cache_dir"):
+            path = entry.get(key)
+            if path is not None and (not isinstance(path, str) or not path):
+                raise ConfigError(f"{at}.{key} must be a directory path, got {path!r}")
+            if path and base is not None and not os.path.isabs(path):
+                path = str(base / path)
+            dirs[key] = path
+        out[name] = ServerSpec(name=name, budget=_budget(f"{at}.budget", entry.get("budget"), budget),
+                               env=_env(at, entry.get("env")), **dirs)
+    return out
+
+
 def _seconds(where: str, value: Any, default: float) -> float:
     if value is None:
         return default
@@ -113,6 +211,7 @@ def parse_catalog(raw: Mapping[str, Any], *, where: str = "serve config", base: 
     common_args = _args(f"{where}.engine", engine.get("args"))
     common_env = _env(f"{where}.engine", engine.get("env"))
     common_timeout = _seconds(f"{where}.engine.start_timeout", engine.get("start_timeout"), 600.0)
+    common_loader = _loader(f"{where}.engine", engine.get("loader"))
     models = raw.get("models")
     if not isinstance(models, Mapping) or not models:
         raise ConfigError(f"{where}: 'models' must map at least one model name to {{checkpoint: PATH}}")
@@ -124,27 +223,32 @@ def parse_catalog(raw: Mapping[str, Any], *, where: str = "serve config", base: 
         if isinstance(entry, str):
             entry = {"checkpoint": entry}
         if not isinstance(entry, Mapping) or not isinstance(entry.get("checkpoint"), str):
-            raise ConfigError(f"{at}: needs 'checkpoint: PATH' (a local directory or an s3:// URI)")
+            raise ConfigError(f"{at}: needs 'checkpoint: PATH' (the model directory: config and tokenizer; "
+                              f"the weights too unless 'weights' names where they are)")
         _unknown(at, entry, _MODEL)
-        checkpoint = entry["checkpoint"]
-        if "://" not in checkpoint and base is not None and not os.path.isabs(checkpoint):
-            checkpoint = str(base / checkpoint)
+        checkpoint = _path(entry["checkpoint"], base)
+        weights = entry.get("weights")
+        if weights is not None and (not isinstance(weights, str) or not weights):
+            raise ConfigError(f"{at}.weights must be a path or an s3:// URI, got {weights!r}")
         specs[name] = ModelSpec(name=name, checkpoint=checkpoint, args=common_args + _args(at, entry.get("args")),
                                 env={**common_env, **_env(at, entry.get("env"))},
                                 start_timeout=_seconds(f"{at}.start_timeout", entry.get("start_timeout"),
-                                                       common_timeout))
-    try:
-        budget = parse_size(raw["budget"]) if raw.get("budget") is not None else default_budget()
-    except ValueError as exc:
-        raise ConfigError(f"{where}.budget: {exc}") from exc
-    if budget <= 0:
-        raise ConfigError(f"{where}.budget must be positive, got {raw.get('budget')!r}")
+                                                       common_timeout),
+                                weights=_path(weights, base) if weights else None,
+                                loader={**common_loader, **_loader(at, entry.get("loader"))})
+    budget = _budget(f"{where}.budget", raw.get("budget"))
     api_key = raw.get("api_key")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ConfigError(f"{where}.api_key must be a non-empty string")
     return Catalog(models=specs, budget=budget, idle_timeout=_seconds(f"{where}.idle_timeout",
                                                                         raw.get("idle_timeout"), 300.0),
-                   api_key=api_key)
+                   api_key=api_key, servers=_servers(where, raw.get("servers"), budget, base))
+
+
+def _path(value: str, base: Path | None) -> str:
+    if "://" not in value and base is not None and not os.path.isabs(value):
+        return str(base / value)
+    return value
 
 
 def load_catalog(path: str | os.PathLike) -> Catalog:

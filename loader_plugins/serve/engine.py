@@ -10,8 +10,11 @@ while swapped out. It listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +26,7 @@ from typing import Any
 import httpx
 
 from ..errors import StreamerError
-from .catalog import ModelSpec
+from .catalog import ModelSpec, ServerSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +56,59 @@ def checkpoint_bytes(checkpoint: str) -> int:
         return 0
 
 
-class Engine:
-    """The engine of one model. ``resident_bytes`` is what it holds while running, counted as the
-    bytes a swap moves (measured at its first swap-out; the checkpoint's size until then)."""
+class Adopted:
+    """A handle on an engine process another router started (found again after a restart): the
+    subset of :class:`subprocess.Popen` the router uses, by pid."""
 
-    def __init__(self, spec: ModelSpec, log_dir: Path):
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                self.returncode = -1
+            except PermissionError:
+                pass
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.1)
+        return self.returncode
+
+
+def _engine_cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+#: the vLLM adapter's log line after a load (loader_plugins/vllm_adapter/loader.py)
+_LOADED = re.compile(rb"Streamer loaded ([0-9.]+) GB in ([0-9.]+) seconds")
+
+
+class Engine:
+    """The engine of one model on one server. ``resident_bytes`` is what it holds while running,
+    counted as the bytes a swap moves (measured at its first swap-out; the checkpoint's size until
+    then)."""
+
+    def __init__(self, spec: ModelSpec, log_dir: Path, server: ServerSpec | None = None,
+                 extra_config: dict[str, Any] | None = None):
         self.spec = spec
+        self.server = server or ServerSpec(name="local", budget=1)
+        self.extra_config = dict(extra_config or {})
         self.state = STOPPED
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
-        self.log_path = log_dir / f"{spec.name.replace('/', '_')}.log"
-        self.resident_bytes = checkpoint_bytes(spec.checkpoint)
+        self.log_path = log_dir / self.server.name / f"{spec.name.replace('/', '_')}.log"
+        self.resident_bytes = checkpoint_bytes(spec.weights_location)
         self.measured = False          # resident_bytes comes from a swap, not the checkpoint size
         self.last_used = 0.0
         self.inflight = 0
@@ -78,11 +123,41 @@ class Engine:
         return self.proc is not None and self.proc.poll() is None
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.spec.name, "state": self.state, "pid": self.proc.pid if self.alive() else None,
+        return {"model": self.spec.name, "server": self.server.name, "state": self.state, "pid": self.proc.pid if self.alive() else None,
                 "resident_bytes": self.resident_bytes,
                 "resident_bytes_measured": self.measured, "inflight": self.inflight,
                 "idle_seconds": round(time.monotonic() - self.last_used, 3) if self.last_used else None,
                 "log": str(self.log_path), **{f"last_{k}_seconds": round(v, 3) for k, v in self.timings.items()}}
+
+    def record(self) -> dict[str, Any] | None:
+        """What a later router needs to find this engine again (None when it has no process)."""
+        if not self.alive():
+            return None
+        return {"server": self.server.name, "model": self.spec.name, "pid": self.proc.pid, "port": self.port,
+                "resident_bytes": self.resident_bytes, "measured": self.measured}
+
+    async def adopt(self, record: dict[str, Any]) -> bool:
+        """Take over the engine another router left running (``record`` from :meth:`record`): only
+        if that pid is still an engine of ours on that port serving this model, answering /health.
+        Its state is read from the engine: paused scheduling means swapped out."""
+        pid, port = int(record["pid"]), int(record["port"])
+        cmdline = _engine_cmdline(pid)
+        if "loader_plugins.serve.vllm_cli" not in cmdline or str(port) not in cmdline \
+                or self.spec.name not in cmdline:
+            return False
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                if (await client.get("/health")).status_code != 200:
+                    return False
+                sleeping = (await client.get("/is_sleeping")).json().get("is_sleeping")
+        except (httpx.HTTPError, ValueError):
+            return False
+        self.proc, self.port = Adopted(pid), port   # type: ignore[assignment]
+        self.state = SWAPPED if sleeping else RUNNING
+        self.resident_bytes = int(record.get("resident_bytes") or self.resident_bytes)
+        self.measured = bool(record.get("measured"))
+        self.last_used = time.monotonic()
+        return True
 
     async def start(self) -> float:
         """Start ``vllm serve`` and wait until it answers ``/health``; returns the seconds taken."""
@@ -92,9 +167,14 @@ class Engine:
         cmd = [sys.executable, "-m", "loader_plugins.serve.vllm_cli", "serve", self.spec.checkpoint,
                "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", self.spec.name,
                "--load-format", "streamer", "--worker-extension-cls", EXTENSION, *self.spec.args]
-        env = {**os.environ, **self.spec.env, "VLLM_SERVER_DEV_MODE": "1"}
-        log.info("Starting the engine of %s: %s (log %s)", self.spec.name, " ".join(cmd), self.log_path)
+        if self.extra_config:
+            cmd += ["--model-loader-extra-config", json.dumps(self.extra_config)]
+        env = {**os.environ, **self.server.env, **self.spec.env, "VLLM_SERVER_DEV_MODE": "1"}
+        log.info("Starting the engine of %s on %s: %s (log %s)", self.spec.name, self.server.name, " ".join(cmd),
+                 self.log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.timings.pop("load", None)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, env=env)
@@ -117,7 +197,20 @@ class Engine:
                 await asyncio.sleep(0.25)
         self.state = RUNNING
         self.timings["start"] = time.monotonic() - t0
+        loaded = self._loaded()
+        if loaded is not None:
+            self.timings["load"] = loaded
         return self.timings["start"]
+
+    def _loaded(self) -> float | None:
+        """Seconds the streamer's load took in this start, from the engine's log (None if absent)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                found = _LOADED.findall(f.read())
+        except OSError:
+            return None
+        return float(found[-1][1]) if found else None
 
     async def swap_out(self) -> dict:
         """Pause, offload the weights to host memory (KV cache dropped), reset the prefix cache."""
@@ -168,7 +261,8 @@ class Engine:
             if proc.poll() is not None:
                 return
             await asyncio.sleep(0.25)
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
     async def _post(self, client: httpx.AsyncClient, path: str, **kwargs) -> httpx.Response:

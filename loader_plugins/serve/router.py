@@ -1,24 +1,30 @@
 """``model-streamer serve``: one OpenAI-compatible endpoint in front of on-demand vLLM engines.
 
-A request names a model of the catalogue. A model without an engine gets one (``vllm serve``
-with ``--load-format streamer``); a swapped-out one is swapped back in; either first makes room
-under the memory budget by swapping out the least recently used idle models. Concurrent requests
-for a model being started or swapped in wait for that one operation. A model idle for
-``idle_timeout`` is swapped out; its engine process stays alive. Every decision is logged with
-what it measured.
+A request names a model of the catalogue. If the model runs on a server, the request goes to
+the engine there with the fewest requests in flight. Otherwise the model is placed
+(:mod:`.placement`): the server with the smallest estimated startup gets it, swapped back in if
+it is swapped out there, else started (``vllm serve`` with ``--load-format streamer``); either
+first makes room under that server's budget by swapping out its least recently used idle
+models. Concurrent requests for a model being placed, started or swapped in wait for that one
+operation. A model idle for ``idle_timeout`` is swapped out; its engine process stays alive.
+Every decision is logged with what it estimated and then measured. Live engines are written to
+``LOG_DIR/engines.json``; a router restarted on that directory takes them over.
 
 Endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (streaming or not,
 forwarded to the engine as they are), ``/metrics`` (Prometheus), ``/health``; admin:
-``GET /admin/models``, ``POST /admin/models/{name}/swap_out|swap_in|stop``. With an API key
-every endpoint but ``/health`` needs ``Authorization: Bearer KEY``. Errors use OpenAI's format.
+``GET /admin/models``, ``GET /admin/placements``,
+``POST /admin/models/{name}/swap_out|swap_in|start|stop[?server=S]``. With an API key every
+endpoint but ``/health`` needs ``Authorization: Bearer KEY``. Errors use OpenAI's format.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +33,11 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .catalog import Catalog
-from .engine import RUNNING, SWAPPED, Engine, EngineError
+from ..cache.estimate import LoadHistory
+from ..config import StreamerConfig
+from .catalog import Catalog, ServerSpec
+from .engine import RUNNING, STOPPED, SWAPPED, Engine, EngineError
+from .placement import ServerHistory, choose, estimate_server, ratio, victims
 
 log = logging.getLogger(__name__)
 
@@ -60,49 +69,139 @@ class Metrics:
         self.requests = Counter("streamer_serve_requests", "Requests by model and outcome", ["model", "outcome"],
                                 registry=self.registry)
         self.operations = Histogram("streamer_serve_operation_seconds", "Engine starts and swaps",
-                                    ["model", "op"], registry=self.registry,
+                                    ["model", "server", "op"], registry=self.registry,
                                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.resident = Gauge("streamer_serve_resident_bytes", "Bytes a model holds while running (as a swap "
-                              "moves them)", ["model"], registry=self.registry)
+                              "moves them)", ["model", "server"], registry=self.registry)
         self.state = Gauge("streamer_serve_engine_state", "1 for the state each model's engine is in",
-                           ["model", "state"], registry=self.registry)
+                           ["model", "server", "state"], registry=self.registry)
 
-    def render(self, engines: dict[str, Engine]) -> bytes:
+    def render(self, engines: list[Engine]) -> bytes:
         from prometheus_client import generate_latest
 
-        for name, engine in engines.items():
-            self.resident.labels(name).set(engine.resident_bytes)
+        for engine in engines:
+            name, server = engine.spec.name, engine.server.name
+            self.resident.labels(name, server).set(engine.resident_bytes)
             for state in ("stopped", "starting", "running", "swapping_out", "swapped", "swapping_in", "failed"):
-                self.state.labels(name, state).set(1 if engine.state == state else 0)
+                self.state.labels(name, server, state).set(1 if engine.state == state else 0)
         return generate_latest(self.registry)
 
 
+class Server:
+    """A place engines run: one engine per model (started on demand), a budget, what is under way."""
+
+    def __init__(self, spec: ServerSpec, catalog: Catalog, log_dir: Path):
+        self.spec = spec
+        self.engines = {name: Engine(model, log_dir, spec, catalog.extra_config(model, spec))
+                        for name, model in catalog.models.items()}
+        self.room = asyncio.Lock()
+        self.underway: dict[int, float] = {}    # operation id -> when it is estimated to end
+
+    def queue_seconds(self, now: float) -> float:
+        return max((end - now for end in self.underway.values()), default=0.0)
+
+
 class Router:
-    """Which engines run, and the decisions that start, swap and evict them."""
+    """Which engines run where, and the decisions that place, start, swap and evict them."""
 
     def __init__(self, catalog: Catalog, log_dir: Path):
         self.catalog = catalog
-        self.engines = {name: Engine(spec, log_dir) for name, spec in catalog.models.items()}
+        self.servers = {name: Server(spec, catalog, log_dir) for name, spec in catalog.servers.items()}
+        self.history = ServerHistory(LoadHistory(log_dir / "placement-history.json"))
         self.metrics = Metrics()
-        self._room = asyncio.Lock()
+        self.decisions: collections.deque[dict] = collections.deque(maxlen=200)
+        self._placing: dict[str, asyncio.Lock] = {name: asyncio.Lock() for name in catalog.models}
         self._reaper: asyncio.Task | None = None
+        self.state_path = log_dir / "engines.json"
+
+    # ---- engines that outlive a router ----
+
+    def save(self) -> None:
+        """Write where every live engine is, so that a router restarted on this log directory
+        finds them again (:meth:`adopt`)."""
+        records = [r for r in (e.record() for e in self.engines) if r is not None]
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(f"{self.state_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"engines": records}, indent=1))
+        os.replace(tmp, self.state_path)
+
+    async def adopt(self) -> list[str]:
+        """Take over the engines a previous router on this log directory left running."""
+        try:
+            records = json.loads(self.state_path.read_text()).get("engines", [])
+        except (OSError, ValueError):
+            return []
+        adopted = []
+        for record in records:
+            server = self.servers.get(record.get("server"))
+            engine = server.engines.get(record.get("model")) if server else None
+            if engine is None:
+                log.warning("an engine of %s on %s (pid %s) is not in this catalogue; it is left alone",
+                            record.get("model"), record.get("server"), record.get("pid"))
+                continue
+            if await engine.adopt(record):
+                adopted.append(f"{engine.spec.name} on {server.spec.name} ({engine.state}, pid {record['pid']})")
+        if adopted:
+            log.info("found %d engine(s) again: %s", len(adopted), ", ".join(adopted))
+        self.save()
+        return adopted
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [e for server in self.servers.values() for e in server.engines.values()]
 
     # ---- requests ----
 
-    def engine(self, name: Any) -> Engine:
-        engine = self.engines.get(name) if isinstance(name, str) else None
-        if engine is None:
-            raise ServeError(404, f"The model `{name}` does not exist. Models: {', '.join(self.engines)}",
+    def check_model(self, name: Any) -> str:
+        if not isinstance(name, str) or name not in self.catalog.models:
+            raise ServeError(404, f"The model `{name}` does not exist. Models: {', '.join(self.catalog.models)}",
                              code="model_not_found", param="model")
-        return engine
+        return name
 
-    async def acquire(self, name: Any) -> Engine:
-        """The model's engine, running; counted in flight until :meth:`release`."""
-        engine = self.engine(name)
+    def engine(self, name: Any, server: str | None = None) -> Engine:
+        """The engine of model ``name`` on ``server``; without a server, the one that is not
+        stopped (there must be exactly one, or only one server)."""
+        name = self.check_model(name)
+        if server is not None:
+            if server not in self.servers:
+                raise ServeError(404, f"no server {server!r}; servers: {', '.join(self.servers)}", code="not_found",
+                                 param="server")
+            return self.servers[server].engines[name]
+        if len(self.servers) == 1:
+            return next(iter(self.servers.values())).engines[name]
+        live = [s.engines[name] for s in self.servers.values() if s.engines[name].state != STOPPED]
+        if len(live) != 1:
+            raise ServeError(409, f"{name} has an engine on {len(live)} servers: name one (?server=NAME)",
+                             code="ambiguous", param="server")
+        return live[0]
+
+    async def acquire(self, name: Any, server: str | None = None) -> Engine:
+        """A running engine of the model (on ``server`` when given, else one running already, else
+        on the server :meth:`place` chooses); counted in flight until :meth:`release`."""
+        name = self.check_model(name)
+        if server is not None:
+            return await self._hold(self.engine(name, server), None)
+        running = self._running(name)
+        if running:
+            return await self._hold(running, None)
+        async with self._placing[name]:   # one placement per model; later requests find it running
+            running = self._running(name)
+            if running:
+                return await self._hold(running, None)
+            decision = await self.place(name)
+            chosen = self.servers[decision["chosen"]].engines[name]
+            return await self._hold(chosen, decision)
+
+    def _running(self, name: str) -> Engine | None:
+        live = [s.engines[name] for s in self.servers.values()
+                if s.engines[name].state == RUNNING and s.engines[name].alive()]
+        return min(live, key=lambda e: e.inflight) if live else None
+
+    async def _hold(self, engine: Engine, decision: dict | None) -> Engine:
         engine.inflight += 1
         engine.last_used = time.monotonic()
         try:
-            await self._ready(engine)
+            await self._ready(engine, decision)
         except BaseException:
             engine.inflight -= 1
             raise
@@ -112,49 +211,99 @@ class Router:
         engine.inflight -= 1
         engine.last_used = time.monotonic()
 
-    async def _ready(self, engine: Engine) -> None:
+    # ---- placement ----
+
+    async def place(self, name: str) -> dict:
+        """Estimate the model's startup on every server, choose the fastest, log the decision."""
+        now = time.monotonic()
+        estimates = []
+        for server in self.servers.values():
+            engine = server.engines[name]
+            load = None
+            if not (engine.alive() and engine.state in (RUNNING, SWAPPED)):
+                load = await asyncio.to_thread(self._load_estimate, engine)
+                if not engine.measured and load["bytes"] > 0:
+                    engine.resident_bytes = load["bytes"]   # the checkpoint's size until a swap measures it
+            estimates.append(estimate_server(server.spec.name, engine, list(server.engines.values()),
+                                             server.spec.budget, self.history, load=load,
+                                             queue_s=server.queue_seconds(now), now=now))
+        best = choose(estimates)
+        decision = {"model": name, "chosen": best.server, "how": best.how, "estimated_seconds": round(best.seconds, 4),
+                    "measured_seconds": None, "ratio": None, "at": time.time(),
+                    "candidates": [e.describe() for e in estimates]}
+        self.decisions.append(decision)
+        log.info("place %s on %s: %s", name, best.server, "; ".join(e.line() for e in estimates))
+        for line in best.basis:
+            log.info("  place %s on %s: %s", name, best.server, line)
+        return decision
+
+    def _load_estimate(self, engine: Engine) -> dict:
+        from ..cache.estimate import estimate
+
+        extra = {k: v for k, v in engine.extra_config.items() if k not in ("weights_uri", "in_place")}
+        return estimate(engine.spec.weights_location, StreamerConfig.from_dict(extra, where="serve"))
+
+    # ---- bringing an engine up ----
+
+    async def _ready(self, engine: Engine, decision: dict | None) -> None:
         if engine.state == RUNNING and engine.alive():
             return
         async with engine.lock:   # later waiters find it running
             if engine.state == RUNNING and engine.alive():
                 return
-            name = engine.spec.name
+            name, server = engine.spec.name, self.servers[engine.server.name]
+            op = id(engine)
+            server.underway[op] = time.monotonic() + (decision["estimated_seconds"] if decision else 0.0)
+            t0 = time.monotonic()
             try:
                 if engine.state == SWAPPED and engine.alive():
                     freed = await self._make_room(engine)
                     seconds = await engine.swap_in()
-                    self.metrics.operations.labels(name, "swap_in").observe(seconds)
-                    log.info("swap in %s: %.2f s (%d bytes resident%s)", name, seconds, engine.resident_bytes, freed)
+                    self.history.record(server.spec.name, "host", engine.resident_bytes, seconds)
+                    self.metrics.operations.labels(name, server.spec.name, "swap_in").observe(seconds)
+                    log.info("swap in %s on %s: %.2f s (%d bytes resident%s)", name, server.spec.name, seconds,
+                             engine.resident_bytes, freed)
                 else:
                     if engine.proc is not None:
-                        log.warning("the engine of %s is %s and its process %s; starting a new one", name,
-                                    engine.state, "exited" if not engine.alive() else "is stopped")
+                        log.warning("the engine of %s on %s is %s and its process %s; starting a new one", name,
+                                    server.spec.name, engine.state, "exited" if not engine.alive() else "is stopped")
                         await engine.stop()
                     freed = await self._make_room(engine)
                     seconds = await engine.start()
-                    self.metrics.operations.labels(name, "start").observe(seconds)
-                    log.info("cold start %s: %.2f s to /health (%d bytes estimated%s)", name, seconds,
+                    load = engine.timings.get("load")
+                    if load is not None:
+                        self.history.record(server.spec.name, "engine", engine.resident_bytes, seconds - load)
+                    self.metrics.operations.labels(name, server.spec.name, "start").observe(seconds)
+                    log.info("cold start %s on %s: %.2f s to /health (load %s; %d bytes estimated%s)", name,
+                             server.spec.name, seconds, f"{load:.2f} s" if load is not None else "not logged",
                              engine.resident_bytes, freed)
             except EngineError as exc:
                 raise ServeError(503, str(exc), kind="server_error", code="engine_unavailable") from exc
+            finally:
+                server.underway.pop(op, None)
+                self.save()
+            if decision is not None:
+                measured = time.monotonic() - t0
+                decision["measured_seconds"] = round(measured, 4)
+                decision["ratio"] = ratio(measured, decision["estimated_seconds"])
+                log.info("place %s on %s: measured %.2f s, estimated %.2f s (%sx)", name, server.spec.name,
+                         measured, decision["estimated_seconds"], decision["ratio"])
 
     async def _make_room(self, engine: Engine) -> str:
-        """Swap out least recently used idle models until ``engine`` fits the budget (alone, it
-        always fits). Returns what was done, for the log line."""
+        """Swap out least recently used idle models on the engine's server until it fits the
+        server's budget (alone, it always fits). Returns what was done, for the log line."""
+        server = self.servers[engine.server.name]
         evicted: list[str] = []
         deadline = time.monotonic() + ROOM_WAIT_S
-        async with self._room:
+        async with server.room:
             while True:
-                others = [e for e in self.engines.values() if e is not engine and e.alive()
-                          and e.state not in (SWAPPED,)]
-                used = sum(e.resident_bytes for e in others)
-                if not others or used + engine.resident_bytes <= self.catalog.budget:
+                idle, busy = victims(engine, list(server.engines.values()), server.spec.budget)
+                if not idle and not busy:
                     break
-                idle = sorted((e for e in others if e.state == RUNNING and e.inflight == 0), key=lambda e: e.last_used)
                 if not idle:
                     if time.monotonic() > deadline:
-                        raise ServeError(503, f"no memory for {engine.spec.name}: the models holding it are all "
-                                              f"busy ({', '.join(e.spec.name for e in others)})",
+                        raise ServeError(503, f"no memory for {engine.spec.name} on {server.spec.name}: the models "
+                                              f"holding it are all busy ({', '.join(e.spec.name for e in busy)})",
                                          kind="server_error", code="no_capacity")
                     await asyncio.sleep(0.2)
                     continue
@@ -163,15 +312,20 @@ class Router:
                     if victim.state != RUNNING or victim.inflight:
                         continue
                     report = await victim.swap_out()
-                self.metrics.operations.labels(victim.spec.name, "swap_out").observe(report["seconds"])
+                self._swapped_out(victim, report, f"to make room for {engine.spec.name}")
                 evicted.append(f"{victim.spec.name} ({report['bytes']} bytes in {report['seconds']:.2f} s)")
-                log.info("swap out %s to make room for %s: %d bytes in %.2f s (budget %d bytes, %d in use before)",
-                         victim.spec.name, engine.spec.name, report["bytes"], report["seconds"],
-                         self.catalog.budget, used)
         return f"; swapped out {', '.join(evicted)}" if evicted else ""
 
-    async def swap_out(self, name: str) -> dict:
-        engine = self.engine(name)
+    def _swapped_out(self, engine: Engine, report: dict, why: str) -> None:
+        server = engine.server.name
+        self.save()
+        self.history.record(server, "swap_out", report["bytes"], report["seconds"])
+        self.metrics.operations.labels(engine.spec.name, server, "swap_out").observe(report["seconds"])
+        log.info("swap out %s on %s %s: %d bytes in %.2f s", engine.spec.name, server, why, report["bytes"],
+                 report["seconds"])
+
+    async def swap_out(self, name: str, server: str | None = None) -> dict:
+        engine = self.engine(name, server)
         async with engine.lock:
             if engine.state != RUNNING or not engine.alive():
                 raise ServeError(409, f"{name} is {engine.state}; only a running model can be swapped out",
@@ -179,8 +333,7 @@ class Router:
             if engine.inflight:
                 raise ServeError(409, f"{name} has {engine.inflight} request(s) in flight", code="busy")
             report = await engine.swap_out()
-        self.metrics.operations.labels(name, "swap_out").observe(report["seconds"])
-        log.info("swap out %s (asked): %d bytes in %.2f s", name, report["bytes"], report["seconds"])
+        self._swapped_out(engine, report, "(asked)")
         return report
 
     # ---- idle models ----
@@ -193,7 +346,7 @@ class Router:
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
-            for engine in self.engines.values():
+            for engine in self.engines:
                 if engine.state != RUNNING or engine.inflight or now - engine.last_used < self.catalog.idle_timeout:
                     continue
                 try:
@@ -201,18 +354,18 @@ class Router:
                         if engine.state != RUNNING or engine.inflight or not engine.alive():
                             continue
                         report = await engine.swap_out()
-                    self.metrics.operations.labels(engine.spec.name, "swap_out").observe(report["seconds"])
-                    log.info("swap out %s after %.0f s idle: %d bytes in %.2f s", engine.spec.name,
-                             now - engine.last_used, report["bytes"], report["seconds"])
+                    self._swapped_out(engine, report, f"after {now - engine.last_used:.0f} s idle")
                 except EngineError:
-                    log.exception("idle swap-out of %s failed; its engine is now %s", engine.spec.name, engine.state)
+                    log.exception("idle swap-out of %s on %s failed; its engine is now %s", engine.spec.name,
+                                  engine.server.name, engine.state)
 
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        await asyncio.gather(*(e.stop() for e in self.engines.values()))
+        await asyncio.gather(*(e.stop() for e in self.engines))
+        self.save()
 
 
 def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
@@ -223,9 +376,11 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        await router.adopt()
         router.start_reaper()
-        log.info("Serving %d model(s) under a budget of %d bytes, idle timeout %.0f s: %s", len(router.engines),
-                 catalog.budget, catalog.idle_timeout, ", ".join(router.engines))
+        log.info("Serving %d model(s) on %s, idle timeout %.0f s: %s", len(catalog.models),
+                 ", ".join(f"{s.name} (budget {s.budget} bytes)" for s in catalog.servers.values()),
+                 catalog.idle_timeout, ", ".join(catalog.models))
         try:
             yield
         finally:
@@ -252,8 +407,10 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "model-streamer",
-                                            "state": engine.state} for name, engine in router.engines.items()]}
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "owned_by": "model-streamer",
+             "servers": {s.spec.name: s.engines[name].state for s in router.servers.values()}}
+            for name in catalog.models]}
 
     @app.get("/metrics")
     async def metrics():
@@ -263,24 +420,32 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
 
     @app.get("/admin/models")
     async def admin_models():
-        return {"budget": catalog.budget, "idle_timeout": catalog.idle_timeout,
-                "models": [e.describe() for e in router.engines.values()]}
+        return {"idle_timeout": catalog.idle_timeout,
+                "servers": {s.spec.name: {"budget": s.spec.budget, "cache_dir": s.spec.cache_dir,
+                                          "dram_cache_dir": s.spec.dram_cache_dir} for s in router.servers.values()},
+                "models": [e.describe() for e in router.engines]}
+
+    @app.get("/admin/placements")
+    async def admin_placements():
+        return {"placements": list(router.decisions)}
 
     @app.post("/admin/models/{name:path}/{op}")
-    async def admin_op(name: str, op: str):
+    async def admin_op(name: str, op: str, server: str | None = None):
         try:
             if op == "swap_out":
-                return await router.swap_out(name)
-            if op == "swap_in":
-                engine = await router.acquire(name)
+                return await router.swap_out(name, server)
+            if op in ("swap_in", "start"):   # running on ``server``, or where placement puts it
+                engine = await router.acquire(name, server)
                 router.release(engine)
                 return engine.describe()
             if op == "stop":
-                engine = router.engine(name)
+                engine = router.engine(name, server)
                 async with engine.lock:
                     await engine.stop()
+                router.save()
                 return engine.describe()
-            raise ServeError(404, f"unknown operation {op!r}: swap_out, swap_in or stop", code="unknown_operation")
+            raise ServeError(404, f"unknown operation {op!r}: swap_out, swap_in, start or stop",
+                             code="unknown_operation")
         except ServeError as exc:
             return error(exc)
 

@@ -359,7 +359,8 @@ def test_history_keeps_recent(tmp_path):
         hist.record("s3", 0, 1.0)
 
 
-def test_estimate_local_checkpoint_cli(tmp_path, capsys):
+def test_estimate_local_checkpoint_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOADER_PLUGINS_HISTORY_DIR", str(tmp_path / "history"))   # no recorded loads
     make_checkpoint(tmp_path / "m", shards=1, mib=1)
     assert cache_main(["estimate", str(tmp_path / "m"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -367,6 +368,12 @@ def test_estimate_local_checkpoint_cli(tmp_path, capsys):
     transfer = out["bytes"] / (est.DEFAULT_GBPS["local"] * 1e9)
     assert out["seconds"] == pytest.approx(out["metadata_seconds"] + transfer, rel=1e-3, abs=1e-5)
     assert 0 <= out["metadata_seconds"] < 1
+    LoadHistory = est.LoadHistory
+    LoadHistory(tmp_path / "history" / est.HISTORY_NAME).record("local", 2 * MiB, 0.5)   # as an engine load does
+    assert cache_main(["estimate", str(tmp_path / "m"), "--json"]) == 0
+    learned = json.loads(capsys.readouterr().out)
+    assert learned["tiers"]["local"]["gbps"] == pytest.approx(2 * MiB / 0.5 / 1e9, abs=1e-4)
+    assert learned["basis"].startswith("history")
 
 
 # ------------------------------------------------------------------------------------------

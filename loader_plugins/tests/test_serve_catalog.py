@@ -38,6 +38,16 @@ def test_engine_defaults_are_merged_under_each_model():
     ({"models": {"a": "/m"}, "budget": "lots"}, "budget"),
     ({"models": {"a": "/m"}, "idle_timeout": -1}, "positive number of seconds"),
     ({"models": {"a": "/m"}, "engine": {"args": "--enforce-eager"}}, "list of command-line words"),
+    ({"models": {"a": {"checkpoint": "/m", "args": ["--model-loader-extra-config", "{}"]}}}, "the router sets"),
+    ({"models": {"a": {"checkpoint": "/m", "loader": {"concurency": 4}}}}, "unknown"),
+    ({"models": {"a": {"checkpoint": "/m", "loader": {"cache_dir": "/c"}}}}, "belong to a server"),
+    ({"models": {"a": {"checkpoint": "/m", "loader": {"weights_uri": "s3://b/k"}}}}, "use the model's 'weights'"),
+    ({"models": {"a": {"checkpoint": "/m", "loader": {"in_place": "no"}}}}, "true or false"),
+    ({"models": {"a": {"checkpoint": "/m", "weights": 3}}}, "weights must be"),
+    ({"models": {"a": "/m"}, "servers": {}}, "at least one server"),
+    ({"models": {"a": "/m"}, "servers": {"x/y": {}}}, "without '/'"),
+    ({"models": {"a": "/m"}, "servers": {"x": {"cache": "/c"}}}, "unknown key(s) 'cache'"),
+    ({"models": {"a": "/m"}, "servers": {"x": {"budget": 0}}}, "must be positive"),
 ])
 def test_bad_configs_say_what_is_wrong(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -64,3 +74,22 @@ def test_shipped_serve_configs_parse():
     for path in shipped:
         catalog = load_catalog(path)
         assert catalog.models and catalog.budget > 0, path
+
+
+def test_servers_and_the_extra_config_each_engine_gets(tmp_path):
+    catalog = parse_catalog({"budget": "1GiB", "engine": {"loader": {"concurrency": 4}},
+                             "servers": {"near": {"cache_dir": "cache/near"},
+                                         "far": {"budget": "2GiB", "dram_cache_dir": "/dev/shm/x", "env": {"E": 1}}},
+                             "models": {"a": {"checkpoint": "/m", "weights": "s3://b/a/",
+                                              "loader": {"s3_endpoint_url": "http://127.0.0.1:1"}},
+                                        "b": "/m/b"}}, base=tmp_path)
+    near, far = catalog.servers["near"], catalog.servers["far"]
+    assert (near.budget, far.budget) == (1 << 30, 2 << 30)   # the top-level budget is each server's default
+    assert near.cache_dir == str(tmp_path / "cache/near") and far.env == {"E": "1"}
+    assert catalog.extra_config(catalog.models["a"], near) == {
+        "concurrency": 4, "s3_endpoint_url": "http://127.0.0.1:1", "cache_dir": str(tmp_path / "cache/near"),
+        "weights_uri": "s3://b/a/"}
+    assert catalog.extra_config(catalog.models["b"], far) == {"concurrency": 4, "dram_cache_dir": "/dev/shm/x"}
+    assert catalog.models["a"].weights_location == "s3://b/a/" and catalog.models["b"].weights_location == "/m/b"
+    single = parse_catalog({"models": {"a": "/m"}, "budget": 5})
+    assert list(single.servers) == ["local"] and single.servers["local"].budget == 5

@@ -1,0 +1,61 @@
+"""Start ``model-streamer serve`` as a subprocess for a test, and stop it (with its engines)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from _smoke_vllm_default import CPU_ENGINE_ENV, _free_port
+
+API_KEY = "test-key-0123"
+
+
+@contextlib.contextmanager
+def running_router(config: dict, root: Path, *, env: dict[str, str] | None = None):
+    """Yields ``{"base", "log", "client"}`` (an ``openai.OpenAI`` client with the API key)."""
+    import openai
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "serve.json").write_text(json.dumps(config))
+    port = _free_port()
+    log_path = root / "router.log"
+    cmd = [sys.executable, "-m", "loader_plugins.cli", "serve", "--config", str(root / "serve.json"), "--port",
+           str(port), "--api-key", API_KEY, "--log-dir", str(root / "engines")]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **CPU_ENGINE_ENV, **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the router did not answer /health"
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        yield {"base": base, "log": log_path, "proc": proc, "config": config, "root": root,
+               "client": openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)   # the router stops its engines on the way out
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def admin(router, path: str = "/admin/models") -> dict:
+    reply = httpx.get(router["base"] + path, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    reply.raise_for_status()
+    return reply.json()

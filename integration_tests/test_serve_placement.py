@@ -1,0 +1,78 @@
+"""Load-time-aware placement on real engines: ``model-streamer serve`` with two servers whose
+loads go through different cache directories, the weights on a real S3 server (SeaweedFS).
+
+Server ``remote`` (listed first, so a tie would go to it) has an empty disk cache: the model's
+weights would come from S3. Server ``cached`` holds them in its disk cache (filled beforehand
+by a streamer load through that cache). A request for the model must start it on ``cached``;
+the decision lists both estimates with their tiers, and the engine's load is then served by
+the disk tier (the cache's load history gains a ``disk`` sample).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.s3, pytest.mark.slow]
+if pytest.importorskip("importlib.util").find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed (bash .ci/install_vllm.sh .venv/bin/python)", allow_module_level=True)
+pytest.importorskip("openai")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _serve_router import admin, running_router  # noqa: E402
+from _smoke_vllm_default import CPU_ENGINE_KWARGS, PROMPT, _cli_flags  # noqa: E402
+from _tiny_models import make_tiny_llama, tiny_llama_tensor_names  # noqa: E402
+
+from loader_plugins import StreamerConfig, load_file  # noqa: E402
+from loader_plugins.cache.disk import wait_for_commits  # noqa: E402
+from loader_plugins.cache.estimate import HISTORY_NAME, LoadHistory  # noqa: E402
+
+
+def test_a_cold_model_starts_where_its_checkpoint_is_cached(s3_server, s3_env, s3_bucket, tmp_path):
+    # about 200 MB of float32 weights: the tiers' transfer times differ by far more than timing noise
+    model = make_tiny_llama(tmp_path / "model", hidden=768, layers=8, intermediate=2048, shards=2, seed=3)
+    client = s3_server.client()
+    for f in model.glob("*.safetensors*"):
+        client.upload_file(str(f), s3_bucket, f"mid/{f.name}")
+    config_only = tmp_path / "config-only"   # config and tokenizer: the weights come from weights_uri
+    shutil.copytree(model, config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    prefix = f"s3://{s3_bucket}/mid/"
+    s3_keys = {"s3_endpoint_url": s3_server.endpoint_url, "s3_addressing_style": "path"}
+
+    cached_dir, remote_dir = tmp_path / "cache-cached", tmp_path / "cache-remote"
+    warmed = load_file(prefix, config=StreamerConfig(cache_dir=str(cached_dir), **s3_keys))
+    assert wait_for_commits(60) and len(warmed) == len(tiny_llama_tensor_names(8))
+    disk_loads_before = len(LoadHistory(cached_dir / HISTORY_NAME).samples("disk"))
+
+    config = {
+        "budget": "8GiB", "idle_timeout": 600,
+        "servers": {"remote": {"cache_dir": str(remote_dir)}, "cached": {"cache_dir": str(cached_dir)}},
+        "engine": {"args": ["--dtype", "float32", "--seed", "0", *_cli_flags(CPU_ENGINE_KWARGS)],
+                   "start_timeout": 300, "env": {k: v for k, v in s3_env.items() if k != "AWS_ENDPOINT_URL"}},
+        "models": {"mid": {"checkpoint": str(config_only), "weights": prefix, "loader": s3_keys}},
+    }
+    with running_router(config, tmp_path / "router") as router:
+        reply = router["client"].completions.create(model="mid", prompt=PROMPT, max_tokens=4, temperature=0,
+                                                    extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 4
+        placements = admin(router, "/admin/placements")["placements"]
+        states = {(m["model"], m["server"]): m["state"] for m in admin(router)["models"]}
+
+    assert len(placements) == 1, placements
+    decision = placements[0]
+    candidates = {c["server"]: c for c in decision["candidates"]}
+    assert decision["chosen"] == "cached", decision
+    assert (candidates["cached"]["how"], candidates["cached"]["tier"]) == ("cold", "disk")
+    assert (candidates["remote"]["how"], candidates["remote"]["tier"]) == ("cold", "s3")
+    assert candidates["cached"]["seconds"] < candidates["remote"]["seconds"]
+    assert decision["measured_seconds"] > 0 and decision["ratio"] is not None
+    assert states == {("mid", "cached"): "running", ("mid", "remote"): "stopped"}
+    # the engine's load really came from the disk tier
+    assert len(LoadHistory(cached_dir / HISTORY_NAME).samples("disk")) == disk_loads_before + 1
+    assert not (remote_dir / HISTORY_NAME).exists()
+    log = (tmp_path / "router" / "router.log").read_text()
+    assert "place mid on cached: remote" in log and "measured" in log

@@ -1,0 +1,124 @@
+"""Placement: each server's estimated startup of a model, its parts, and the choice between them.
+
+Engines here are real :class:`~loader_plugins.serve.engine.Engine` objects whose process is a
+real idle process (``sleep``), so ``alive()`` is what a router sees; nothing starts vLLM.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from loader_plugins.cache.estimate import LoadHistory
+from loader_plugins.serve import placement
+from loader_plugins.serve.catalog import ModelSpec, ServerSpec
+from loader_plugins.serve.engine import RUNNING, STOPPED, SWAPPED, Engine
+from loader_plugins.serve.placement import Estimate, ServerHistory, choose, estimate_server, victims
+
+GB = 10**9
+
+
+@pytest.fixture
+def procs():
+    started: list[subprocess.Popen] = []
+
+    def spawn() -> subprocess.Popen:
+        started.append(subprocess.Popen(["sleep", "60"]))
+        return started[-1]
+
+    yield spawn
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+def _engine(tmp_path, name, server, *, state=STOPPED, resident=GB, proc=None, inflight=0, last_used=0.0):
+    e = Engine(ModelSpec(name=name, checkpoint=str(tmp_path / name)), tmp_path / "logs",
+               ServerSpec(name=server, budget=1))
+    e.state, e.resident_bytes, e.proc, e.inflight, e.last_used = state, resident, proc, inflight, last_used
+    return e
+
+
+def _load(tier, seconds, nbytes=GB):
+    return {"tier": tier, "seconds": seconds, "bytes": nbytes, "basis": f"test {tier}"}
+
+
+def test_cold_start_goes_where_the_checkpoint_loads_fastest(tmp_path):
+    history = ServerHistory(LoadHistory(tmp_path / "h.json"))
+    disk = estimate_server("near", _engine(tmp_path, "m", "near"), [], 10 * GB, history, load=_load("disk", 1.2),
+                           queue_s=0)
+    s3 = estimate_server("far", _engine(tmp_path, "m", "far"), [], 10 * GB, history, load=_load("s3", 3.5), queue_s=0)
+    assert (disk.how, disk.tier, s3.tier) == ("cold", "disk", "s3")
+    engine_s = placement.DEFAULT_ENGINE_S
+    assert disk.parts == {"bring_up": 1.2 + engine_s, "free": 0.0, "queue": 0.0}
+    assert s3.seconds == pytest.approx(3.5 + engine_s)
+    assert choose([s3, disk]) is disk
+    assert any("default" in b and "engine" in b for b in disk.basis)
+
+
+def test_a_host_snapshot_beats_a_cold_start(tmp_path, procs):
+    history = ServerHistory(LoadHistory(tmp_path / "h.json"))
+    swapped = _engine(tmp_path, "m", "b", state=SWAPPED, resident=4 * GB, proc=procs())
+    restore = estimate_server("b", swapped, [swapped], 10 * GB, history, load=None, queue_s=0)
+    assert (restore.how, restore.tier) == ("swap_in", "host")
+    assert restore.seconds == pytest.approx(4 / placement.DEFAULT_SWAP_IN_GBPS)
+    cold = estimate_server("a", _engine(tmp_path, "m", "a"), [], 10 * GB, history, load=_load("dram", 0.5),
+                           queue_s=0)
+    assert choose([cold, restore]) is restore
+    running = _engine(tmp_path, "m", "c", state=RUNNING, proc=procs())
+    assert estimate_server("c", running, [running], GB, history, load=None, queue_s=0).seconds == 0.0
+    with pytest.raises(ValueError, match="needs the load estimate"):
+        estimate_server("a", _engine(tmp_path, "m", "a"), [], GB, history, load=None, queue_s=0)
+
+
+def test_bandwidths_and_engine_start_up_are_learned_per_server(tmp_path, procs):
+    history = ServerHistory(LoadHistory(tmp_path / "h.json"))
+    history.record("b", "host", 4 * GB, 0.5)      # 8 GB/s measured on b
+    history.record("a", "host", 4 * GB, 4.0)      # 1 GB/s on a
+    for seconds in (20.0, 22.0, 90.0):
+        history.record("b", "engine", GB, seconds)
+    swapped = _engine(tmp_path, "m", "b", state=SWAPPED, resident=4 * GB, proc=procs())
+    est = estimate_server("b", swapped, [swapped], 10 * GB, history, load=None, queue_s=0)
+    assert est.seconds == pytest.approx(0.5) and "history" in est.basis[0]
+    swapped_a = _engine(tmp_path, "m", "a", state=SWAPPED, resident=4 * GB, proc=procs())
+    assert estimate_server("a", swapped_a, [swapped_a], 10 * GB, history, load=None, queue_s=0).seconds == \
+        pytest.approx(4.0)
+    cold = estimate_server("b", _engine(tmp_path, "n", "b"), [], 10 * GB, history, load=_load("disk", 1.0), queue_s=0)
+    assert cold.parts["bring_up"] == pytest.approx(1.0 + 22.0)   # the median of b's cold starts
+    # a history another router process wrote is read back
+    again = ServerHistory(LoadHistory(tmp_path / "h.json"))
+    assert again.engine_seconds("b")[0] == pytest.approx(22.0)
+
+
+def test_making_room_swaps_out_idle_models_least_recently_used_first(tmp_path, procs):
+    history = ServerHistory(LoadHistory(tmp_path / "h.json"))
+    history.record("s", "swap_out", 2 * GB, 1.0)   # 2 GB/s
+    now = time.monotonic()
+    old = _engine(tmp_path, "old", "s", state=RUNNING, resident=3 * GB, proc=procs(), last_used=now - 100)
+    recent = _engine(tmp_path, "recent", "s", state=RUNNING, resident=3 * GB, proc=procs(), last_used=now - 1)
+    parked = _engine(tmp_path, "parked", "s", state=SWAPPED, resident=3 * GB, proc=procs())
+    target = _engine(tmp_path, "new", "s", resident=3 * GB)
+    engines = [old, recent, parked, target]
+    idle, busy = victims(target, engines, 7 * GB)      # 6 GB in use + 3 GB > 7 GB: one must go
+    assert [e.spec.name for e in idle] == ["old"] and busy == []
+    est = estimate_server("s", target, engines, 7 * GB, history, load=_load("local", 1.0), queue_s=2.5)
+    assert est.evict == ["old"] and est.parts["free"] == pytest.approx(1.5) and est.parts["queue"] == 2.5
+    old.inflight = 1          # now the least recently used one is busy: the other idle one goes instead
+    idle, busy = victims(target, engines, 7 * GB)
+    assert [e.spec.name for e in idle] == ["recent"] and busy == []
+    recent.inflight = 1       # both busy: the estimate says the router would have to wait
+    idle, busy = victims(target, engines, 7 * GB)
+    assert idle == [] and [e.spec.name for e in busy] == ["old"]
+    est = estimate_server("s", target, engines, 7 * GB, history, load=_load("local", 1.0), queue_s=0)
+    assert est.parts["free"] == placement.BUSY_PENALTY_S and "busy" in est.basis[-1]
+    alone = _engine(tmp_path, "huge", "s", resident=100 * GB)
+    assert victims(alone, [alone], 7 * GB) == ([], [])   # a model alone always fits
+
+
+def test_choose_prefers_the_first_listed_on_a_tie_and_describes_itself():
+    a = Estimate("a", "cold", "disk", {"bring_up": 2.0, "free": 0.0, "queue": 0.0}, ["x"])
+    b = Estimate("b", "cold", "disk", {"bring_up": 1.0, "free": 1.0, "queue": 0.0}, ["y"])
+    assert choose([a, b]) is a and choose([b, a]) is b
+    assert a.describe()["seconds"] == 2.0 and a.line().startswith("a 2.00 s (cold from disk")
