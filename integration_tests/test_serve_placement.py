@@ -10,9 +10,14 @@ the disk tier (the cache's load history gains a ``disk`` sample).
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
+
+import httpx
 
 import pytest
 
@@ -23,7 +28,7 @@ pytest.importorskip("openai")
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _serve_router import admin, running_router  # noqa: E402
+from _serve_router import API_KEY, admin, running_router  # noqa: E402
 from _smoke_vllm_default import CPU_ENGINE_KWARGS, PROMPT, _cli_flags  # noqa: E402
 from _tiny_models import make_tiny_llama, tiny_llama_tensor_names  # noqa: E402
 
@@ -61,6 +66,7 @@ def test_a_cold_model_starts_where_its_checkpoint_is_cached(s3_server, s3_env, s
         assert reply.usage.completion_tokens == 4
         placements = admin(router, "/admin/placements")["placements"]
         states = {(m["model"], m["server"]): m["state"] for m in admin(router)["models"]}
+        _check_live_migration(router)
 
     assert len(placements) == 1, placements
     decision = placements[0]
@@ -73,6 +79,77 @@ def test_a_cold_model_starts_where_its_checkpoint_is_cached(s3_server, s3_env, s
     assert states == {("mid", "cached"): "running", ("mid", "remote"): "stopped"}
     # the engine's load really came from the disk tier
     assert len(LoadHistory(cached_dir / HISTORY_NAME).samples("disk")) == disk_loads_before + 1
-    assert not (remote_dir / HISTORY_NAME).exists()
+    remote_history = LoadHistory(remote_dir / HISTORY_NAME)   # its engine, started for the migration, read S3
+    assert len(remote_history.samples("s3")) == 1 and not remote_history.samples("disk")
     log = (tmp_path / "router" / "router.log").read_text()
     assert "place mid on cached: remote" in log and "measured" in log
+
+
+LONG = 120
+
+
+def _stream(router, *, on_chunk=None) -> dict:
+    """A greedy streaming completion read event by event: token ids, text, chunk ids, the
+    largest gap between two tokens."""
+    body = {"model": "mid", "prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True,
+            "ignore_eos": True, "return_token_ids": True}
+    out = {"ids": [], "text": "", "chunk_ids": set(), "gaps": [], "prompt_ids": None}
+    last = None
+    with httpx.stream("POST", router["base"] + "/v1/completions", json=body, timeout=300,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as reply:
+        assert reply.status_code == 200, reply.read()
+        for line in reply.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            choice = chunk["choices"][0]
+            out["prompt_ids"] = out["prompt_ids"] or choice.get("prompt_token_ids")
+            out["ids"] += choice.get("token_ids") or []
+            out["text"] += choice["text"]
+            out["chunk_ids"].add(chunk["id"])
+            now = time.monotonic()
+            if last is not None:
+                out["gaps"].append(now - last)
+            last = now
+            if on_chunk is not None:
+                on_chunk(len(out["ids"]))
+    return out
+
+
+def _check_live_migration(router):
+    """Token-based live migration: the model runs on both servers; a long greedy stream is moved
+    from its server to the other mid-generation and must equal an unmigrated run token for token."""
+    reply = httpx.post(router["base"] + "/admin/models/mid/start", params={"server": "remote"},
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=400)
+    assert reply.status_code == 200 and reply.json()["state"] == "running", reply.text
+    reference = _stream(router)
+    assert len(reference["ids"]) == LONG and len(reference["chunk_ids"]) == 1
+
+    moved: dict = {}
+
+    def migrate_at(n_tokens: int) -> None:
+        if n_tokens != 5 or moved:
+            return
+        source = [m["server"] for m in admin(router)["models"] if m["inflight"]]
+        moved["source"] = source
+
+        def call():
+            moved["reply"] = httpx.post(router["base"] + "/admin/models/mid/migrate", params={"server": source[0]},
+                                        headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300).json()
+        moved["thread"] = threading.Thread(target=call)
+        moved["thread"].start()
+
+    migrated = _stream(router, on_chunk=migrate_at)
+    moved["thread"].join(timeout=300)
+    assert len(moved["source"]) == 1, moved
+    report = moved["reply"]["moved"]
+    assert len(report) == 1 and report[0]["from"] == moved["source"][0], moved["reply"]
+    assert report[0]["to"] != report[0]["from"] and report[0]["tokens_moved"] >= 5
+    # one stream, the same tokens and text as without the move, no token twice
+    assert migrated["ids"] == reference["ids"] and migrated["text"] == reference["text"]
+    assert migrated["prompt_ids"] == reference["prompt_ids"] and len(migrated["chunk_ids"]) == 1
+    migrations = admin(router, "/admin/placements")["migrations"]
+    assert len(migrations) == 1 and migrations[0]["tokens_moved"] == report[0]["tokens_moved"]
+    states = {m["server"]: m["inflight"] for m in admin(router)["models"]}
+    assert states == {"remote": 0, "cached": 0}, states

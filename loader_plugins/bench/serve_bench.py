@@ -10,7 +10,10 @@ and ``b``, each with a budget of one model) serves one model per size. Per size:
 * **swapped**: the model is swapped out to host memory, then requested: placement weighs its
   restore on ``a`` against a cold start on ``b``;
 * the other candidate of each decision is then started on purpose (``/admin/models/M/start``),
-  so every decision is checked against what each server really took.
+  so every decision is checked against what each server really took;
+* **migration**: with the model running on both servers, a greedy stream is moved from one to
+  the other after 8 tokens; the client's largest gap between two tokens is set against its
+  median gap and against the time the destination took to prefill the moved tokens.
 
 TTFT is measured by the client, from sending a streaming request to its first token. Prompts
 are token ids (the demo checkpoints have no tokenizer: engines run with
@@ -49,6 +52,8 @@ def add_parser(sub) -> None:
     p.add_argument("--engine-args", default=None,
                    help="extra vllm serve flags (default on CPU: a small KV cache and --enforce-eager)")
     p.add_argument("--start-timeout", type=float, default=900)
+    p.add_argument("--migrate-tokens", type=int, default=64,
+                   help="tokens of the greedy stream moved between servers mid-generation")
     p.add_argument("--json", metavar="FILE", help="also write every measurement as JSON")
     p.set_defaults(func=run)
 
@@ -80,12 +85,15 @@ def run(args: argparse.Namespace) -> int:
         client = stack.enter_context(httpx.Client(base_url=router, headers={"Authorization": f"Bearer {KEY}"},
                                                   timeout=args.start_timeout + 60))
         results = {name: _bench_model(client, name, args.repeat) for name in models}
+        moves = [_bench_migration(client, name, args.migrate_tokens) for name in models]
         placements = client.get("/admin/placements").json()["placements"]
     sizes_bytes = {f"demo-{s}": parse_size(s) for s in sizes}
     _print_ttft(results, sizes_bytes)
     _print_placements(placements, results)
+    _print_migrations(moves)
     if args.json:
-        Path(args.json).write_text(json.dumps({"ttft": results, "placements": placements}, indent=2))
+        Path(args.json).write_text(json.dumps({"ttft": results, "placements": placements, "migrations": moves},
+                                              indent=2))
     return 0
 
 
@@ -135,9 +143,9 @@ def _router(config: dict, workdir: Path):
         log.close()
 
 
-def _ttft(client, model: str) -> float:
+def _ttft(client, model: str, prompt: list[int] | None = None) -> float:
     """Seconds from sending a streaming completion to its first token."""
-    body = {"model": model, "prompt": PROMPT_IDS, "max_tokens": 4, "temperature": 0, "stream": True,
+    body = {"model": model, "prompt": prompt or PROMPT_IDS, "max_tokens": 4, "temperature": 0, "stream": True,
             "ignore_eos": True}
     t0 = time.perf_counter()
     first = None
@@ -180,6 +188,55 @@ def _bench_model(client, model: str, repeat: int) -> dict:
         say(f"warm TTFT {out['warm'][-1]:.3f} s, swapped-out TTFT {out['swapped'][-1]:.3f} s")
     _admin(client, model, "stop", where)
     return out
+
+
+def _bench_migration(client, model: str, tokens: int) -> dict:
+    import threading
+
+    for server in ("a", "b"):
+        _admin(client, model, "start", server)
+    body = {"model": model, "prompt": PROMPT_IDS, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "return_token_ids": True}
+    gaps: list[float] = []
+    moved: dict = {}
+    n, last = 0, None
+    with client.stream("POST", "/v1/completions", json=body) as reply:
+        for line in reply.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            n += len(json.loads(line[6:])["choices"][0].get("token_ids") or ())
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            if n >= 8 and not moved:
+                source = [m["server"] for m in client.get("/admin/models").json()["models"]
+                          if m["model"] == model and m["inflight"]]
+                moved["thread"] = threading.Thread(target=lambda: moved.update(
+                    reply=_admin(client, model, "migrate", source[0])))
+                moved["thread"].start()
+    moved["thread"].join()
+    report = (moved["reply"].get("moved") or [{}])[0]
+    if "tokens_moved" not in report:
+        raise RuntimeError(f"{model}: the stream was not migrated: {moved['reply']}")
+    prompt = (PROMPT_IDS * 64)[:len(PROMPT_IDS) + report["tokens_moved"]]
+    prefill = statistics.median(_ttft(client, model, prompt) for _ in range(3))
+    for server in ("a", "b"):
+        _admin(client, model, "stop", server)
+    out = {"model": model, "tokens": n, "max_gap": max(gaps), "median_gap": statistics.median(gaps),
+           "prefill_ttft": prefill, **report}
+    print(f"  {model}: migrated after {report['tokens_moved']} tokens, largest gap {out['max_gap']:.3f} s",
+          file=sys.stderr, flush=True)
+    return out
+
+
+def _print_migrations(moves: list[dict]) -> None:
+    print("\nLive migration of a greedy stream (moved after 8 tokens)")
+    print("| model | tokens | moved at | median gap s | largest gap s | catch-up s | prefill of the moved tokens s |")
+    print("|---|---|---|---|---|---|---|")
+    for m in moves:
+        print(f"| {m['model']} | {m['tokens']} | {m['tokens_moved']} | {m['median_gap']:.3f} | {m['max_gap']:.3f} | "
+              f"{m['catch_up_seconds']:.3f} | {m['prefill_ttft']:.3f} |")
 
 
 def _where(client, model: str) -> str:

@@ -13,7 +13,9 @@ Every decision is logged with what it estimated and then measured. Live engines 
 Endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (streaming or not,
 forwarded to the engine as they are), ``/metrics`` (Prometheus), ``/health``; admin:
 ``GET /admin/models``, ``GET /admin/placements``,
-``POST /admin/models/{name}/swap_out|swap_in|start|stop[?server=S]``. With an API key every
+``POST /admin/models/{name}/swap_out|swap_in|start|migrate|stop[?server=S]``. Streaming
+completions move between servers while they generate (:mod:`.migration`): on request
+(``migrate``), and when a server must make room and the busy model runs elsewhere too. With an API key every
 endpoint but ``/health`` needs ``Authorization: Bearer KEY``. Errors use OpenAI's format.
 """
 
@@ -37,6 +39,8 @@ from ..cache.estimate import LoadHistory
 from ..config import StreamerConfig
 from .catalog import Catalog, ServerSpec
 from .engine import RUNNING, STOPPED, SWAPPED, Engine, EngineError
+from .migration import Flight, not_migratable
+from .migration import relay as migration_relay
 from .placement import ServerHistory, choose, estimate_server, ratio, victims
 
 log = logging.getLogger(__name__)
@@ -113,6 +117,8 @@ class Router:
         self._placing: dict[str, asyncio.Lock] = {name: asyncio.Lock() for name in catalog.models}
         self._reaper: asyncio.Task | None = None
         self.state_path = log_dir / "engines.json"
+        self.flights: dict[int, set[Flight]] = {}      # id(engine) -> its migratable streams in flight
+        self.migrations: collections.deque[dict] = collections.deque(maxlen=200)
 
     # ---- engines that outlive a router ----
 
@@ -192,9 +198,9 @@ class Router:
             chosen = self.servers[decision["chosen"]].engines[name]
             return await self._hold(chosen, decision)
 
-    def _running(self, name: str) -> Engine | None:
+    def _running(self, name: str, exclude: Engine | None = None) -> Engine | None:
         live = [s.engines[name] for s in self.servers.values()
-                if s.engines[name].state == RUNNING and s.engines[name].alive()]
+                if s.engines[name].state == RUNNING and s.engines[name].alive() and s.engines[name] is not exclude]
         return min(live, key=lambda e: e.inflight) if live else None
 
     async def _hold(self, engine: Engine, decision: dict | None) -> Engine:
@@ -211,13 +217,82 @@ class Router:
         engine.inflight -= 1
         engine.last_used = time.monotonic()
 
+    # ---- live migration ----
+
+    def finish(self, flight: Flight | None, engine: Engine) -> None:
+        """A request ended: release the engine that served it last."""
+        if flight is None:
+            self.release(engine)
+            return
+        self.flights.get(id(flight.engine), set()).discard(flight)
+        if flight.target is not None and not flight.moved.is_set():   # a move still pending: never happens
+            self.abandoned(flight, "the request ended")
+        self.release(flight.engine)
+
+    def switched(self, flight: Flight, report: dict) -> None:
+        source, target = flight.engine, flight.target
+        self.flights.get(id(source), set()).discard(flight)
+        self.flights.setdefault(id(target), set()).add(flight)
+        flight.engine, flight.target = target, None
+        self.release(source)                  # the target counted the flight when the move was asked
+        flight.report = report
+        self.migrations.append({"model": source.spec.name, "at": time.time(), **report})
+        self.metrics.operations.labels(source.spec.name, report["from"], "migrate").observe(
+            report["catch_up_seconds"])
+        log.info("migrated a request of %s from %s to %s: %d prompt + %d generated tokens sent, caught up in "
+                 "%.3f s (%d token(s) the source produced meanwhile not repeated)", source.spec.name, report["from"],
+                 report["to"], report["prompt_tokens"], report["tokens_moved"], report["catch_up_seconds"],
+                 report["repeated"])
+        flight.moved.set()
+
+    def abandoned(self, flight: Flight, reason: str) -> None:
+        target = flight.target
+        if target is not None:
+            flight.target = None
+            self.release(target)
+        flight.report = {"abandoned": reason}
+        log.info("a move of a %s request from %s was given up: %s", flight.engine.spec.name,
+                 flight.engine.server.name, reason)
+        flight.moved.set()
+
+    async def migrate(self, name: str, server: str | None = None, *, timeout: float = 300.0) -> dict:
+        """Move the in-flight streaming completions of model ``name`` on ``server`` to an engine of
+        the model running on another server (placed there first if none runs)."""
+        source = self.engine(name, server)
+        flights = [f for f in self.flights.get(id(source), set()) if f.target is None]
+        stays = source.inflight - len(flights)
+        if not flights:
+            return {"moved": [], "stays": stays}
+        target = self._running(name, exclude=source)
+        if target is None:
+            decision = await self.place(name, exclude={source.server.name})
+            target = await self._hold(self.servers[decision["chosen"]].engines[name], decision)
+            self.release(target)
+        return {"moved": await self._move(flights, target, timeout), "stays": stays}
+
+    async def _move(self, flights: list[Flight], target: Engine, timeout: float) -> list[dict]:
+        for flight in flights:
+            target.inflight += 1
+            flight.moved.clear()
+            flight.move(target)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(f.moved.wait() for f in flights)), timeout)
+        except asyncio.TimeoutError:
+            for f in flights:
+                if not f.moved.is_set():
+                    self.abandoned(f, f"no switch within {timeout:.0f} s")
+        return [f.report or {} for f in flights]
+
     # ---- placement ----
 
-    async def place(self, name: str) -> dict:
-        """Estimate the model's startup on every server, choose the fastest, log the decision."""
+    async def place(self, name: str, exclude: set[str] = frozenset()) -> dict:
+        """Estimate the model's startup on every server (but ``exclude``), choose the fastest, log
+        the decision."""
         now = time.monotonic()
         estimates = []
         for server in self.servers.values():
+            if server.spec.name in exclude:
+                continue
             engine = server.engines[name]
             load = None
             if not (engine.alive() and engine.state in (RUNNING, SWAPPED)):
@@ -227,6 +302,8 @@ class Router:
             estimates.append(estimate_server(server.spec.name, engine, list(server.engines.values()),
                                              server.spec.budget, self.history, load=load,
                                              queue_s=server.queue_seconds(now), now=now))
+        if not estimates:
+            raise ServeError(409, f"no server but {', '.join(sorted(exclude))} can run {name}", code="no_server")
         best = choose(estimates)
         decision = {"model": name, "chosen": best.server, "how": best.how, "estimated_seconds": round(best.seconds, 4),
                     "measured_seconds": None, "ratio": None, "at": time.time(),
@@ -300,6 +377,8 @@ class Router:
                 idle, busy = victims(engine, list(server.engines.values()), server.spec.budget)
                 if not idle and not busy:
                     break
+                if not idle and await self._migrate_away(busy, engine):
+                    continue
                 if not idle:
                     if time.monotonic() > deadline:
                         raise ServeError(503, f"no memory for {engine.spec.name} on {server.spec.name}: the models "
@@ -315,6 +394,21 @@ class Router:
                 self._swapped_out(victim, report, f"to make room for {engine.spec.name}")
                 evicted.append(f"{victim.spec.name} ({report['bytes']} bytes in {report['seconds']:.2f} s)")
         return f"; swapped out {', '.join(evicted)}" if evicted else ""
+
+    async def _migrate_away(self, busy: list[Engine], engine: Engine) -> bool:
+        """Make one busy model idle by moving its streams to its engine on another server (only
+        when every request it serves can move, and it runs elsewhere). True if one moved."""
+        for victim in busy:
+            flights = [f for f in self.flights.get(id(victim), set()) if f.target is None]
+            target = self._running(victim.spec.name, exclude=victim)
+            if target is None or not flights or len(flights) != victim.inflight:
+                continue
+            log.info("moving %d request(s) of %s off %s to make room for %s", len(flights), victim.spec.name,
+                     victim.server.name, engine.spec.name)
+            reports = await self._move(flights, target, ROOM_WAIT_S)
+            if any("abandoned" not in r for r in reports):
+                return True
+        return False
 
     def _swapped_out(self, engine: Engine, report: dict, why: str) -> None:
         server = engine.server.name
@@ -427,7 +521,7 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
 
     @app.get("/admin/placements")
     async def admin_placements():
-        return {"placements": list(router.decisions)}
+        return {"placements": list(router.decisions), "migrations": list(router.migrations)}
 
     @app.post("/admin/models/{name:path}/{op}")
     async def admin_op(name: str, op: str, server: str | None = None):
@@ -438,13 +532,15 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
                 engine = await router.acquire(name, server)
                 router.release(engine)
                 return engine.describe()
+            if op == "migrate":   # move its streams in flight on ``server`` to another server
+                return await router.migrate(name, server)
             if op == "stop":
                 engine = router.engine(name, server)
                 async with engine.lock:
                     await engine.stop()
                 router.save()
                 return engine.describe()
-            raise ServeError(404, f"unknown operation {op!r}: swap_out, swap_in, start or stop",
+            raise ServeError(404, f"unknown operation {op!r}: swap_out, swap_in, start, migrate or stop",
                              code="unknown_operation")
         except ServeError as exc:
             return error(exc)
@@ -462,14 +558,19 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
         except ServeError as exc:
             router.metrics.requests.labels(str(name)[:64], f"http_{exc.status}").inc()
             return error(exc)
+        flight = None
+        if body.get("stream") and path == "/v1/completions" and not_migratable(body) is None:
+            flight = Flight(body, engine)
+            router.flights.setdefault(id(engine), set()).add(flight)
         url = engine.base_url + path
         try:
             if body.get("stream"):
-                upstream = await client.send(client.build_request("POST", url, json=body), stream=True)
+                sent = flight.upstream_body() if flight is not None else body
+                upstream = await client.send(client.build_request("POST", url, json=sent), stream=True)
             else:
                 upstream = await client.post(url, json=body)
         except httpx.TransportError as exc:
-            router.release(engine)
+            router.finish(flight, engine)
             router.metrics.requests.labels(name, "engine_error").inc()
             return error(ServeError(502, f"the engine of {name} failed this request ({exc!r}); see {engine.log_path}",
                                     kind="server_error", code="engine_error"))
@@ -478,12 +579,20 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
             router.metrics.requests.labels(name, f"http_{upstream.status_code}").inc()
             return Response(upstream.content, status_code=upstream.status_code,
                             media_type=upstream.headers.get("content-type"))
+        if upstream.status_code != 200 and flight is not None:   # refused: relay the error as it is
+            router.flights.get(id(engine), set()).discard(flight)
+            flight = None
 
         async def relay():
             outcome = f"http_{upstream.status_code}"
             try:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
+                if flight is not None:
+                    async for chunk in migration_relay(flight, client, upstream, on_switch=router.switched,
+                                                       on_abandon=router.abandoned):
+                        yield chunk
+                else:
+                    async for chunk in upstream.aiter_raw():
+                        yield chunk
             except httpx.TransportError as exc:   # the engine died mid-stream: say so, then end the stream
                 outcome = "engine_error"
                 failure = ServeError(502, f"the engine of {name} failed mid-stream ({exc!r})", kind="server_error",
@@ -491,7 +600,7 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
                 yield f"data: {json.dumps(failure.body())}\n\n".encode()
             finally:
                 await upstream.aclose()
-                router.release(engine)
+                router.finish(flight, engine)
                 router.metrics.requests.labels(name, outcome).inc()
 
         return StreamingResponse(relay(), status_code=upstream.status_code,

@@ -1,0 +1,224 @@
+"""Token-based live migration of streaming completions (ServerlessLLM).
+
+The router relays a streaming ``/v1/completions`` request event by event, asking the engine
+for token ids (``return_token_ids``) so that it knows the prompt's tokens and every token
+generated so far. To move the request to another engine of the same model, the router sends
+the destination a new request whose prompt is those tokens (prompt + generated: its prefill
+recomputes the KV cache) for the tokens still to come, and keeps relaying the source meanwhile.
+When the destination's first token arrives it has caught up: the source request is cancelled
+(its connection closed, which vLLM aborts), and the destination's tokens are relayed after the
+ones the source already produced (those the destination repeats are skipped). The client sees
+one stream: the same id, no gap, no duplicate.
+
+Migratable: one completion (``n`` 1) with a single prompt, no ``echo``, no ``stop`` strings, no
+logprobs, no ``best_of`` (their bookkeeping does not survive a new prompt). Other requests finish
+where they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import httpx
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = logging.getLogger(__name__)
+
+#: what vLLM fills in for a completion without max_tokens
+DEFAULT_MAX_TOKENS = 16
+
+
+def not_migratable(body: dict[str, Any]) -> str | None:
+    """Why a completion request cannot be migrated (None when it can)."""
+    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1):
+        return "n or best_of > 1"
+    if body.get("echo"):
+        return "echo"
+    if body.get("stop"):
+        return "stop strings"
+    if body.get("logprobs") is not None or body.get("prompt_logprobs") is not None:
+        return "logprobs"
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
+        return "several prompts"
+    return None
+
+
+class Flight:
+    """One streaming completion in flight on ``engine``; :meth:`move` asks for it to continue on
+    another engine."""
+
+    def __init__(self, body: dict[str, Any], engine: "Engine"):
+        self.body = body
+        self.engine = engine
+        self.wants_ids = bool(body.get("return_token_ids"))
+        self.prompt_ids: list[int] | None = None
+        self.out_ids: list[int] = []
+        self.id: str | None = None
+        self.created: int | None = None
+        self.target: Engine | None = None
+        self.moved = asyncio.Event()        # set when the stream switched (or the move was given up)
+        self.report: dict[str, Any] | None = None
+
+    def move(self, target: "Engine") -> None:
+        self.target = target
+
+    def upstream_body(self) -> dict[str, Any]:
+        return {**self.body, "return_token_ids": True}
+
+    def continuation(self) -> dict[str, Any]:
+        """The destination's request: every token so far as the prompt, the rest to generate."""
+        done = len(self.out_ids)
+        body = {k: v for k, v in self.body.items() if k not in ("prompt", "max_tokens", "min_tokens")}
+        body["prompt"] = list(self.prompt_ids or []) + self.out_ids
+        body["max_tokens"] = (self.body.get("max_tokens") or DEFAULT_MAX_TOKENS) - done
+        if self.body.get("min_tokens"):
+            body["min_tokens"] = max(0, int(self.body["min_tokens"]) - done)
+        body["return_token_ids"] = True
+        return body
+
+    def outgoing(self, chunk: dict[str, Any], *, source: bool) -> bytes:
+        """The chunk as the client gets it: the stream's id, token ids only if asked for, usage
+        counted against the original prompt."""
+        if self.id is None:
+            self.id, self.created = chunk.get("id"), chunk.get("created")
+        chunk["id"] = self.id
+        if self.created is not None:
+            chunk["created"] = self.created
+        for choice in chunk.get("choices") or ():
+            if not source or not self.wants_ids:
+                choice.pop("prompt_token_ids", None)
+            if not self.wants_ids:
+                choice.pop("token_ids", None)
+        usage = chunk.get("usage")
+        if usage and not source and self.prompt_ids is not None:
+            usage["prompt_tokens"] = len(self.prompt_ids)
+            usage["completion_tokens"] = len(self.out_ids)
+            usage["total_tokens"] = len(self.prompt_ids) + len(self.out_ids)
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+async def _events(response: httpx.Response) -> AsyncIterator[dict[str, Any] | None]:
+    """Parsed ``data:`` events of a server-sent-event stream; None for ``[DONE]``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        yield None if data == "[DONE]" else json.loads(data)
+
+
+def _ids(chunk: dict[str, Any]) -> list[int]:
+    choices = chunk.get("choices") or ()
+    return list(choices[0].get("token_ids") or ()) if choices else []
+
+
+async def relay(flight: Flight, client: httpx.AsyncClient, upstream: httpx.Response, *, on_switch,
+                on_abandon) -> AsyncIterator[bytes]:
+    """Relay ``upstream`` (the source engine's stream) to the client, switching to
+    ``flight.target`` once one is set and has caught up. ``on_switch(flight, report)`` runs when
+    the destination takes over; ``on_abandon(flight, reason)`` when a requested move is given up
+    (the source finished first, or the destination failed): the source goes on."""
+    dest_task: asyncio.Task | None = None
+    dest_queue: asyncio.Queue = asyncio.Queue()
+    first: Any = None
+    snapshot, asked_at = 0, 0.0
+    switched = False
+    try:
+        async for chunk in _events(upstream):
+            if chunk is None:
+                break
+            choices = chunk.get("choices") or ()
+            if choices and flight.prompt_ids is None and choices[0].get("prompt_token_ids") is not None:
+                flight.prompt_ids = list(choices[0]["prompt_token_ids"])
+            flight.out_ids += _ids(chunk)
+            yield flight.outgoing(chunk, source=True)
+            if "error" in chunk or (choices and choices[0].get("finish_reason")):
+                continue      # the end (usage chunk, [DONE]) follows
+            if flight.target is not None and dest_task is None and flight.prompt_ids is not None:
+                snapshot, asked_at = len(flight.out_ids), time.monotonic()
+                dest_task = asyncio.get_running_loop().create_task(
+                    _open_destination(client, flight.target, flight.continuation(), dest_queue))
+            if dest_task is not None and not dest_queue.empty():
+                first = dest_queue.get_nowait()
+                if isinstance(first, BaseException):
+                    on_abandon(flight, f"the destination failed: {first}")
+                    dest_task = None
+                    continue
+                switched = True
+                break         # the destination has caught up: switch
+        if not switched:
+            if dest_task is not None:
+                dest_task.cancel()
+                on_abandon(flight, "the request finished on its source first")
+            yield b"data: [DONE]\n\n"
+            return
+    except BaseException:
+        if dest_task is not None:
+            dest_task.cancel()
+            on_abandon(flight, "the source failed")
+        raise
+    # ---- the switch: cancel the source, go on from the destination ----
+    await upstream.aclose()
+    skip = len(flight.out_ids) - snapshot     # tokens the source produced after the snapshot
+    on_switch(flight, {"from": flight.engine.server.name, "to": flight.target.server.name,
+                       "tokens_moved": snapshot, "prompt_tokens": len(flight.prompt_ids or ()),
+                       "catch_up_seconds": round(time.monotonic() - asked_at, 4), "repeated": skip})
+    mismatch = False
+    item = first
+    while item is not None:
+        if isinstance(item, BaseException):
+            raise item
+        ids = _ids(item)
+        choices = item.get("choices") or ()
+        if skip > 0 and ids:
+            n = min(skip, len(ids))
+            done = len(flight.out_ids)
+            if ids[:n] != flight.out_ids[done - skip:done - skip + n]:
+                mismatch = True
+            skip -= n
+            if n == len(ids) and not choices[0].get("finish_reason"):
+                item = await dest_queue.get()
+                continue      # the source already relayed these tokens
+            # vLLM streams a token per chunk; a chunk only partly repeated keeps its text whole
+            choices[0]["token_ids"] = ids[n:]
+            if n == len(ids):
+                choices[0]["text"] = ""
+            ids = ids[n:]
+        flight.out_ids += ids
+        yield flight.outgoing(item, source=False)
+        item = await dest_queue.get()
+    if mismatch:
+        log.warning("migrated request %s: the destination repeated other tokens than the source produced "
+                    "(sampling rather than greedy decoding?); the client has the source's", flight.id)
+    yield b"data: [DONE]\n\n"
+
+
+async def _open_destination(client: httpx.AsyncClient, engine: "Engine", body: dict[str, Any],
+                            queue: asyncio.Queue) -> None:
+    """Stream the continuation from ``engine`` into ``queue`` (chunks, then None; an exception
+    object if it fails)."""
+    try:
+        request = client.build_request("POST", engine.base_url + "/v1/completions", json=body)
+        response = await client.send(request, stream=True)
+        try:
+            if response.status_code != 200:
+                raise RuntimeError(f"the destination answered HTTP {response.status_code}: "
+                                   f"{(await response.aread())[:300]!r}")
+            async for chunk in _events(response):
+                await queue.put(chunk)
+                if chunk is None:
+                    return
+            await queue.put(None)
+        finally:
+            await response.aclose()
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:   # noqa: BLE001 - handed to the relay
+        await queue.put(exc)
+
