@@ -142,10 +142,34 @@ def test_bad_extra_config_key_lists_allowed_keys(models):
     assert "allowed keys are: concurrency, chunk_bytes" in out and "weights_uri" in out
 
 
-def test_bad_extra_config_value(models):
-    out = run_job({"model": str(models["one"]), "load_format": "streamer", "extra": {"direct_io": "maybe"}},
-                  expect_ok=False)["output"]
-    assert "'direct_io'" in out and "must be one of auto, on, off" in out
+_BAD_VALUES = """
+import json, sys
+from loader_plugins.serve.vllm_cli import patch_vllm_version
+patch_vllm_version()
+from vllm.config import LoadConfig
+from vllm.model_executor.model_loader import get_model_loader
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+for extra in json.loads(sys.argv[1]):
+    try:
+        get_model_loader(LoadConfig(load_format="streamer", model_loader_extra_config=extra))
+        print("ACCEPTED", extra)
+    except Exception as exc:
+        print("REFUSED", type(exc).__name__, exc)
+"""
+
+
+def test_bad_extra_config_values_are_refused_by_the_loader_vllm_creates():
+    """What vLLM does with --model-loader-extra-config: ``get_model_loader(LoadConfig(...))`` (an
+    engine start that gets that far is test_bad_extra_config_key_lists_allowed_keys)."""
+    cases = [{"direct_io": "maybe"}, {"in_place": "yes"}, {"in_place": False, "concurrency": 2}]
+    proc = subprocess.run([sys.executable, "-c", _BAD_VALUES, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT, env={**os.environ, **CPU_ENGINE_ENV})
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(("ACCEPTED", "REFUSED"))]
+    assert len(lines) == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert lines[0].startswith("REFUSED ConfigError") and "'direct_io'" in lines[0] and "auto, on, off" in lines[0]
+    assert lines[1].startswith("REFUSED ConfigError") and "'in_place' must be true or false" in lines[1]
+    assert lines[2].startswith("ACCEPTED")
 
 
 def test_vllm_serve_over_http(models, reference, tmp_path):
@@ -161,9 +185,3 @@ def test_in_place_off_loads_everything_through_load_weights(models, reference):
     got = run_job({"model": str(models["one"]), "load_format": "streamer", "extra": {"in_place": False}})
     assert got["outputs"][0] == reference("one")
     assert re.search(r"0 tensors \(0.000 GB\) in place, 21 tensors \([0-9.]+ GB\) through", got["output"])
-
-
-def test_bad_in_place_value(models):
-    out = run_job({"model": str(models["one"]), "load_format": "streamer", "extra": {"in_place": "yes"}},
-                  expect_ok=False)["output"]
-    assert "'in_place' must be true or false" in out

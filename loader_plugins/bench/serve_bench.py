@@ -52,6 +52,7 @@ def add_parser(sub) -> None:
     p.add_argument("--engine-args", default=None,
                    help="extra vllm serve flags (default on CPU: a small KV cache and --enforce-eager)")
     p.add_argument("--start-timeout", type=float, default=900)
+    p.add_argument("--parts", default="ttft,migration", help="what to measure: ttft (with placement), migration")
     p.add_argument("--migrate-tokens", type=int, default=64,
                    help="tokens of the greedy stream moved between servers mid-generation")
     p.add_argument("--json", metavar="FILE", help="also write every measurement as JSON")
@@ -84,13 +85,17 @@ def run(args: argparse.Namespace) -> int:
         router = stack.enter_context(_router(config, workdir))
         client = stack.enter_context(httpx.Client(base_url=router, headers={"Authorization": f"Bearer {KEY}"},
                                                   timeout=args.start_timeout + 60))
-        results = {name: _bench_model(client, name, args.repeat) for name in models}
-        moves = [_bench_migration(client, name, args.migrate_tokens) for name in models]
+        parts = {x.strip() for x in args.parts.split(",")}
+        results = {name: _bench_model(client, name, args.repeat) for name in models} if "ttft" in parts else {}
+        moves = [_bench_migration(client, name, args.migrate_tokens) for name in models] \
+            if "migration" in parts else []
         placements = client.get("/admin/placements").json()["placements"]
     sizes_bytes = {f"demo-{s}": parse_size(s) for s in sizes}
-    _print_ttft(results, sizes_bytes)
-    _print_placements(placements, results)
-    _print_migrations(moves)
+    if results:
+        _print_ttft(results, sizes_bytes)
+        _print_placements(placements, results)
+    if moves:
+        _print_migrations(moves)
     if args.json:
         Path(args.json).write_text(json.dumps({"ttft": results, "placements": placements, "migrations": moves},
                                               indent=2))

@@ -18,6 +18,7 @@ where they are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -124,13 +125,36 @@ async def relay(flight: Flight, client: httpx.AsyncClient, upstream: httpx.Respo
     ``flight.target`` once one is set and has caught up. ``on_switch(flight, report)`` runs when
     the destination takes over; ``on_abandon(flight, reason)`` when a requested move is given up
     (the source finished first, or the destination failed): the source goes on."""
+    loop = asyncio.get_running_loop()
+    src_queue: asyncio.Queue = asyncio.Queue()
+    src_task = loop.create_task(_pump(upstream, src_queue))
     dest_task: asyncio.Task | None = None
     dest_queue: asyncio.Queue = asyncio.Queue()
+    next_src: asyncio.Task | None = None
+    next_dest: asyncio.Task | None = None
     first: Any = None
     snapshot, asked_at = 0, 0.0
     switched = False
     try:
-        async for chunk in _events(upstream):
+        while True:
+            # wait for whichever comes first: the source's next event, or the destination's first
+            if next_src is None:
+                next_src = loop.create_task(src_queue.get())
+            if dest_task is not None and next_dest is None:
+                next_dest = loop.create_task(dest_queue.get())
+            done, _ = await asyncio.wait([t for t in (next_src, next_dest) if t is not None],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if next_dest is not None and next_dest in done:
+                first, next_dest = next_dest.result(), None
+                if isinstance(first, BaseException):
+                    on_abandon(flight, f"the destination failed: {first}")
+                    dest_task = None
+                    continue
+                switched = True
+                break         # the destination has caught up: switch
+            chunk, next_src = next_src.result(), None
+            if isinstance(chunk, BaseException):
+                raise chunk
             if chunk is None:
                 break
             choices = chunk.get("choices") or ()
@@ -142,16 +166,8 @@ async def relay(flight: Flight, client: httpx.AsyncClient, upstream: httpx.Respo
                 continue      # the end (usage chunk, [DONE]) follows
             if flight.target is not None and dest_task is None and flight.prompt_ids is not None:
                 snapshot, asked_at = len(flight.out_ids), time.monotonic()
-                dest_task = asyncio.get_running_loop().create_task(
+                dest_task = loop.create_task(
                     _open_destination(client, flight.target, flight.continuation(), dest_queue))
-            if dest_task is not None and not dest_queue.empty():
-                first = dest_queue.get_nowait()
-                if isinstance(first, BaseException):
-                    on_abandon(flight, f"the destination failed: {first}")
-                    dest_task = None
-                    continue
-                switched = True
-                break         # the destination has caught up: switch
         if not switched:
             if dest_task is not None:
                 dest_task.cancel()
@@ -163,7 +179,13 @@ async def relay(flight: Flight, client: httpx.AsyncClient, upstream: httpx.Respo
             dest_task.cancel()
             on_abandon(flight, "the source failed")
         raise
+    finally:
+        for task in (next_src, next_dest, src_task):
+            if task is not None and not task.done():
+                task.cancel()
     # ---- the switch: cancel the source, go on from the destination ----
+    with contextlib.suppress(asyncio.CancelledError):
+        await src_task
     await upstream.aclose()
     skip = len(flight.out_ids) - snapshot     # tokens the source produced after the snapshot
     on_switch(flight, {"from": flight.engine.server.name, "to": flight.target.server.name,
@@ -197,6 +219,20 @@ async def relay(flight: Flight, client: httpx.AsyncClient, upstream: httpx.Respo
         log.warning("migrated request %s: the destination repeated other tokens than the source produced "
                     "(sampling rather than greedy decoding?); the client has the source's", flight.id)
     yield b"data: [DONE]\n\n"
+
+
+async def _pump(response: httpx.Response, queue: asyncio.Queue) -> None:
+    """The source's events into ``queue`` (then None; the exception object if reading fails)."""
+    try:
+        async for chunk in _events(response):
+            await queue.put(chunk)
+            if chunk is None:
+                return
+        await queue.put(None)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:   # noqa: BLE001 - handed to the relay
+        await queue.put(exc)
 
 
 async def _open_destination(client: httpx.AsyncClient, engine: "Engine", body: dict[str, Any],
