@@ -90,7 +90,7 @@ def test_round_robin_swaps_and_answers_identically(router):
                                                temperature=0).choices[0].text
     assert _stream_text(router, "tiny-a") == text
     metrics = httpx.get(router["base"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
-    assert 'streamer_serve_operation_seconds_count{model="tiny-b",op="swap_in",server="local"} 2.0' in metrics
+    assert 'streamer_serve_operation_seconds_count{model="tiny-b",op="swap_in",server="local"} 1.0' in metrics
     assert 'streamer_serve_operation_seconds_count{model="tiny-a",op="start",server="local"} 1.0' in metrics
     log = router["log"].read_text()
     assert "cold start tiny-a on local" in log and "swap out tiny-a on local to make room for tiny-b" in log

@@ -129,6 +129,22 @@ class Engine:
                 "idle_seconds": round(time.monotonic() - self.last_used, 3) if self.last_used else None,
                 "log": str(self.log_path), **{f"last_{k}_seconds": round(v, 3) for k, v in self.timings.items()}}
 
+    async def answers(self, grace: float = 5.0) -> bool:
+        """True if the engine's port accepts a connection; False once its process has exited
+        (waiting up to ``grace`` seconds for a dying one to be gone)."""
+        try:
+            _reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), grace)
+            writer.close()
+            return True
+        except (OSError, asyncio.TimeoutError):
+            pass
+        deadline = time.monotonic() + grace
+        while self.alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if not self.alive():
+            self.state = FAILED
+        return False
+
     def record(self) -> dict[str, Any] | None:
         """What a later router needs to find this engine again (None when it has no process)."""
         if not self.alive():

@@ -553,11 +553,20 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
         if not isinstance(body, dict):
             return error(ServeError(400, "the request body must be a JSON object"))
         name = body.get("model")
-        try:
-            engine = await router.acquire(name)
-        except ServeError as exc:
-            router.metrics.requests.labels(str(name)[:64], f"http_{exc.status}").inc()
-            return error(exc)
+        for attempt in (1, 2):
+            try:
+                engine = await router.acquire(name)
+            except ServeError as exc:
+                router.metrics.requests.labels(str(name)[:64], f"http_{exc.status}").inc()
+                return error(exc)
+            if attempt == 2 or await engine.answers():
+                break
+            # its process died a moment ago (nothing was sent yet): the next acquire starts a new one
+            router.release(engine)
+            log.warning("the engine of %s on %s does not answer and its process %s; placing it again", name,
+                        engine.server.name, "exited" if not engine.alive() else "is still there")
+            if engine.alive():
+                break
         flight = None
         if body.get("stream") and path == "/v1/completions" and not_migratable(body) is None:
             flight = Flight(body, engine)
