@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import httpx
 
 from _smoke_vllm_default import CPU_ENGINE_ENV, _free_port
+
+from loader_plugins.serve.engine import stop_process_group
 
 API_KEY = "test-key-0123"
 
@@ -46,13 +47,7 @@ def running_router(config: dict, root: Path, *, env: dict[str, str] | None = Non
         yield {"base": base, "log": log_path, "proc": proc, "config": config, "root": root,
                "client": openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)   # the router stops its engines on the way out
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, 60)   # the router stops its engines on the way out
 
 
 def admin(router, path: str = "/admin/models") -> dict:

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -117,7 +116,7 @@ def _default_engine_args() -> tuple[str, ...]:
 def _router(config: dict, workdir: Path):
     import httpx
 
-    from ..serve.engine import _free_port
+    from ..serve.engine import _free_port, stop_process_group
 
     (workdir / "serve.json").write_text(json.dumps(config))
     port = _free_port()
@@ -139,12 +138,7 @@ def _router(config: dict, workdir: Path):
         print(f"router at {base}, log {workdir / 'router.log'}", file=sys.stderr, flush=True)
         yield base
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, 90)   # the router stops its engines on the way out
         log.close()
 
 

@@ -47,6 +47,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and its group; SIGKILL after
+    ``grace`` seconds. A process that already exited is left as it is."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def checkpoint_bytes(checkpoint: str) -> int:
     """Bytes of a local checkpoint's safetensors files (0 when they cannot be listed)."""
     path = Path(checkpoint)
