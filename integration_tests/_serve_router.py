@@ -54,3 +54,37 @@ def admin(router, path: str = "/admin/models") -> dict:
     reply = httpx.get(router["base"] + path, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     reply.raise_for_status()
     return reply.json()
+
+
+AGENT_KEY = "agent-key-4567"
+
+
+@contextlib.contextmanager
+def running_agent(root: Path, *, name: str, cache_dir: Path | None = None, env: dict[str, str] | None = None,
+                  port: int | None = None):
+    """``model-streamer agent`` as a subprocess on 127.0.0.1 (another "host" for the router):
+    yields ``{"url", "port", "log", "proc", "headers"}``."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or _free_port()
+    log_path = root / f"agent-{port}-{time.monotonic_ns()}.log"
+    cmd = [sys.executable, "-m", "loader_plugins.cli", "agent", "--name", name, "--port", str(port), "--api-key",
+           AGENT_KEY, "--log-dir", str(root / "engines")]
+    if cache_dir is not None:
+        cmd += ["--cache-dir", str(cache_dir)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **CPU_ENGINE_ENV, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the agent did not answer /health"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        yield {"url": url, "port": port, "log": log_path, "proc": proc, "headers": {"Authorization": f"Bearer {AGENT_KEY}"}}
+    finally:
+        stop_process_group(proc, 60)   # the agent stops its engines on the way out

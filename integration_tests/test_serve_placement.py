@@ -1,16 +1,19 @@
 """Load-time-aware placement on real engines: ``model-streamer serve`` with two servers whose
 loads go through different cache directories, the weights on a real S3 server (SeaweedFS).
 
-Server ``remote`` (listed first, so a tie would go to it) has an empty disk cache: the model's
-weights would come from S3. Server ``cached`` holds them in its disk cache (filled beforehand
-by a streamer load through that cache). A request for the model must start it on ``cached``;
-the decision lists both estimates with their tiers, and the engine's load is then served by
-the disk tier (the cache's load history gains a ``disk`` sample).
+Server ``remote`` (listed first, so a tie would go to it) is the router's own host with an empty
+disk cache: the model's weights would come from S3. Server ``cached`` is another "host": a
+``model-streamer agent`` process addressed by URL, whose disk cache holds the weights (filled
+beforehand by a streamer load through that cache). A request for the model must start it on
+``cached``, through its agent, from the estimate that agent made; the decision lists both
+estimates with their tiers, and the engine's load is then served by the disk tier (the cache's
+load history gains a ``disk`` sample). Then a stream migrates between the two hosts.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import threading
@@ -28,7 +31,7 @@ pytest.importorskip("openai")
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _serve_router import API_KEY, admin, running_router  # noqa: E402
+from _serve_router import AGENT_KEY, API_KEY, admin, running_agent, running_router  # noqa: E402
 from _smoke_vllm_default import CPU_ENGINE_KWARGS, PROMPT, _cli_flags  # noqa: E402
 from _tiny_models import make_tiny_llama, tiny_llama_tensor_names  # noqa: E402
 
@@ -53,20 +56,59 @@ def test_a_cold_model_starts_where_its_checkpoint_is_cached(s3_server, s3_env, s
     assert wait_for_commits(60) and len(warmed) == len(tiny_llama_tensor_names(8))
     disk_loads_before = len(LoadHistory(cached_dir / HISTORY_NAME).samples("disk"))
 
-    config = {
-        "budget": "8GiB", "idle_timeout": 600,
-        "servers": {"remote": {"cache_dir": str(remote_dir)}, "cached": {"cache_dir": str(cached_dir)}},
-        "engine": {"args": ["--dtype", "float32", "--seed", "0", *_cli_flags(CPU_ENGINE_KWARGS)],
-                   "start_timeout": 300, "env": {k: v for k, v in s3_env.items() if k != "AWS_ENDPOINT_URL"}},
-        "models": {"mid": {"checkpoint": str(config_only), "weights": prefix, "loader": s3_keys}},
-    }
-    with running_router(config, tmp_path / "router") as router:
-        reply = router["client"].completions.create(model="mid", prompt=PROMPT, max_tokens=4, temperature=0,
-                                                    extra_body={"ignore_eos": True})
-        assert reply.usage.completion_tokens == 4
-        placements = admin(router, "/admin/placements")["placements"]
-        states = {(m["model"], m["server"]): m["state"] for m in admin(router)["models"]}
-        _check_live_migration(router)
+    engine_env = {k: v for k, v in s3_env.items() if k != "AWS_ENDPOINT_URL"}
+    with running_agent(tmp_path / "agent", name="host-2", cache_dir=cached_dir) as agent:
+        # the agent refuses a caller without its key
+        assert httpx.get(agent["url"] + "/agent/info", timeout=30).status_code == 401
+        config = {
+            "budget": "8GiB", "idle_timeout": 600,
+            "servers": {"remote": {"cache_dir": str(remote_dir)},
+                        "cached": {"url": agent["url"], "api_key": AGENT_KEY}},
+            "engine": {"args": ["--dtype", "float32", "--seed", "0", *_cli_flags(CPU_ENGINE_KWARGS)],
+                       "start_timeout": 300, "env": engine_env},
+            "models": {"mid": {"checkpoint": str(config_only), "weights": prefix, "loader": s3_keys}},
+        }
+        with running_router(config, tmp_path / "router") as router:
+            servers = admin(router)["servers"]
+            assert servers["cached"]["url"] == agent["url"] and servers["cached"]["connected"], servers
+            assert servers["cached"]["cache_dir"] == str(cached_dir)     # as the agent reported it
+            reply = router["client"].completions.create(model="mid", prompt=PROMPT, max_tokens=4, temperature=0,
+                                                        extra_body={"ignore_eos": True})
+            assert reply.usage.completion_tokens == 4
+            placements = admin(router, "/admin/placements")["placements"]
+            models = {(m["model"], m["server"]): m for m in admin(router)["models"]}
+            states = {key: m["state"] for key, m in models.items()}
+            on_agent = httpx.get(agent["url"] + "/agent/engines", headers=agent["headers"], timeout=30).json()
+            assert [(e["model"], e["pid"], e["port"]) for e in on_agent["engines"]] == \
+                [("mid", models[("mid", "cached")]["pid"], models[("mid", "cached")]["port"])], on_agent
+            assert models[("mid", "cached")]["agent"] == agent["url"]
+            _check_live_migration(router)
+            # a router killed without clean-up, restarted on the same directory, finds both engines again:
+            # the one of its own host by pid, the one on the agent's host through the agent
+            before = {m["server"]: (m["state"], m["pid"], m["port"]) for m in admin(router)["models"]}
+            router["proc"].kill()
+            router["proc"].wait()
+            first_log = router["log"].read_text()
+        with running_router(config, tmp_path / "router") as again:
+            after = {m["server"]: (m["state"], m["pid"], m["port"]) for m in admin(again)["models"]}
+            assert after == before and after["cached"][0] == "running", (before, after)
+            again_reply = again["client"].completions.create(model="mid", prompt=PROMPT, max_tokens=4,
+                                                             temperature=0, extra_body={"ignore_eos": True})
+            assert again_reply.choices[0].text == reply.choices[0].text
+            assert "found 2 engine(s) again" in again["log"].read_text()
+            # an agent killed and restarted on the same directory and port takes its engine over
+            agent["proc"].kill()
+            agent["proc"].wait()
+            with running_agent(tmp_path / "agent", name="host-2", cache_dir=cached_dir, port=agent["port"]) as agent2:
+                listed = httpx.get(agent2["url"] + "/agent/engines", headers=agent2["headers"], timeout=30).json()
+                assert [(e["model"], e["pid"]) for e in listed["engines"]] == [("mid", after["cached"][1])], listed
+                assert "found 1 engine(s) again" in agent2["log"].read_text()
+                httpx.post(again["base"] + "/admin/models/mid/stop", params={"server": "cached"}, timeout=120,
+                           headers={"Authorization": f"Bearer {API_KEY}"}).raise_for_status()
+                listed = httpx.get(agent2["url"] + "/agent/engines", headers=agent2["headers"], timeout=30).json()
+                assert listed["engines"] == [], listed   # stopped through the agent that took it over
+    with pytest.raises(ProcessLookupError):
+        os.kill(after["cached"][1], 0)
 
     assert len(placements) == 1, placements
     decision = placements[0]
@@ -81,7 +123,7 @@ def test_a_cold_model_starts_where_its_checkpoint_is_cached(s3_server, s3_env, s
     assert len(LoadHistory(cached_dir / HISTORY_NAME).samples("disk")) == disk_loads_before + 1
     remote_history = LoadHistory(remote_dir / HISTORY_NAME)   # its engine, started for the migration, read S3
     assert len(remote_history.samples("s3")) == 1 and not remote_history.samples("disk")
-    log = (tmp_path / "router" / "router.log").read_text()
+    log = first_log
     assert "place mid on cached: remote" in log and "measured" in log
 
 

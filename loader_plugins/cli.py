@@ -223,7 +223,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $MODEL_STREAMER_API_KEY, or api_key in the config)")
     p.add_argument("--log-dir", default="model-streamer-logs", help="where each engine's log goes")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("agent", help="the engines of this host for a serve router on another "
+                                     "(servers: NAME: {url: http://THIS-HOST:PORT}; see loader_plugins/serve/agent.py)")
+    p.add_argument("--name", default=None, help="this server's name in the router's logs (default: the hostname)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (not loopback: --api-key required)")
+    p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--engine-host", default=None,
+                   help="the private address engines listen on, reachable by the router (default: --host)")
+    p.add_argument("--budget", default=None, help="bytes the resident models may hold here (default: 90%% of the "
+                                                  "GPU, else half of RAM), e.g. 40GiB")
+    p.add_argument("--cache-dir", default=None, help="this host's disk cache for its engines' loads")
+    p.add_argument("--dram-cache-dir", default=None, help="this host's shared-DRAM cache (e.g. /dev/shm/streamer)")
+    p.add_argument("--api-key", default=os.environ.get("MODEL_STREAMER_AGENT_KEY"),
+                   help="required as 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: $MODEL_STREAMER_AGENT_KEY)")
+    p.add_argument("--log-dir", default="model-streamer-agent-logs", help="engine logs and engines.json")
+    p.set_defaults(func=cmd_agent)
     return parser
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    import socket
+    from pathlib import Path
+
+    from .config import parse_size
+    from .serve.agent import run_agent
+
+    run_agent(name=args.name or socket.gethostname(), host=args.host, port=args.port, engine_host=args.engine_host,
+              budget=parse_size(args.budget) if args.budget else None, cache_dir=args.cache_dir,
+              dram_cache_dir=args.dram_cache_dir, log_dir=Path(args.log_dir), api_key=args.api_key)
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

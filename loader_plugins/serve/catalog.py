@@ -7,6 +7,7 @@
     servers:               # where engines may run (default: one server, "local", with ``budget``)
       gpu0: {budget: 40GiB, cache_dir: /var/cache/streamer}
       gpu1: {budget: 40GiB, cache_dir: /mnt/nvme/streamer, dram_cache_dir: /dev/shm/streamer}
+      host2: {url: "http://10.0.0.6:8700", api_key: "..."}   # another host: its ``model-streamer agent``
     engine:                # defaults for every model's engine
       args: ["--enforce-eager"]
       env: {}
@@ -23,7 +24,10 @@ Only ``models`` is required (a name and a ``checkpoint`` each). Every engine is 
 with ``--load-format streamer`` and the swap worker extension, on 127.0.0.1 and a free port; its
 ``--model-loader-extra-config`` is the engine's and the model's ``loader`` keys, the model's
 ``weights`` as ``weights_uri`` and the server's cache directories (``cache_dir``,
-``dram_cache_dir``), so each server loads through its own cache tiers.
+``dram_cache_dir``), so each server loads through its own cache tiers. A server with a ``url`` is
+another host, whose agent (:mod:`.agent`) starts its engines and reports its budget (unless the
+server sets one), cache directories and bandwidths; ``api_key`` is the agent's (default
+``$MODEL_STREAMER_AGENT_KEY``).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from ..errors import ConfigError
 _TOP = ("budget", "idle_timeout", "engine", "models", "api_key", "servers")
 _ENGINE = ("args", "env", "start_timeout", "loader")
 _MODEL = ("checkpoint", "weights", "args", "env", "start_timeout", "loader")
-_SERVER = ("budget", "cache_dir", "dram_cache_dir", "env")
+_SERVER = ("budget", "cache_dir", "dram_cache_dir", "env", "url", "api_key")
 #: flags the router sets on every engine itself
 _RESERVED = ("--host", "--port", "--served-model-name", "--load-format", "--worker-extension-cls", "--api-key",
              "--model-loader-extra-config")
@@ -69,13 +73,16 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ServerSpec:
-    """A place engines run: its memory budget and the cache tiers its loads go through."""
+    """A place engines run: its memory budget and the cache tiers its loads go through; with a
+    ``url``, another host's agent (budget 0: as the agent reports)."""
 
     name: str
     budget: int
     cache_dir: str | None = None
     dram_cache_dir: str | None = None
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    url: str | None = None
+    api_key: str | None = dataclasses.field(default=None, repr=False)
 
     def loader_keys(self) -> dict[str, str]:
         return {k: v for k, v in (("cache_dir", self.cache_dir), ("dram_cache_dir", self.dram_cache_dir)) if v}
@@ -178,6 +185,17 @@ def _servers(where: str, value: Any, budget: int, base: Path | None) -> dict[str
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{at} must be a mapping (budget, cache_dir, dram_cache_dir, env)")
         _unknown(at, entry, _SERVER)
+        url = entry.get("url")
+        if url is not None:
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{at}.url must be the agent's http:// or https:// URL, got {url!r}")
+            clash = [k for k in ("cache_dir", "dram_cache_dir") if entry.get(k)]
+            if clash:
+                raise ConfigError(f"{at} has a url and sets {clash}: another host's cache directories are its "
+                                  f"agent's (model-streamer agent --cache-dir ...)")
+        agent_key = entry.get("api_key", os.environ.get("MODEL_STREAMER_AGENT_KEY") if url else None)
+        if agent_key is not None and (not isinstance(agent_key, str) or not agent_key):
+            raise ConfigError(f"{at}.api_key must be a non-empty string")
         dirs = {}
         for key in ("cache_dir", "dram_cache_dir"):
             path = entry.get(key)
@@ -186,8 +204,10 @@ def _servers(where: str, value: Any, budget: int, base: Path | None) -> dict[str
             if path and base is not None and not os.path.isabs(path):
                 path = str(base / path)
             dirs[key] = path
-        out[name] = ServerSpec(name=name, budget=_budget(f"{at}.budget", entry.get("budget"), budget),
-                               env=_env(at, entry.get("env")), **dirs)
+        server_budget = (_budget(f"{at}.budget", entry["budget"]) if url and entry.get("budget") is not None
+                         else 0 if url else _budget(f"{at}.budget", entry.get("budget"), budget))
+        out[name] = ServerSpec(name=name, budget=server_budget, env=_env(at, entry.get("env")), url=url, api_key=agent_key,
+                               **dirs)
     return out
 
 

@@ -4,7 +4,8 @@ The engine loads with ``--load-format streamer`` and carries the swap worker ext
 (:mod:`loader_plugins.swap.vllm_ext`); swaps go through vLLM's dev-mode endpoints
 (``VLLM_SERVER_DEV_MODE=1``), as docs/swap.md describes: pause scheduling, offload the weights
 (and drop the KV cache), reset the prefix cache; then restore and resume. The process stays alive
-while swapped out. It listens on 127.0.0.1 only.
+while swapped out. It listens on 127.0.0.1, or on the private address a host's agent
+(:mod:`.agent`) gives it; never on every interface.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ class EngineError(StreamerError, RuntimeError):
     """An engine did not start, or a swap failed (the message names the model and the log file)."""
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -115,8 +116,9 @@ class Engine:
     then)."""
 
     def __init__(self, spec: ModelSpec, log_dir: Path, server: ServerSpec | None = None,
-                 extra_config: dict[str, Any] | None = None):
+                 extra_config: dict[str, Any] | None = None, host: str = "127.0.0.1"):
         self.spec = spec
+        self.host = host               # the address the engine listens on
         self.server = server or ServerSpec(name="local", budget=1)
         self.extra_config = dict(extra_config or {})
         self.state = STOPPED
@@ -132,13 +134,14 @@ class Engine:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.spec.name, "server": self.server.name, "state": self.state, "pid": self.proc.pid if self.alive() else None,
+        return {"model": self.spec.name, "server": self.server.name, "state": self.state,
+                "pid": self.proc.pid if self.alive() else None, "host": self.host, "port": self.port,
                 "resident_bytes": self.resident_bytes,
                 "resident_bytes_measured": self.measured, "inflight": self.inflight,
                 "idle_seconds": round(time.monotonic() - self.last_used, 3) if self.last_used else None,
@@ -148,7 +151,7 @@ class Engine:
         """True if the engine's port accepts a connection; False once its process has exited
         (waiting up to ``grace`` seconds for a dying one to be gone)."""
         try:
-            _reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), grace)
+            _reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), grace)
             writer.close()
             return True
         except (OSError, asyncio.TimeoutError):
@@ -177,7 +180,7 @@ class Engine:
                 or self.spec.name not in cmdline:
             return False
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            async with httpx.AsyncClient(base_url=f"http://{self.host}:{port}", timeout=10) as client:
                 if (await client.get("/health")).status_code != 200:
                     return False
                 sleeping = (await client.get("/is_sleeping")).json().get("is_sleeping")
@@ -194,9 +197,9 @@ class Engine:
         """Start ``vllm serve`` and wait until it answers ``/health``; returns the seconds taken."""
         t0 = time.monotonic()
         self.state = STARTING
-        self.port = _free_port()
+        self.port = _free_port(self.host)
         cmd = [sys.executable, "-m", "loader_plugins.serve.vllm_cli", "serve", self.spec.checkpoint,
-               "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", self.spec.name,
+               "--host", self.host, "--port", str(self.port), "--served-model-name", self.spec.name,
                "--load-format", "streamer", "--worker-extension-cls", EXTENSION, *self.spec.args]
         if self.extra_config:
             cmd += ["--model-loader-extra-config", json.dumps(self.extra_config)]

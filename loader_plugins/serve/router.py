@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from .engine import RUNNING, STOPPED, SWAPPED, Engine, EngineError
 from .migration import Flight, not_migratable
 from .migration import relay as migration_relay
 from .placement import ServerHistory, choose, estimate_server, ratio, victims
+from .remote import Agent, RemoteEngine
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +94,43 @@ class Metrics:
 
 
 class Server:
-    """A place engines run: one engine per model (started on demand), a budget, what is under way."""
+    """A place engines run: one engine per model (started on demand), a budget, what is under way.
+    A server with a ``url`` is another host's agent (:mod:`.agent`): its engines are
+    :class:`~.remote.RemoteEngine`; it takes part in placement once its agent has answered."""
 
     def __init__(self, spec: ServerSpec, catalog: Catalog, log_dir: Path):
         self.spec = spec
-        self.engines = {name: Engine(model, log_dir, spec, catalog.extra_config(model, spec))
+        kind = RemoteEngine if spec.url else Engine
+        self.engines = {name: kind(model, log_dir, spec, catalog.extra_config(model, spec))
                         for name, model in catalog.models.items()}
         self.room = asyncio.Lock()
         self.underway: dict[int, float] = {}    # operation id -> when it is estimated to end
+        self.agent: dict | None = None           # what the agent last reported (``GET /agent/info``)
+
+    @property
+    def connected(self) -> bool:
+        return self.spec.url is None or self.agent is not None
+
+    async def connect(self) -> bool:
+        """Ask the agent for its budget, tiers and bandwidths (a server of this host: nothing to do)."""
+        if self.spec.url is None:
+            return True
+        agent = Agent(self.spec.url, self.spec.api_key)
+        try:
+            info = await agent.call("GET", "/agent/info")
+        except EngineError as exc:
+            log.warning("server %s: %s; it is left out of placement until it answers", self.spec.name, exc)
+            return False
+        self.spec = dataclasses.replace(self.spec, budget=self.spec.budget or int(info["budget"]),
+                                        cache_dir=info.get("cache_dir"), dram_cache_dir=info.get("dram_cache_dir"))
+        for engine in self.engines.values():
+            engine.server = self.spec
+        self.agent = info
+        log.info("server %s is the agent at %s (host %s): budget %d bytes, engines on %s, cache %s, bandwidths %s",
+                 self.spec.name, self.spec.url, info.get("hostname"), self.spec.budget, info.get("engine_host"),
+                 {k: info.get(k) for k in ("cache_dir", "dram_cache_dir") if info.get(k)} or "none",
+                 {t: b["gbps"] for t, b in (info.get("bandwidths") or {}).items() if b.get("samples")} or "none yet")
+        return True
 
     def queue_seconds(self, now: float) -> float:
         return max((end - now for end in self.underway.values()), default=0.0)
@@ -290,35 +321,51 @@ class Router:
         the decision."""
         now = time.monotonic()
         estimates = []
+        unreachable = []
         for server in self.servers.values():
             if server.spec.name in exclude:
+                continue
+            if not server.connected and not await server.connect():
+                unreachable.append(server.spec.name)
                 continue
             engine = server.engines[name]
             load = None
             if not (engine.alive() and engine.state in (RUNNING, SWAPPED)):
-                load = await asyncio.to_thread(self._load_estimate, engine)
+                try:
+                    load = await self._load_estimate(engine)
+                except EngineError as exc:
+                    log.warning("place %s: no estimate from %s (%s); left out", name, server.spec.name, exc)
+                    unreachable.append(server.spec.name)
+                    continue
                 if not engine.measured and load["bytes"] > 0:
                     engine.resident_bytes = load["bytes"]   # the checkpoint's size until a swap measures it
             estimates.append(estimate_server(server.spec.name, engine, list(server.engines.values()),
                                              server.spec.budget, self.history, load=load,
                                              queue_s=server.queue_seconds(now), now=now))
         if not estimates:
-            raise ServeError(409, f"no server but {', '.join(sorted(exclude))} can run {name}", code="no_server")
+            left_out = sorted(exclude) + [f"{s} (its agent does not answer)" for s in unreachable]
+            raise ServeError(503 if unreachable else 409, f"no server but {', '.join(left_out)} can run {name}",
+                             code="no_server", kind="server_error" if unreachable else "invalid_request_error")
         best = choose(estimates)
         decision = {"model": name, "chosen": best.server, "how": best.how, "estimated_seconds": round(best.seconds, 4),
                     "measured_seconds": None, "ratio": None, "at": time.time(),
-                    "candidates": [e.describe() for e in estimates]}
+                    "candidates": [e.describe() for e in estimates], "unreachable": unreachable}
         self.decisions.append(decision)
         log.info("place %s on %s: %s", name, best.server, "; ".join(e.line() for e in estimates))
         for line in best.basis:
             log.info("  place %s on %s: %s", name, best.server, line)
         return decision
 
-    def _load_estimate(self, engine: Engine) -> dict:
+    async def _load_estimate(self, engine: Engine) -> dict:
+        """The model's load estimate through that server's tiers: asked of its agent for another
+        host, computed here (:func:`~loader_plugins.cache.estimate.estimate`) for this one."""
+        if isinstance(engine, RemoteEngine):
+            return await engine.estimate()
         from ..cache.estimate import estimate
 
         extra = {k: v for k, v in engine.extra_config.items() if k not in ("weights_uri", "in_place")}
-        return estimate(engine.spec.weights_location, StreamerConfig.from_dict(extra, where="serve"))
+        return await asyncio.to_thread(estimate, engine.spec.weights_location,
+                                       StreamerConfig.from_dict(extra, where="serve"))
 
     # ---- bringing an engine up ----
 
@@ -329,6 +376,9 @@ class Router:
             if engine.state == RUNNING and engine.alive():
                 return
             name, server = engine.spec.name, self.servers[engine.server.name]
+            if not server.connected and not await server.connect():
+                raise ServeError(503, f"the agent of server {server.spec.name} ({server.spec.url}) does not answer",
+                                 kind="server_error", code="engine_unavailable")
             op = id(engine)
             server.underway[op] = time.monotonic() + (decision["estimated_seconds"] if decision else 0.0)
             t0 = time.monotonic()
@@ -470,6 +520,7 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        await asyncio.gather(*(s.connect() for s in router.servers.values()))
         await router.adopt()
         router.start_reaper()
         log.info("Serving %d model(s) on %s, idle timeout %.0f s: %s", len(catalog.models),
@@ -516,7 +567,10 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
     async def admin_models():
         return {"idle_timeout": catalog.idle_timeout,
                 "servers": {s.spec.name: {"budget": s.spec.budget, "cache_dir": s.spec.cache_dir,
-                                          "dram_cache_dir": s.spec.dram_cache_dir} for s in router.servers.values()},
+                                          "dram_cache_dir": s.spec.dram_cache_dir, "url": s.spec.url,
+                                          "connected": s.connected,
+                                          "bandwidths": (s.agent or {}).get("bandwidths")}
+                            for s in router.servers.values()},
                 "models": [e.describe() for e in router.engines]}
 
     @app.get("/admin/placements")

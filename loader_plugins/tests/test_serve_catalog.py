@@ -48,6 +48,9 @@ def test_engine_defaults_are_merged_under_each_model():
     ({"models": {"a": "/m"}, "servers": {"x/y": {}}}, "without '/'"),
     ({"models": {"a": "/m"}, "servers": {"x": {"cache": "/c"}}}, "unknown key(s) 'cache'"),
     ({"models": {"a": "/m"}, "servers": {"x": {"budget": 0}}}, "must be positive"),
+    ({"models": {"a": "/m"}, "servers": {"x": {"url": "10.0.0.6:8700"}}}, "http:// or https://"),
+    ({"models": {"a": "/m"}, "servers": {"x": {"url": "http://h:1", "cache_dir": "/c"}}}, "its agent's"),
+    ({"models": {"a": "/m"}, "servers": {"x": {"url": "http://h:1", "api_key": ""}}}, "api_key must be"),
 ])
 def test_bad_configs_say_what_is_wrong(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -93,3 +96,16 @@ def test_servers_and_the_extra_config_each_engine_gets(tmp_path):
     assert catalog.models["a"].weights_location == "s3://b/a/" and catalog.models["b"].weights_location == "/m/b"
     single = parse_catalog({"models": {"a": "/m"}, "budget": 5})
     assert list(single.servers) == ["local"] and single.servers["local"].budget == 5
+
+
+def test_a_server_with_a_url_is_another_hosts_agent(monkeypatch):
+    monkeypatch.setenv("MODEL_STREAMER_AGENT_KEY", "from-env")
+    catalog = parse_catalog({"budget": "1GiB", "models": {"a": "/m"},
+                             "servers": {"here": {}, "there": {"url": "http://10.0.0.6:8700"},
+                                         "keyed": {"url": "https://h:1", "api_key": "s3cr3t-key", "budget": "3GiB"}}})
+    here, there, keyed = (catalog.servers[n] for n in ("here", "there", "keyed"))
+    assert (here.url, here.api_key, here.budget) == (None, None, 1 << 30)
+    # budget 0: the agent's own, asked when the router connects; the key from the environment
+    assert (there.url, there.api_key, there.budget) == ("http://10.0.0.6:8700", "from-env", 0)
+    assert (keyed.api_key, keyed.budget) == ("s3cr3t-key", 3 << 30)
+    assert "s3cr3t" not in repr(keyed)   # keys stay out of logs
