@@ -3,41 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 from .config import StreamerConfig
+from .cli_options import add_config_flags, config_from_args
 from .errors import SourceNotFoundError, StreamerError
 
 log = logging.getLogger("loader_plugins.cli")
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per StreamerConfig field (``chunk_bytes`` -> ``--chunk-bytes``)."""
-    group = parser.add_argument_group("streamer options (StreamerConfig)")
-    for field in dataclasses.fields(StreamerConfig):
-        doc = (field.metadata or {}).get("doc", "")
-        group.add_argument("--" + field.name.replace("_", "-"), dest="cfg_" + field.name, default=None,
-                           metavar=field.name.upper(), help=doc or f"default: {_default(field)}")
-
-
-def _default(field: dataclasses.Field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    return field.default_factory()  # type: ignore[misc]
-
-
-def config_from_args(args: argparse.Namespace) -> StreamerConfig:
-    values = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    for key in ("deadline", "s3_endpoint_url", "s3_region", "s3_profile"):
-        if isinstance(values.get(key), str) and values[key].lower() in ("none", "null", ""):
-            values[key] = None
-    return StreamerConfig.from_dict(values, where="option")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -80,10 +57,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    import torch  # noqa: F401  (its first import costs ~1 s: set-up, outside the load's clock)
+
     from .streamer import SafetensorsStreamer
 
     cfg = config_from_args(args)
     t0 = time.perf_counter()
+    setup = t0 - started
     count = total = 0
     with SafetensorsStreamer(cfg) as streamer:
         streamer.stream_files(args.path)
@@ -95,12 +76,13 @@ def cmd_load(args: argparse.Namespace) -> int:
     result = {"path": args.path, "tensors": count, "bytes": total, "seconds": round(seconds, 4),
               "gbps": round(total / seconds / 1e9, 3) if seconds else None,
               "header_seconds": round(stats.get("header_seconds", 0.0), 4), "files": stats.get("files"),
-              "concurrency": stats.get("workers"), "direct_io": cfg.direct_io}
+              "concurrency": stats.get("workers"), "direct_io": cfg.direct_io,
+              "setup_seconds": round(setup, 4)}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"loaded {count} tensors, {total / 1e9:.3f} GB from {stats.get('files')} file(s) in {seconds:.3f} s: "
-              f"{result['gbps']} GB/s")
+              f"{result['gbps']} GB/s (set-up before the load, importing torch: {setup:.2f} s)")
     return 0
 
 
@@ -147,6 +129,10 @@ def cmd_pull_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if str(args.path).lower().startswith("s3://"):
+        from .bench.s3 import run_s3_bench
+
+        return run_s3_bench(args, config_from_args(args))
     from .bench.runner import run_bench
 
     return run_bench(args, config_from_args(args))
@@ -187,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="checkpoint directory (or s3:// URI)")
     p.add_argument("--repeat", type=int, default=3, help="runs per method (median reported)")
     p.add_argument("--cache", default="cold,warm", help="cold, warm or both (comma separated)")
-    p.add_argument("--methods", default="all", help="comma separated subset of methods (see --list)")
+    p.add_argument("--methods", default="short",
+                   help="'short' (default: streamer and one configuration of each peer: safetensors, runai-c16, "
+                        "tensorizer, fastsafetensors), 'all' (adds our into-caller-tensors mode, the pread "
+                        "ceilings and Run:ai at 4 and 8 threads), or a comma separated list (see --list)")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     p.add_argument("--warmup", action="store_true", help="one untimed round before the timed ones")
     p.add_argument("--settle", type=float, default=3.0, help="seconds of quiet before each timed run")

@@ -176,6 +176,31 @@ _SIZE_FIELDS = ("chunk_bytes", "memory_limit", "alignment", "max_header_bytes", 
                 "s3_range_bytes")
 
 
+def field_docs() -> dict[str, str]:
+    """Each :class:`StreamerConfig` field's doc string (the string literal under it in this
+    file), for ``--help`` and docs; a field documented together with the one before it shares
+    that one's text."""
+    global _FIELD_DOCS
+    if _FIELD_DOCS is None:
+        import ast
+        import inspect
+
+        docs: dict[str, str] = {}
+        body = next(n for n in ast.parse(inspect.getsource(StreamerConfig)).body if isinstance(n, ast.ClassDef)).body
+        last = ""
+        for node, following in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(following, ast.Expr) and isinstance(getattr(following, "value", None), ast.Constant) \
+                        and isinstance(following.value.value, str):
+                    last = inspect.cleandoc(following.value.value)
+                docs[node.target.id] = last
+        _FIELD_DOCS = docs
+    return dict(_FIELD_DOCS)
+
+
+_FIELD_DOCS: dict[str, str] | None = None
+
+
 def parse_size(value: Any) -> int:
     """``"16MiB"``, ``"1.5GB"``, ``"4096"`` or an int -> bytes."""
     if isinstance(value, bool):

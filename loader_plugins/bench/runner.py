@@ -142,16 +142,21 @@ def build_methods(paths: list[str], config: StreamerConfig, workdir: Path) -> li
     return methods
 
 
-def select_methods(methods: list, args) -> list | int:
-    """Apply ``--list`` (print, return 0) and ``--methods`` (unknown name: return 2) to ``methods``."""
+#: ``--methods short`` (the default): ours and one configuration of each peer
+SHORT = ("streamer", "safetensors", "runai-c16", "tensorizer", "fastsafetensors")
+
+
+def select_methods(methods: list, args, short: tuple[str, ...] | None = SHORT) -> list | int:
+    """Apply ``--list`` (print, return 0) and ``--methods`` (unknown name: return 2) to ``methods``;
+    ``short`` is what ``--methods short`` means (None: every method)."""
     if args.list:
         for m in methods:
             print(f"{m.name:<22} {m.group:<13} {m.note}")
         return 0
-    if args.methods == "all":
+    if args.methods == "all" or (args.methods == "short" and short is None):
         return methods
-    wanted = {x.strip() for x in args.methods.split(",")}
-    unknown = wanted - {m.name for m in methods}
+    wanted = set(short) if args.methods == "short" else {x.strip() for x in args.methods.split(",")}
+    unknown = wanted - {m.name for m in methods} - (set(short or ()) if args.methods == "short" else set())
     if unknown:
         print(f"unknown method(s): {', '.join(sorted(unknown))}; see --list", file=sys.stderr)
         return 2
@@ -214,10 +219,7 @@ def measure_rss_into(paths: list[str], config: StreamerConfig) -> dict[str, Any]
 
 
 def run_bench(args, config: StreamerConfig) -> int:
-    if str(args.path).lower().startswith("s3://"):
-        from .s3 import run_s3_bench
-
-        return run_s3_bench(args, config)
+    """The local-files bench (``model-streamer bench PATH``; an ``s3://`` PATH runs :mod:`.s3`)."""
     paths = _shards(args.path, config)
     total = sum(os.path.getsize(p) for p in paths)
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]

@@ -218,7 +218,7 @@ def run_s3_bench(args, config: StreamerConfig) -> int:
     methods = build_methods(uris, sizes, config)
     from .runner import select_methods
 
-    methods = select_methods(methods, args)
+    methods = select_methods(methods, args, short=None)   # its list is short already
     if not isinstance(methods, list):
         return methods
     print(f"checkpoint: {args.path} ({len(uris)} objects, {total / 1e9:.2f} GB) at {endpoint_of(config) or 'AWS'}; "
@@ -261,7 +261,7 @@ def run_s3_bench(args, config: StreamerConfig) -> int:
         else:
             row["error"] = f"every run failed: {failures[method.name][0][:200]}"
     rss = None
-    if args.methods == "all" or "streamer" in {m.name for m in methods}:
+    if "streamer" in {m.name for m in methods}:
         try:
             rss = measure_rss(uris, config)
         except Exception as exc:  # noqa: BLE001

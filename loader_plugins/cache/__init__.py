@@ -6,24 +6,25 @@
 - :mod:`.estimate`: load-time estimates from recorded bandwidths;
 - :mod:`.metrics`: Prometheus counters and gauges per tier.
 
-Turned on by ``StreamerConfig(cache_dir=..., dram_cache_dir=...)``. Load-time estimates:
+Plugged into the core from outside (:mod:`.plugin`, called when ``loader_plugins`` is imported):
+the ``s3`` storage becomes :func:`.tiered.s3_storage`. Turned on per load by
+``StreamerConfig(cache_dir=..., dram_cache_dir=...)``. Load-time estimates:
 ``from loader_plugins.cache.estimate import estimate``.
 """
 
-from .disk import DiskTier, EntryStore, entry_key
-from .dram import DramTier
-from .estimate import LoadHistory
-from .tiered import TieredStorage, evict, s3_storage, tiered_storage_for, warm
+import importlib
 
-__all__ = [
-    "DiskTier",
-    "DramTier",
-    "EntryStore",
-    "LoadHistory",
-    "TieredStorage",
-    "entry_key",
-    "evict",
-    "s3_storage",
-    "tiered_storage_for",
-    "warm",
-]
+#: public names -> the submodule that defines them (imported on first use: importing the
+#: package, as ``loader_plugins`` does to plug the cache in, costs nothing)
+_LAZY = {"DiskTier": "disk", "EntryStore": "disk", "entry_key": "disk", "DramTier": "dram", "LoadHistory": "estimate",
+         "TieredStorage": "tiered", "evict": "tiered", "s3_storage": "tiered", "tiered_storage_for": "tiered",
+         "warm": "tiered"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

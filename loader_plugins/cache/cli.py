@@ -22,7 +22,7 @@ DEFAULT_DRAM_DIR = "/dev/shm/loader-plugins"
 
 
 def _config(args: argparse.Namespace, *, default_dram: bool = True):
-    from ..cli import config_from_args
+    from ..cli_options import config_from_args
 
     for key in ("cfg_cache_dir", "cfg_dram_cache_dir"):
         value = getattr(args, key, None)
@@ -48,7 +48,8 @@ def _ago(t: float) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from . import metrics
-    from .tiered import disk_tier, dram_tier
+    from .disk import disk_tier
+    from .dram import dram_tier
 
     cfg = _config(args)
     tiers = []
@@ -113,7 +114,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .dram import serve
+    from .dram_server import serve
 
     cfg = _config(args)
 
@@ -140,7 +141,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``cache {serve,status,warm,evict}`` and ``estimate`` to ``model-streamer``'s subparsers."""
-    from ..cli import add_config_flags
+    from ..cli_options import add_config_flags
 
     cache = subparsers.add_parser("cache", help="the checkpoint cache tiers (shared DRAM, local disk)")
     sub = cache.add_subparsers(dest="cache_command", required=True)

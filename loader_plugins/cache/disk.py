@@ -43,10 +43,13 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import ConfigError
 from . import metrics
+
+if TYPE_CHECKING:
+    from ..config import StreamerConfig
 
 log = logging.getLogger(__name__)
 
@@ -708,3 +711,8 @@ class DiskTier(EntryStore):
 
     durable = True
     tier = "disk"
+
+
+def disk_tier(config: "StreamerConfig") -> DiskTier | None:
+    """The disk tier ``config`` names (None without ``cache_dir``)."""
+    return DiskTier(config.cache_dir, config.cache_max_bytes) if getattr(config, "cache_dir", None) else None

@@ -171,7 +171,8 @@ def locate(uri: str, config: "StreamerConfig") -> list[dict]:
     """Every shard of the checkpoint with its size and the fastest tier holding it."""
     from ..core.checkpoint import expand
     from ..core.sources.base import scheme_of, storage_for
-    from .tiered import disk_tier, dram_tier
+    from .disk import disk_tier
+    from .dram import dram_tier
 
     files, _ = expand(uri, config)
     dram, disk = dram_tier(config), disk_tier(config)

@@ -41,8 +41,8 @@ from ..core.sources.local import LocalSource
 from ..core.sources.s3 import parse_s3_uri
 from ..errors import ConfigError, SourceError
 from . import metrics
-from .disk import DiskTier, EntryHandle, EntryStore, Fill, wait_for_commits
-from .dram import DramTier
+from .disk import EntryHandle, EntryStore, Fill, disk_tier, wait_for_commits
+from .dram import dram_tier
 
 if TYPE_CHECKING:
     from ..config import StreamerConfig
@@ -86,14 +86,6 @@ def tiered_storage_for(uri: str, config: "StreamerConfig", *, record: bool = Tru
         storage.record = record
         return storage
     return TieredStorage(config, remote=storage, record=record)
-
-
-def disk_tier(config: "StreamerConfig") -> DiskTier | None:
-    return DiskTier(config.cache_dir, config.cache_max_bytes) if getattr(config, "cache_dir", None) else None
-
-
-def dram_tier(config: "StreamerConfig") -> DramTier | None:
-    return DramTier(config.dram_cache_dir) if getattr(config, "dram_cache_dir", None) else None
 
 
 _shared: dict[tuple, Storage] = {}

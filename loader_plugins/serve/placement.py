@@ -5,13 +5,14 @@ For each server (ServerlessLLM's load-time-aware allocation)::
     startup = bring-up + free + queue
 
 * **bring-up**: 0 if the model runs there; the restore time of its host snapshot if it is swapped
-  out there (its resident bytes at the server's learned swap-in bandwidth, tier ``host``); else a
+  out there (:meth:`ServerHistory.swap_seconds`: that model's own recent swap-ins there, else a
+  fixed cost plus bytes at a bandwidth fitted to the server's swap-ins, tier ``host``); else a
   cold start: the load time from the fastest tier holding the checkpoint for that server's cache
   directories (:func:`loader_plugins.cache.estimate.estimate`: DRAM, disk, S3 or local files,
   bandwidths learned from that host's loads) plus the engine's own start-up (process, model
   construction, KV cache), learned from that server's earlier cold starts;
 * **free**: swap-outs of the least recently used idle models that make room under the server's
-  budget, at its learned swap-out bandwidth; models busy with requests cannot be swapped out:
+  budget, estimated as swap-ins are; models busy with requests cannot be swapped out:
   each costs :data:`BUSY_PENALTY_S` (the router would wait for them);
 * **queue**: what remains of start-ups and swaps already under way on that server.
 
@@ -41,6 +42,30 @@ DEFAULT_ENGINE_S = 30.0
 BUSY_PENALTY_S = 300.0
 #: samples of engine start-up in the median
 RECENT = 5
+#: a model's own swap sample counts for a size within this factor of the swap estimated
+SAME_SIZE = 1.25
+#: sizes a fit over swaps of different models needs to span
+FIT_SPAN = 1.5
+
+
+def _fit(samples: Sequence[dict]) -> tuple[float, float, int] | None:
+    """Least squares ``seconds = overhead + bytes * slope`` (both clamped at 0) over samples whose
+    sizes span at least :data:`FIT_SPAN`; None when they do not."""
+    if len(samples) < 2:
+        return None
+    sizes = [float(r["bytes"]) for r in samples]
+    if max(sizes) < FIT_SPAN * min(sizes):
+        return None
+    times = [float(r["seconds"]) for r in samples]
+    mean_b, mean_t = statistics.fmean(sizes), statistics.fmean(times)
+    var = sum((b - mean_b) ** 2 for b in sizes)
+    slope = sum((b - mean_b) * (t - mean_t) for b, t in zip(sizes, times)) / var
+    if slope <= 0:                      # larger swaps were not slower: fixed costs dominate
+        return statistics.median(times), 0.0, len(samples)
+    overhead = mean_t - slope * mean_b
+    if overhead < 0:                    # through the origin: bandwidth only
+        return 0.0, sum(times) / sum(sizes), len(samples)
+    return overhead, slope, len(samples)
 
 
 @dataclasses.dataclass
@@ -74,15 +99,39 @@ class ServerHistory:
     def __init__(self, history: LoadHistory):
         self.history = history
 
-    def record(self, server: str, kind: str, nbytes: int, seconds: float) -> None:
+    def record(self, server: str, kind: str, nbytes: int, seconds: float, model: str | None = None) -> None:
+        """One swap (``kind`` ``host`` = swap-in, ``swap_out``) or engine start-up on ``server``;
+        with ``model``, also kept as that model's own sample."""
         if nbytes > 0 and seconds > 0:
             self.history.record(kind, nbytes, seconds, host=server)
+            if model is not None:
+                self.history.record(f"{kind}:{model}", nbytes, seconds, host=server)
 
     def seconds_for(self, server: str, kind: str, nbytes: int, default_gbps: float) -> tuple[float, str]:
+        """``nbytes`` at the server's learned bandwidth for ``kind`` (or ``default_gbps``)."""
         gbps, basis, n = bandwidth(kind, nbytes, self.history, host=server)
         if n == 0:
             gbps, basis = default_gbps, f"default {default_gbps} GB/s: no {kind} measured on {server}"
         return nbytes / (gbps * 1e9), basis
+
+    def swap_seconds(self, server: str, kind: str, model: str, nbytes: int, default_gbps: float
+                     ) -> tuple[float, str]:
+        """A swap's seconds, from the best evidence there is: the same model's recent swaps of
+        the same size on that server (their median); else a fit ``overhead + bytes / bandwidth``
+        over the server's recent swaps of different sizes (a swap has fixed costs besides its
+        bytes: pausing, RPCs, waking); else bytes at the server's bandwidth or the default."""
+        own = [r for r in self.history.samples(f"{kind}:{model}", host=server)
+               if nbytes / SAME_SIZE <= r["bytes"] <= nbytes * SAME_SIZE][-RECENT:]
+        if own:
+            return (statistics.median(r["seconds"] for r in own),
+                    f"median of the last {len(own)} {kind} of {model} on {server}")
+        fit = _fit(self.history.samples(kind, host=server)[-2 * RECENT:])
+        if fit is not None:
+            overhead, seconds_per_byte, n = fit
+            gbps = f"{1e-9 / seconds_per_byte:.2f} GB/s" if seconds_per_byte > 0 else "no size dependence"
+            return (overhead + nbytes * seconds_per_byte,
+                    f"fit of the last {n} {kind} on {server}: {overhead:.3f} s + bytes at {gbps}")
+        return self.seconds_for(server, kind, nbytes, default_gbps)
 
     def engine_seconds(self, server: str) -> tuple[float, str]:
         samples = self.history.samples("engine", host=server)[-RECENT:]
@@ -105,7 +154,8 @@ def estimate_server(server: str, target: "Engine", engines: Sequence["Engine"], 
         return Estimate(server, "running", "gpu", {"bring_up": 0.0, "free": 0.0, "queue": 0.0}, ["running there"])
     if target.state == SWAPPED and target.alive():
         how, tier = "swap_in", "host"
-        bring_up, why = history.seconds_for(server, "host", target.resident_bytes, DEFAULT_SWAP_IN_GBPS)
+        bring_up, why = history.swap_seconds(server, "host", target.spec.name, target.resident_bytes,
+                                             DEFAULT_SWAP_IN_GBPS)
         basis.append(f"restore {target.resident_bytes} bytes: {why}")
     else:
         if load is None:
@@ -145,7 +195,7 @@ def _free_seconds(server: str, target: "Engine", engines: Sequence["Engine"], bu
     idle, busy = victims(target, engines, budget)
     seconds = 0.0
     for e in idle:
-        s, why = history.seconds_for(server, "swap_out", e.resident_bytes, DEFAULT_SWAP_OUT_GBPS)
+        s, why = history.swap_seconds(server, "swap_out", e.spec.name, e.resident_bytes, DEFAULT_SWAP_OUT_GBPS)
         seconds += s
         basis.append(f"swap out {e.spec.name} ({e.resident_bytes} bytes) {s:.3f} s ({why})")
     for e in busy:

@@ -386,7 +386,7 @@ class Router:
                 if engine.state == SWAPPED and engine.alive():
                     freed = await self._make_room(engine)
                     seconds = await engine.swap_in()
-                    self.history.record(server.spec.name, "host", engine.resident_bytes, seconds)
+                    self.history.record(server.spec.name, "host", engine.resident_bytes, seconds, model=name)
                     self.metrics.operations.labels(name, server.spec.name, "swap_in").observe(seconds)
                     log.info("swap in %s on %s: %.2f s (%d bytes resident%s)", name, server.spec.name, seconds,
                              engine.resident_bytes, freed)
@@ -463,7 +463,7 @@ class Router:
     def _swapped_out(self, engine: Engine, report: dict, why: str) -> None:
         server = engine.server.name
         self.save()
-        self.history.record(server, "swap_out", report["bytes"], report["seconds"])
+        self.history.record(server, "swap_out", report["bytes"], report["seconds"], model=engine.spec.name)
         self.metrics.operations.labels(engine.spec.name, server, "swap_out").observe(report["seconds"])
         log.info("swap out %s on %s %s: %d bytes in %.2f s", engine.spec.name, server, why, report["bytes"],
                  report["seconds"])

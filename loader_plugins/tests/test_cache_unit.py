@@ -21,7 +21,8 @@ from loader_plugins import StreamerConfig, load_file
 from loader_plugins.cache import metrics, tiered
 from loader_plugins.cache.cli import main as cache_main
 from loader_plugins.cache.disk import DiskTier, entry_key, wait_for_commits
-from loader_plugins.cache.dram import DramTier, serve
+from loader_plugins.cache.dram import DramTier
+from loader_plugins.cache.dram_server import serve
 from loader_plugins.core.sources import base
 from loader_plugins.core.sources.base import Storage
 from loader_plugins.core.sources.local import LocalSource

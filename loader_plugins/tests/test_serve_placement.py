@@ -92,6 +92,33 @@ def test_bandwidths_and_engine_start_up_are_learned_per_server(tmp_path, procs):
     assert again.engine_seconds("b")[0] == pytest.approx(22.0)
 
 
+def test_swap_estimates_prefer_the_models_own_swaps_then_a_fit_with_fixed_costs(tmp_path, procs):
+    history = ServerHistory(LoadHistory(tmp_path / "h.json"))
+    # swaps with a fixed cost: 0.3 s + bytes at 4 GB/s, seen for two other models of different sizes
+    history.record("b", "host", 1 * GB, 0.3 + 0.25, model="small")
+    history.record("b", "host", 8 * GB, 0.3 + 2.0, model="large")
+    seconds, basis = history.swap_seconds("b", "host", "new", 4 * GB, placement.DEFAULT_SWAP_IN_GBPS)
+    assert seconds == pytest.approx(0.3 + 1.0) and "fit of the last 2 host on b" in basis
+    # the model's own swap-ins of its size win over the fit (their median)
+    for s in (0.9, 1.1, 5.0):
+        history.record("b", "host", 4 * GB, s, model="new")
+    swapped = _engine(tmp_path, "new", "b", state=SWAPPED, resident=4 * GB, proc=procs())
+    est = estimate_server("b", swapped, [swapped], 10 * GB, history, load=None, queue_s=0)
+    assert est.seconds == pytest.approx(1.1) and "median of the last 3 host of new on b" in est.basis[0]
+    # the same model at another size (its resident bytes measured anew) is not its own sample
+    assert "fit" in history.swap_seconds("b", "host", "new", 2 * GB, 2.0)[1]
+    # larger swaps that were not slower: fixed costs only, the median
+    flat = ServerHistory(LoadHistory(tmp_path / "flat.json"))
+    for nbytes, s in ((GB, 0.4), (3 * GB, 0.3), (5 * GB, 0.35)):
+        flat.record("a", "swap_out", nbytes, s)
+    seconds, basis = flat.swap_seconds("a", "swap_out", "m", 4 * GB, 2.0)
+    assert seconds == pytest.approx(0.35) and "no size dependence" in basis
+    # one size only: no fit, bytes at the measured bandwidth
+    one = ServerHistory(LoadHistory(tmp_path / "one.json"))
+    one.record("a", "host", 2 * GB, 1.0)
+    assert one.swap_seconds("a", "host", "m", 4 * GB, 2.0)[0] == pytest.approx(2.0)
+
+
 def test_making_room_swaps_out_idle_models_least_recently_used_first(tmp_path, procs):
     history = ServerHistory(LoadHistory(tmp_path / "h.json"))
     history.record("s", "swap_out", 2 * GB, 1.0)   # 2 GB/s

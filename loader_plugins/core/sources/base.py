@@ -13,9 +13,10 @@ import mmap
 import os
 import queue
 import threading
-from typing import TYPE_CHECKING, Callable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Callable, Mapping
 
-from ...errors import CancelledError, SourceError
+from ...errors import CancelledError, ConfigError, SourceError
 from .._libc import HUGE_PAGE, MADV_HUGEPAGE, MADV_POPULATE_WRITE, madvise_range
 
 if TYPE_CHECKING:
@@ -354,19 +355,42 @@ class Storage:
         self.close()
 
 
-# scheme -> ("module:Class", hint shown when the import fails)
-_REGISTRY: dict[str, tuple[str, str]] = {
+# scheme -> ("module:Class" or a callable config -> Storage, hint shown when the import fails).
+# The core knows its own storages only; a layer above replaces one explicitly (the cache puts its
+# tiers in front of S3: ``loader_plugins.cache.plugin``).
+_REGISTRY: dict[str, tuple[str | Callable, str]] = {
     "file": ("loader_plugins.core.sources.local:LocalStorage", ""),
-    # plain S3, or the cache tiers (DRAM -> disk -> S3) in front of it when the config enables them
-    "s3": ("loader_plugins.cache.tiered:s3_storage", "install loader-plugins[s3] (boto3) to read s3:// URIs"),
+    "s3": ("loader_plugins.core.sources.s3:S3Storage", "install loader-plugins[s3] (boto3) to read s3:// URIs"),
 }
 _lock = threading.Lock()
 
 
-def register_storage(scheme: str, target: str | Callable, hint: str = "") -> None:
-    """Register a Storage class (or "module:Class" path, imported lazily) for ``scheme://`` URIs."""
+def register_storage(scheme: str, target: str | Callable, hint: str = "", *, replace: bool = False) -> None:
+    """Register the Storage for ``scheme://`` URIs: a class or factory taking the config, or a
+    ``"module:name"`` path imported when first used. A scheme that has a storage already is
+    replaced only with ``replace=True`` (otherwise :class:`ConfigError` names both)."""
+    if not isinstance(scheme, str) or not scheme.isalnum() or scheme != scheme.lower():
+        raise ConfigError(f"a storage scheme is lower-case letters and digits (as in s3://), got {scheme!r}")
+    if not (callable(target) or (isinstance(target, str) and ":" in target)):
+        raise ConfigError(f"storage for {scheme}:// must be a callable or a 'module:name' path, got {target!r}")
     with _lock:
-        _REGISTRY[scheme] = (target, hint)  # type: ignore[assignment]
+        current = _REGISTRY.get(scheme)
+        if current is not None and current[0] != target and not replace:
+            raise ConfigError(f"{scheme}:// already has a storage ({_describe(current[0])}); registering "
+                              f"{_describe(target)} would replace it: pass replace=True if that is meant")
+        _REGISTRY[scheme] = (target, hint or (current[1] if current else ""))
+
+
+def registered_storages() -> Mapping[str, str]:
+    """A read-only view: scheme -> the storage registered for it (its ``module:name``)."""
+    with _lock:
+        return MappingProxyType({scheme: _describe(target) for scheme, (target, _) in _REGISTRY.items()})
+
+
+def _describe(target: str | Callable) -> str:
+    if isinstance(target, str):
+        return target
+    return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
 
 
 def scheme_of(uri: str) -> str:
