@@ -262,7 +262,8 @@ class FaultProxy:
       the connection (``abortive=True``, RST) or closes it cleanly (FIN, a short body);
     - :meth:`stall` stops after ``after_bytes`` body bytes until :meth:`release` is called.
 
-    ``ranged_gets`` records each ranged GET's ``Range`` header; counters tell what was injected.
+    ``ranged_gets`` records each ranged GET's ``Range`` header, ``log`` every request
+    (:meth:`kinds` counts them as LIST, HEAD, GET and ranged GET); counters tell what was injected.
     """
 
     def __init__(self, target_host: str, target_port: int):
@@ -279,9 +280,25 @@ class FaultProxy:
         self.ranged_gets: list[str] = []
         self.injected: collections.Counter[str] = collections.Counter()
         self.requests = 0
+        self.log: list[tuple[str, str, str]] = []   # (method, path?query, Range) of every request
         self._conns: set[socket.socket] = set()
         self._thread = threading.Thread(target=self._serve, name="fault-proxy", daemon=True)
         self._thread.start()
+
+    def kinds(self, since: int = 0) -> "collections.Counter[str]":
+        """The requests logged from index ``since`` on, by kind: ``LIST`` (a GET of a bucket
+        with a list query), ``HEAD``, ``GET`` (a whole object), ``GET range=0-`` (a read from the
+        start: a header), ``GET range`` (any other range), else the method."""
+        out: collections.Counter[str] = collections.Counter()
+        for method, target, rng in self.log[since:]:
+            path, _, query = target.partition("?")
+            if method == "GET" and ("list-type" in query or "prefix=" in query or "delimiter" in query):
+                out["LIST"] += 1
+            elif method == "GET" and rng:
+                out["GET range=0-" if rng.startswith("bytes=0-") else "GET range"] += 1
+            else:
+                out[method] += 1
+        return out
 
     # -- fault control ---------------------------------------------------------------------
     def slow_down(self, n: int = 1) -> None:
@@ -332,7 +349,7 @@ class FaultProxy:
             if head is None:
                 return
             lines = head.split(b"\r\n")
-            method, _, _ = lines[0].split(b" ", 2)
+            method, target, _ = lines[0].split(b" ", 2)
             headers = _headers(lines[1:])
             length = int(headers.get(b"content-length", b"0"))
             body = rest
@@ -344,6 +361,7 @@ class FaultProxy:
             fault = None
             with self._lock:
                 self.requests += 1
+                self.log.append((method.decode(), target.decode(), headers.get(b"range", b"").decode()))
                 if method == b"GET" and b"range" in headers:
                     self.ranged_gets.append(headers[b"range"].decode())
                     if self._faults:

@@ -175,9 +175,12 @@ def test_write_through_then_disk_hit(s3_server, s3_bucket, s3_env, fault_proxy, 
     assert leftovers(cache) == []
 
     before = dict(tiered.TIER_BYTES)
+    start = len(fault_proxy.log)
     got = load_file(uri, config=cfg)
     assert digest(got) == digest(expected)
-    assert len(fault_proxy.ranged_gets) - cold_gets == 1   # only index.json; no shard byte from S3
+    # no byte of a shard from S3: one LIST, the index in one GET, each shard's ETag (HEAD)
+    assert fault_proxy.kinds(start) == {"LIST": 1, "GET": 1, "HEAD": 2}
+    assert len(fault_proxy.ranged_gets) == cold_gets
     assert tier_delta(before, "disk") >= shard_bytes     # (headers are read twice: prefetch, then data)
     assert tier_delta(before, "s3") == 0
 

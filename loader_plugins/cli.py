@@ -77,7 +77,7 @@ def cmd_load(args: argparse.Namespace) -> int:
               "gbps": round(total / seconds / 1e9, 3) if seconds else None,
               "header_seconds": round(stats.get("header_seconds", 0.0), 4), "files": stats.get("files"),
               "concurrency": stats.get("workers"), "direct_io": cfg.direct_io,
-              "setup_seconds": round(setup, 4)}
+              "setup_seconds": round(setup, 4), "memory": stats.get("memory")}
     if args.json:
         print(json.dumps(result))
     else:

@@ -18,9 +18,8 @@ _GiB = 1 << 30
 
 def _default_concurrency(remote: bool = False) -> int:
     # Reads are I/O bound and release the GIL: a few threads per core keep a local NVMe or a
-    # network link busy; 8 measured best for O_DIRECT on the 2-core reference machine. A GET
-    # spends more of its time waiting on round trips: against the reference S3 server, 16
-    # connections with 32 MiB ranges matched the boto3 ceiling where 8 reached 0.86x of it.
+    # network link busy. A GET spends more of its time waiting on round trips, so remote loads
+    # get at least 16 (docs/measurements.md, "Concurrency").
     local = max(8, min(32, 4 * (os.cpu_count() or 2)))
     return max(16, local) if remote else local
 

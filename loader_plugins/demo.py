@@ -10,8 +10,9 @@ Every bit that varies is drawn from the tensor's own seeded ``torch.Generator`` 
 at a time, then masked): random sign, mantissa and two low exponent bits under a fixed high
 exponent, so weights are finite and spread log-uniformly over +-[2**-11, 2**-7), norm weights over
 [0.5, 1). No page repeats another, so nothing dedupes; like real bf16 weights, the fixed exponent
-bits would let a compressing store shrink it somewhat. Generating runs at 1-2 GB/s on two cores
-(drawing floats with ``normal_``/``uniform_`` runs at 0.2-0.5 GB/s). Same arguments, same bytes.
+bits would let a compressing store shrink it somewhat. Generating this way is several times
+faster than drawing floats with ``normal_``/``uniform_`` (docs/measurements.md). Same arguments,
+same bytes.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ import time
 from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Sequence, Union
 
 from .config import StreamerConfig
-from .core.checkpoint import Checkpoint, merge_headers, open_checkpoint, open_headers
+from .core.checkpoint import Checkpoint, merge_headers, open_checkpoint, open_headers, open_sources
 from .core.header import FileHeader
 from .core.reader import StreamReader, progress_bar
-from .core.sources.base import Source
+from .core.sources.base import BorrowedSource, Source
 from .errors import CancelledError, ConfigError, DestinationError, DeviceError, UsageError
 
 if TYPE_CHECKING:
@@ -22,6 +22,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PathArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+def _sources_of(checkpoint: Checkpoint, config: StreamerConfig) -> dict[str, Source]:
+    """Sources for a stream of an already opened checkpoint: its own, borrowed (its owner closes
+    them), or, when it holds none, new ones (headers are not read again)."""
+    if checkpoint.is_open:
+        return {f: BorrowedSource(checkpoint.sources[f]) for f in checkpoint.files}
+    return open_sources(checkpoint.files, config)
 
 
 def _config(config: StreamerConfig | Mapping[str, Any] | None, options: Mapping[str, Any]) -> StreamerConfig:
@@ -210,24 +218,26 @@ class SafetensorsStreamer:
         self._reader: StreamReader | None = None
         self._sources: dict[str, Source] = {}
         self.checkpoint: Checkpoint | None = None
-        self.stats: dict[str, float] = {}
+        self.stats: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._closed = False
 
-    def stream_file(self, path: str | os.PathLike, s3_credentials: Any = None, device: Any = "cpu",
+    def stream_file(self, path: "str | os.PathLike | Checkpoint", s3_credentials: Any = None, device: Any = "cpu",
                     is_distributed: bool = False, tensor_names: Collection[str] | None = None, owned: bool = True,
                     *, names: Collection[str] | None = None, destinations: Mapping[str, Any] | None = None,
                     shards: Mapping[str, Any] | None = None) -> None:
         """Queue one file (or directory, or ``s3://`` prefix); see :meth:`stream_files`."""
-        self.stream_files([path], s3_credentials, device, is_distributed, tensor_names, owned, names=names,
+        self.stream_files(path if isinstance(path, Checkpoint) else [path], s3_credentials, device, is_distributed, tensor_names, owned, names=names,
                           destinations=destinations, shards=shards)
 
-    def stream_files(self, paths: PathArg, s3_credentials: Any = None, device: Any = "cpu",
+    def stream_files(self, paths: "PathArg | Checkpoint", s3_credentials: Any = None, device: Any = "cpu",
                      is_distributed: bool = False, tensor_names: Collection[str] | None = None, owned: bool = True,
                      *, names: Collection[str] | None = None, destinations: Mapping[str, Any] | None = None,
                      shards: Mapping[str, Any] | None = None) -> None:
         """Parse the headers of ``paths`` now (errors are raised here) and queue their tensors
-        for :meth:`get_tensors`.
+        for :meth:`get_tensors`. ``paths`` may also be a :class:`Checkpoint` opened once
+        (``open_checkpoint(..., keep_open=True)``): its headers and open sources are used as
+        they are.
 
         ``s3_credentials``: a Run:ai ``S3Credentials`` (key, secret, token, region, endpoint),
         else boto3's chain. ``device``: where yielded tensors live (``"cuda"`` streams straight
@@ -242,11 +252,16 @@ class SafetensorsStreamer:
         target = resolve_device(device)
         config = self.config.replace(**_credentials_options(s3_credentials)) if s3_credentials else self.config
         sources: dict[str, Source] = {}
-        files, headers, weight_map = open_headers(paths, config, sources)
+        if isinstance(paths, Checkpoint):   # opened once by the caller: no listing or header read again
+            files, checkpoints = list(paths.files), [paths]
+            sources = _sources_of(paths, config)
+        else:
+            files, headers, weight_map = open_headers(paths, config, sources)
         try:
-            checkpoints = [merge_headers([files[i] for i in group], [headers[i] for i in group],
-                                         weight_map if len(files) == len(group) else None)
-                           for group in _batches(headers)]
+            if not isinstance(paths, Checkpoint):
+                checkpoints = [merge_headers([files[i] for i in group], [headers[i] for i in group],
+                                             weight_map if len(files) == len(group) else None)
+                               for group in _batches(headers)]
             if wanted is not None:
                 _check_wanted(wanted, checkpoints, files)
             known = set().union(*(c.tensors.keys() for c in checkpoints))
@@ -307,17 +322,22 @@ class SafetensorsStreamer:
 
         names = sorted(job.names) if job.names is not None else None
         device = job.device if job.device.type == "cuda" else None
-        loaded = load_distributed(job.paths, config=job.config, names=names, device=device)
+        paths = list(job.paths.files) if isinstance(job.paths, Checkpoint) else job.paths
+        loaded = load_distributed(paths, config=job.config, names=names, device=device)
         for name, tensor in loaded.items():
             yield name, (tensor.to(job.device) if job.device.type not in ("cpu", "cuda") else tensor)
 
-    def open(self, paths: PathArg) -> Checkpoint:
+    def open(self, paths: "PathArg | Checkpoint") -> Checkpoint:
         """Resolve and parse a checkpoint once, keeping its sources open for the next stream
-        (``_stream(checkpoint=...)``) and for :meth:`read_tensors`."""
+        (``_stream(checkpoint=...)``) and for :meth:`read_tensors`. An opened
+        :class:`Checkpoint` is taken as it is (its sources borrowed)."""
         if self._closed:
             raise CancelledError("the streamer is closed")
-        sources: dict[str, Source] = {}
-        checkpoint = open_checkpoint(paths, self.config, sources=sources)
+        if isinstance(paths, Checkpoint):
+            checkpoint, sources = paths, _sources_of(paths, self.config)
+        else:
+            sources = {}
+            checkpoint = open_checkpoint(paths, self.config, sources=sources)
         with self._lock:
             self._close_sources()
             self._sources = sources
@@ -383,7 +403,7 @@ class SafetensorsStreamer:
         seconds = time.perf_counter() - t0
         self.stats = {"bytes": total, "seconds": seconds, "header_seconds": header_s, "workers": reader.workers,
                       "gbps": total / seconds / 1e9 if seconds > 0 else 0.0, "files": len(checkpoint.files),
-                      "tensors": count}
+                      "tensors": count, "memory": reader.memory}
         log.info("Streamed %d tensors (%.2f GB) from %d file(s) in %.2f s (%.2f GB/s)", count, total / 1e9,
                  len(checkpoint.files), seconds, self.stats["gbps"])
 
@@ -418,7 +438,7 @@ class SafetensorsStreamer:
         self.close()
 
 
-def load_file(filename: PathArg, device: "str | int | torch.device" = "cpu", *, backend: str = "mmap",
+def load_file(filename: "PathArg | Checkpoint", device: "str | int | torch.device" = "cpu", *, backend: str = "mmap",
               config: StreamerConfig | Mapping[str, Any] | None = None, **options: Any) -> dict[str, "torch.Tensor"]:
     """Load every tensor of a checkpoint: the contract of ``safetensors.torch.load_file`` (0.8).
 
@@ -431,7 +451,8 @@ def load_file(filename: PathArg, device: "str | int | torch.device" = "cpu", *, 
     ``OSError`` or ``RuntimeError`` as fits).
 
     Ours besides, keyword-only: ``filename`` may also be a list of files, a checkpoint
-    directory (sharded with ``model.safetensors.index.json`` or not) or an ``s3://`` URI;
+    directory (sharded with ``model.safetensors.index.json`` or not), an ``s3://`` URI or an opened
+    :class:`~loader_plugins.core.checkpoint.Checkpoint` (read through its open sources);
     ``config``/``options`` are :class:`StreamerConfig` fields (``concurrency=16``,
     ``memory_limit="4GiB"``...).
     """

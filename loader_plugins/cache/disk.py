@@ -16,8 +16,8 @@ the leftovers are reclaimed by the next writer of the key or by :meth:`EntryStor
 
 On a durable tier, whole aligned blocks are written with O_DIRECT straight from the caller's
 memory (the reader allocates tensors with the same 4 KiB alignment as their bytes in the file):
-no copy through the page cache, which on a 2-core host took CPU from the S3 download itself
-(write-through cost 0.65x -> 0.93x of a plain S3 load), and the fsync at publication is short.
+no copy through the page cache, which on a small host takes CPU from the S3 download itself
+(docs/measurements.md, "Disk tier write-through"), and the fsync at publication is short.
 
 Readers hold a shared ``flock`` on the ``.data`` file while they read; eviction takes an
 exclusive one without waiting and skips entries it cannot lock, so it never deletes (or frees

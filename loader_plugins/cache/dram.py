@@ -5,9 +5,8 @@ written last, readers hold a shared ``flock`` on the data file, eviction takes a
 without waiting and skips what is being read. An evicted file someone still reads stays
 readable until they close it (tmpfs frees the pages then), so memory is never pulled from
 under a reader. Readers use ``preadv`` on the tmpfs file, a kernel memcpy that releases the GIL
-and needs no page-table setup for the source (measured here: 10-15 GB/s from /dev/shm into a
-pre-faulted buffer, 14-18 GB/s with mmap + memmove, both far above what filling fresh tensor
-memory costs).
+and needs no page-table setup for the source (far faster than filling fresh tensor memory
+costs: docs/measurements.md).
 
 ``model-streamer cache serve`` (:func:`loader_plugins.cache.dram_server.serve`) keeps the tier within its budget, preloads
 checkpoints (``--warm``), promotes recently used disk-tier entries (``--promote``), reclaims

@@ -134,8 +134,8 @@ class TierSource(Source):
         self.inner = inner
         self.handle = handle
         self.header_prefetch = inner.header_prefetch
-        self.wants_staging = getattr(inner, "wants_staging", True)
-        self.remote = getattr(inner, "remote", False)
+        self.wants_staging = inner.wants_staging
+        self.remote = inner.remote
         self.bytes_read = 0
         self.checked = False          # passed the reader's end-of-load check
         self._owner = owner
@@ -143,20 +143,19 @@ class TierSource(Source):
         self._closed = False
 
     @property
-    def deadline_at(self) -> float | None:
-        return getattr(self.inner, "deadline_at", None)
+    def deadline_at(self) -> float | None:   # type: ignore[override]
+        return self.inner.deadline_at
 
     @deadline_at.setter
     def deadline_at(self, value: float | None) -> None:
-        if hasattr(self.inner, "deadline_at"):
-            self.inner.deadline_at = value
+        self.inner.deadline_at = value
 
     def size(self) -> int:
         return self.inner.size()
 
-    def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
+    def read_into(self, offset: int, dest: memoryview, *, pool: BufferPool | None = None,
                   cancelled: threading.Event | None = None, slack: bool = False, fresh: bool = False) -> None:
-        self.inner.read_into(offset, dest, pool, cancelled, slack, fresh)
+        self.inner.read_into(offset, dest, pool=pool, cancelled=cancelled, slack=slack, fresh=fresh)
         self._counted(memoryview(dest).nbytes)
 
     def _counted(self, n: int) -> None:
@@ -165,7 +164,7 @@ class TierSource(Source):
         _count(self.tier, n)
 
     def check_unchanged(self) -> None:
-        if self.handle is None:           # S3: entries are immutable and pinned by ETag
+        if self.handle is None and not self.inner.reads_pinned:   # S3: its GETs pinned to the ETag need no HEAD
             self.inner.check_unchanged()
         self._finish()
         if self._owner is not None:
@@ -195,9 +194,9 @@ class WriteThroughSource(TierSource):
         self.fill = fill
         self._handed_off = False
 
-    def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
+    def read_into(self, offset: int, dest: memoryview, *, pool: BufferPool | None = None,
                   cancelled: threading.Event | None = None, slack: bool = False, fresh: bool = False) -> None:
-        self.inner.read_into(offset, dest, pool, cancelled, slack, fresh)
+        self.inner.read_into(offset, dest, pool=pool, cancelled=cancelled, slack=slack, fresh=fresh)
         n = memoryview(dest).nbytes
         self.fill.write(offset, dest)    # never raises: a failed fill only loses the cache entry
         metrics.wrote_through(self.fill.store.tier, n)
@@ -272,6 +271,9 @@ class TieredStorage(Storage):
 
     def list_dir(self, uri: str) -> list[str]:
         return self.remote.list_dir(uri)
+
+    def listing(self, uri: str) -> list[str] | None:
+        return self.remote.listing(uri)
 
     def join(self, base: str, name: str) -> str:
         return self.remote.join(base, name)
@@ -391,9 +393,9 @@ def copy_source_into(src: Source, fill: Fill | None, config: "StreamerConfig",
         return
     chunk = config.chunk_bytes
     items = [(off, min(chunk, size - off)) for off in range(0, size, chunk)]
-    threads = max(1, min(config.workers(getattr(src, "remote", False)), len(items)))
+    threads = max(1, min(config.workers(src.remote), len(items)))
     cancelled = cancelled or threading.Event()
-    pool = BufferPool(chunk + config.alignment, threads, cancelled) if getattr(src, "wants_staging", True) else None
+    pool = BufferPool(chunk + config.alignment, threads, cancelled) if src.wants_staging else None
     local = threading.local()
     buffers: list[mmap.mmap] = []
     buffers_lock = threading.Lock()
@@ -408,7 +410,7 @@ def copy_source_into(src: Source, fill: Fill | None, config: "StreamerConfig",
                 buffers.append(buf)
         view = memoryview(buf)[:length]
         try:
-            src.read_into(offset, view, pool, cancelled)
+            src.read_into(offset, view, pool=pool, cancelled=cancelled)
             if fill is not None:
                 fill.write(offset, view)
         finally:

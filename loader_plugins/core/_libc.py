@@ -96,9 +96,8 @@ def cached_pages(fd: int, offset: int, length: int) -> int | None:
     """How many of the pages that bytes ``[offset, offset + length)`` of ``fd`` span are in the
     page cache (``cachestat``), or None where the kernel has no ``cachestat`` (before 6.5).
 
-    One walk of the file's page cache, folio by folio: on the reference VM 3.8 us for 16 MiB,
-    where ``mincore`` on a mapping of the file took 106 us (one lookup per 4 KiB page), which
-    was ~5% of a warm load into touched tensors."""
+    One walk of the file's page cache, folio by folio: far cheaper than ``mincore`` on a
+    mapping of the file, one lookup per 4 KiB page (docs/measurements.md)."""
     global _cachestat_missing
     lib = libc()
     if _cachestat_missing or not lib or length <= 0:

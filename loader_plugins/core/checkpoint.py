@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 from ..errors import HeaderError, IndexFileError, SourceError, SourceNotFoundError
 from .header import HEADER_LENGTH_BYTES, FileHeader, TensorSpec, header_length, parse_header
@@ -25,16 +25,35 @@ PathLike = Union[str, os.PathLike]
 
 @dataclasses.dataclass
 class Checkpoint:
-    """The shards of one checkpoint, their headers and every tensor by name."""
+    """The shards of one checkpoint, their headers and every tensor by name.
+
+    Opened with ``open_checkpoint(..., keep_open=True)``, it also holds the open source of each
+    shard (``sources``): a :class:`~loader_plugins.SafetensorsStreamer` or ``load_file`` given
+    this checkpoint then reads through them, with no listing, HEAD or header read again; the
+    checkpoint's owner closes them (:meth:`close`, or ``with``)."""
 
     files: list[str]
     headers: list[FileHeader]
     tensors: dict[str, TensorSpec]
-    index_metadata: dict | None = None
+    sources: dict[str, Source] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self.sources) and all(f in self.sources for f in self.files)
+
+    def close(self) -> None:
+        """Close the shards' sources (a checkpoint opened without ``keep_open`` has none)."""
+        _close_all(self.sources)
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_header_from(source: Source, max_header_bytes: int) -> FileHeader:
@@ -73,8 +92,9 @@ def expand(paths: PathLike | Sequence[PathLike], config: "StreamerConfig") -> tu
     for item in items:
         storage = storage_for(item, config)
         try:
-            if storage.is_dir(item):
-                shard_files, wm = _expand_dir(storage, item)
+            names = storage.listing(item)     # one LIST on S3: a directory, or None
+            if names is not None:
+                shard_files, wm = _expand_dir(storage, item, names)
                 files.extend(shard_files)
                 if wm is not None:
                     weight_map = {**(weight_map or {}), **wm}
@@ -94,17 +114,19 @@ def expand(paths: PathLike | Sequence[PathLike], config: "StreamerConfig") -> tu
     return unique, weight_map
 
 
-def _expand_dir(storage: Storage, directory: str) -> tuple[list[str], dict | None]:
-    names = storage.list_dir(directory)
+def _expand_dir(storage: Storage, directory: str, names: list[str]) -> tuple[list[str], dict | None]:
     if INDEX_NAME in names:
-        return _expand_index(storage, storage.join(directory, INDEX_NAME))
+        return _expand_index(storage, storage.join(directory, INDEX_NAME), listed=set(names))
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     if not shards:
         raise SourceNotFoundError(2, f"{directory}: no *.safetensors files and no {INDEX_NAME} in this directory")
     return [storage.join(directory, n) for n in shards], None
 
 
-def _expand_index(storage: Storage, index_uri: str) -> tuple[list[str], dict[str, str]]:
+def _expand_index(storage: Storage, index_uri: str, listed: set[str] | None = None
+                  ) -> tuple[list[str], dict[str, str]]:
+    """The shards an index names. ``listed``: the names in the index's directory, when it was
+    just listed (a shard directly in it is then checked against the listing, not asked for)."""
     raw = storage.read_small(index_uri)
     try:
         index = json.loads(raw)
@@ -125,7 +147,8 @@ def _expand_index(storage: Storage, index_uri: str) -> tuple[list[str], dict[str
         if shard not in shard_uris:
             shard_uris[shard] = _safe_join(storage, directory, shard, index_uri, tensor)
     for shard, uri in shard_uris.items():
-        if not storage.exists(uri):
+        present = shard in listed if listed is not None and "/" not in shard else storage.exists(uri)
+        if not present:
             who = next(t for t, s in weight_map.items() if s == shard)
             raise IndexFileError(f"{index_uri}: shard {shard!r} (holding tensor {who!r} and others) does not exist "
                                  f"at {uri}; the checkpoint is incomplete, download the missing shard")
@@ -151,18 +174,52 @@ def _safe_join(storage: Storage, directory: str, shard: str, index_uri: str, ten
 
 
 def open_checkpoint(paths: PathLike | Sequence[PathLike], config: "StreamerConfig",
-                    sources: dict[str, Source] | None = None) -> Checkpoint:
+                    sources: dict[str, Source] | None = None, *, keep_open: bool = False) -> Checkpoint:
     """Resolve ``paths`` and parse every shard's header (concurrently).
 
     When ``sources`` is given, the opened sources are stored in it (uri -> Source) so the reader
-    can reuse them; otherwise they are closed.
+    can reuse them; ``keep_open=True`` keeps them in the returned checkpoint (its ``sources``,
+    closed by :meth:`Checkpoint.close`); otherwise they are closed.
     """
+    if keep_open and sources is None:
+        sources = {}
     files, headers, weight_map = open_headers(paths, config, sources)
     try:
-        return merge_headers(files, headers, weight_map)
+        checkpoint = merge_headers(files, headers, weight_map)
     except BaseException:
         _close_all(sources)
         raise
+    if keep_open:
+        checkpoint.sources = sources
+    return checkpoint
+
+
+def open_sources(files: Sequence[str], config: "StreamerConfig") -> dict[str, Source]:
+    """Open a source for each of ``files`` (uri -> Source), concurrently; nothing is read. Each
+    source keeps its storage alive; on an error every source opened is closed again."""
+    storages: dict[str, Storage] = {}
+    sources: dict[str, Source] = {}
+    error: BaseException | None = None
+    try:
+        for uri in files:
+            scheme = scheme_of(uri)
+            if scheme not in storages:
+                storages[scheme] = storage_for(uri, config)
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
+            futures = {uri: pool.submit(storages[scheme_of(uri)].open, uri) for uri in files}
+        for uri, future in futures.items():
+            try:
+                sources[uri] = future.result()
+            except BaseException as exc:  # noqa: BLE001 - the first is raised once all are closed
+                error = error or exc
+    except BaseException as exc:  # noqa: BLE001
+        error = exc
+    if error is not None:
+        _close_all(sources)
+        for storage in storages.values():
+            storage.close()
+        raise error
+    return sources
 
 
 def open_headers(paths: PathLike | Sequence[PathLike], config: "StreamerConfig",
@@ -237,7 +294,3 @@ def merge_headers(files: list[str], headers: list[FileHeader], weight_map: dict 
                         len(extra), INDEX_NAME, extra[0])
     return Checkpoint(files=files, headers=headers, tensors=tensors)
 
-
-def iter_tensor_specs(headers: Iterable[FileHeader]) -> Iterable[TensorSpec]:
-    for header in headers:
-        yield from header.tensors

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from .header import TensorSpec
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +87,37 @@ def plan_reads(specs: Sequence[TensorSpec], workers: int, chunk_bytes: int,
         start, end = (ranges or {}).get(spec.name, (0, spec.nbytes))
         chunk = file_chunks.get(spec.file, chunk_bytes) if file_chunks else chunk_bytes
         items.extend(chunk_tensor(spec, chunk, start=start, end=end))
-    # largest first; ties broken by position so the plan is deterministic
-    items.sort(key=lambda i: (-i.length, i.file, i.file_offset))
+    assigned = balance(items, workers, size=lambda i: i.length, order=lambda i: (i.file, i.file_offset))
+    return ReadPlan(tuple(tuple(lst) for lst in assigned))
+
+
+def balance(items: Sequence[T], workers: int, *, size: Callable[[T], int], order: Callable[[T], Any]) -> list[list[T]]:
+    """Longest-processing-time scheduling: ``items`` largest first (ties by ``order``, so the
+    result is deterministic), each to the worker with the fewest bytes so far; each worker's
+    list then sorted by ``order``. The heaviest worker carries at most the mean plus the largest
+    item. Used for reads (:func:`plan_reads`) and for swap copies."""
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
     heap = [(0, w) for w in range(workers)]
-    assigned: list[list[ReadItem]] = [[] for _ in range(workers)]
-    for item in items:
+    assigned: list[list[T]] = [[] for _ in range(workers)]
+    for item in sorted(items, key=lambda i: (-size(i), order(i))):
         load, w = heapq.heappop(heap)
         assigned[w].append(item)
-        heapq.heappush(heap, (load + item.length, w))
+        heapq.heappush(heap, (load + size(item), w))
     for lst in assigned:
-        lst.sort(key=lambda i: (i.file, i.file_offset))
-    return ReadPlan(tuple(tuple(lst) for lst in assigned))
+        lst.sort(key=order)
+    return assigned
+
+
+def ceil_block(size: int, rank: int, world: int, *, clamp: bool = True) -> tuple[int, int]:
+    """Rank ``rank``'s block of ``size`` units under the ceil-block rule of tensor parallelism:
+    ``block = ceil(size / world)``, rank r holds ``[r*block, (r+1)*block)``, clamped to ``size``
+    (``clamp=False``: as TGI computes it, the stop may run past ``size`` and slicing clamps it)."""
+    block = -(-size // world)
+    if not clamp:
+        return rank * block, (rank + 1) * block
+    first = min(rank * block, size)
+    return first, min(first + block, size)
 
 
 def split_windows(specs: Sequence[TensorSpec], window_bytes: int | None) -> list[list[TensorSpec]]:
@@ -129,7 +151,5 @@ def dim0_shard_range(spec: TensorSpec, rank: int, world: int) -> tuple[int, int]
         return (0, spec.nbytes)
     rows = spec.shape[0]
     row_bytes = spec.nbytes // rows if rows else 0
-    block = -(-rows // world)
-    first = min(rank * block, rows)
-    last = min(first + block, rows)
+    first, last = ceil_block(rows, rank, world)
     return (first * row_bytes, last * row_bytes)

@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 from ..errors import CancelledError, DestinationError, InternalError, SourceError, StreamerError
 from .header import TensorSpec
+from .budget import MemoryBudget
 from .plan import ReadItem, ReadPlan, plan_reads, split_windows
-from .sinks.cpu import Allocation, CpuSink, tensor_buffer
+from .sinks.base import Sink
+from .sinks.cpu import Allocation, CpuSink
 from .sources.base import BufferPool, Source, staging_bytes_for
 from .tp import ColumnBlock
 
@@ -34,7 +36,6 @@ if TYPE_CHECKING:
     import torch
 
     from ..config import StreamerConfig
-    from .sinks.cuda import CudaSink
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +48,20 @@ COPY_BEHIND = True
 
 class _Job:
     __slots__ = ("spec", "target", "dest", "buffer", "remaining", "budget", "lock", "alloc", "slack", "block",
-                 "base")
+                 "base", "sink")
 
-    def __init__(self, spec: TensorSpec, target, dest, budget: int, alloc: Allocation | None = None, *,
-                 block: ColumnBlock | None = None, on_device: bool = False):
+    def __init__(self, spec: TensorSpec, target, dest, budget: int, alloc: Allocation | None, sink: Sink, *,
+                 block: ColumnBlock | None = None):
         self.spec = spec
-        self.alloc = alloc            # memory the reader allocated
+        self.sink = sink              # where its bytes land
+        self.alloc = alloc            # memory the sink allocated or wrapped
         self.target = alloc.tensor if alloc is not None else target   # tensor the bytes are read into
         self.dest = dest              # final destination when it differs from target (cast/copy)
-        self.buffer = None if on_device else tensor_buffer(self.target)   # None: through the CUDA sink
+        self.buffer = sink.buffer_for(self.target)   # None: the sink addresses the tensor itself
         self.slack = bool(alloc and alloc.slack)
         self.block = block            # the destination holds only this tensor-parallel shard
         start, end = block.byte_range() if block is not None and block.contiguous else (0, spec.nbytes)
-        self.base = start if not on_device else 0   # tensor byte at buffer[0] (a dim-0 shard starts later)
+        self.base = start             # tensor byte at buffer[0] (a dim-0 shard starts later)
         self.remaining = end - start
         self.budget = budget          # bytes counted against memory_limit until handed out
         self.lock = threading.Lock()
@@ -118,30 +120,29 @@ class StreamReader:
                  destinations: Mapping[str, "torch.Tensor"] | None = None,
                  consumer_keeps_all: bool = False,
                  on_bytes: Callable[[int], None] | None = None,
-                 sink: CpuSink | None = None,
-                 shards: Mapping[str, ColumnBlock] | None = None,
-                 device_sink: "CudaSink | None" = None):
+                 sinks: Sequence[Sink] | None = None,
+                 shards: Mapping[str, ColumnBlock] | None = None):
         self._config = config
         self._sources = dict(sources)
         for spec in specs:
             if spec.file not in self._sources:
                 raise InternalError(f"no open source for {spec.file}")
-        remote = {f for f, src in self._sources.items() if getattr(src, "remote", False)}
+        remote = {f for f, src in self._sources.items() if src.remote}
         self._file_chunks = {f: config.read_bytes(f in remote) for f in self._sources}
         chunks = sum(-(-s.nbytes // self._file_chunks[s.file]) for s in specs)
         self.workers = max(1, min(config.workers(bool(remote)), max(1, chunks)))
-        self._sink = sink or CpuSink(config)
         self._destinations = dict(destinations or {})
         self._shards = dict(shards or {})
         self._cancelled = threading.Event()
-        if device_sink is None:
-            from .sinks.cuda import sink_for_destinations   # imports no GPU library; CuPy only if CUDA dests
-
-            device_sink = sink_for_destinations(config, self._destinations, memory_limit=config.memory_limit // 4,
-                                                workers=self.workers)
-        self._cuda = device_sink
-        if self._cuda is not None:
-            self._cuda.ring.cancelled = self._cancelled
+        self.budget = MemoryBudget(config.memory_limit, config.chunk_bytes)
+        if sinks is None:
+            sinks = default_sinks(config, self._destinations, ring_bytes=self.budget.ring_bytes, workers=self.workers)
+        self._sinks = list(sinks)
+        self._host = next((s for s in self._sinks if s.allocates), None)
+        if self._host is None:
+            raise InternalError("the reader needs a sink that allocates tensors (a CpuSink)")
+        for sink in self._sinks:
+            sink.attach(self._cancelled)   # this load's cancel aborts waits inside every sink
         self._on_bytes = on_bytes
         names = {s.name for s in specs}
         unknown = [n for n in self._destinations if n not in names]
@@ -152,48 +153,39 @@ class StreamReader:
                                 f"{sorted(set(self._shards) - set(self._destinations))[:5]}")
         # Validate every destination before any byte moves: a bad one is an error, never a partial model.
         self._direct: dict[str, bool] = {}
-        self._on_device: set[str] = set()
+        self._sink_of: dict[str, Sink] = {}
         by_name = {s.name: s for s in specs}
         for name, dest in self._destinations.items():
             spec, block = by_name[name], self._shards.get(name)
-            if self._cuda is not None and self._cuda.can_write(spec.dtype, dest):
-                self._cuda.check_destination(spec, dest, block)
-                self._on_device.add(name)
-                self._direct[name] = True
-            elif block is not None:
-                self._direct[name] = _check_cpu_shard(spec, dest, block)
-            else:
-                self._direct[name] = self._sink.check_destination(spec, dest)
+            sink = next(s for s in self._sinks if s.takes(spec, dest))
+            self._direct[name] = sink.check(spec, dest, block)
+            self._sink_of[name] = sink if self._direct[name] else self._host
         self._ranges = {n: b.byte_range() for n, b in self._shards.items() if b.contiguous}
         fresh = sum(s.nbytes for s in specs if s.name not in self._destinations or not self._direct[s.name])
-        self.hugepages = self._sink.choose_pages(fresh)   # "on", "off" or "auto" for the tensors it allocates
+        self.hugepages = self._host.choose_pages(fresh)   # "on", "off" or "auto" for the tensors it allocates
 
-        needs_staging = config.direct_io != "off" and any(
-            getattr(src, "wants_staging", True) for src in self._sources.values())
+        needs_staging = config.direct_io != "off" and any(src.wants_staging for src in self._sources.values())
         if needs_staging:
             buf = staging_bytes_for(config.chunk_bytes, config.alignment)
-            # two per worker: one being read into while the other's bytes are copied out behind it
-            count = max(1, min(2 * self.workers, (config.memory_limit // 4) // buf))
-            self._pool: BufferPool | None = BufferPool(buf, count, copy_behind=COPY_BEHIND)
+            count = self.budget.staging_buffers(buf, self.workers)
+            self._pool: BufferPool | None = BufferPool(buf, count, self._cancelled, copy_behind=COPY_BEHIND)
         else:
             self._pool = None
         staging_bytes = self._pool.capacity_bytes if self._pool else 0
-        if self._cuda is not None:
-            staging_bytes += self._cuda.ring.count * (self._cuda.slot_bytes + 2 * config.alignment)
-        self._limit = max(config.chunk_bytes, config.memory_limit - staging_bytes)
+        ring_bytes = sum(s.reserved_bytes() for s in self._sinks)
+        self._limit = self.budget.held_bytes(staging_bytes + ring_bytes)
 
         ordered = sorted(specs, key=lambda s: (s.file, s.offset))
         budgeted = not consumer_keeps_all or any(not self._direct.get(s.name, True) for s in specs)
         self._budgeted = budgeted and not consumer_keeps_all
-        window_bytes = max(config.chunk_bytes, self._limit // 2) if self._budgeted else None
+        window_bytes = self.budget.window_bytes(self._limit) if self._budgeted else None
+        self.memory = self.budget.report(ring=ring_bytes, staging=staging_bytes, held=self._limit, window=window_bytes)
         self._windows = [_Window(w, sum(self._budget_for(s) for s in w)) for w in split_windows(ordered, window_bytes)]
         self._total_bytes = sum(s.nbytes if s.name not in self._ranges else
                                 self._ranges[s.name][1] - self._ranges[s.name][0] for s in specs)
         self._count = len(specs)
 
         self._cond = threading.Condition()
-        if self._pool is not None:
-            self._pool._cancelled = self._cancelled
         self._error: BaseException | None = None
         self._held = 0
         self._admitted = 0
@@ -204,8 +196,7 @@ class StreamReader:
         self._close_lock = threading.Lock()
         self._deadline = time.monotonic() + config.deadline if config.deadline else None
         for src in self._sources.values():
-            if hasattr(src, "deadline_at"):
-                src.deadline_at = self._deadline
+            src.deadline_at = self._deadline
         self.bytes_read = 0
         self.seconds = 0.0
         self.peak_held = 0
@@ -236,17 +227,17 @@ class StreamReader:
                 self._cond.notify_all()
 
     def _prepare(self, window: _Window) -> None:
+        host = self._host
         for spec in window.specs:
             dest = self._destinations.get(spec.name)
             block = self._shards.get(spec.name)
-            if spec.name in self._on_device:
-                job = _Job(spec, dest, None, 0, block=block, on_device=True)
-            elif dest is not None and self._direct[spec.name]:
-                job = _Job(spec, None, None, 0, self._sink.wrap_destination(dest), block=block)
-            elif dest is not None:
-                job = _Job(spec, None, dest, spec.nbytes, self._sink.allocate(_staged_part(spec, block)), block=block)
-            else:
-                job = _Job(spec, None, None, spec.nbytes, self._sink.allocate(spec))
+            if dest is not None and self._direct[spec.name]:     # straight into the caller's tensor
+                sink = self._sink_of[spec.name]
+                job = _Job(spec, dest, None, 0, sink.wrap(dest), sink, block=block)
+            elif dest is not None:                               # staged, then one copy (cast, cut) into it
+                job = _Job(spec, None, dest, spec.nbytes, host.allocate(_staged_part(spec, block)), host, block=block)
+            else:                                                # a tensor the reader allocates
+                job = _Job(spec, None, None, spec.nbytes, host.allocate(spec), host)
             window.jobs[spec.name] = job
             if job.remaining == 0:
                 self._finish(job)
@@ -276,14 +267,7 @@ class StreamReader:
     def _read(self, job: _Job, item: ReadItem) -> None:
         source = self._sources[item.file]
         try:
-            if job.buffer is None:     # a CUDA destination: pinned ring, async copy (and cast/cut) on the device
-                self._cuda.read_into(source, item.file_offset, item.length, job.target, item.dest_offset,
-                                     src_dtype=job.spec.dtype, block=job.block, pool=self._pool,
-                                     cancelled=self._cancelled)
-            else:
-                view = job.buffer[item.dest_offset - job.base:item.dest_offset - job.base + item.length]
-                self._sink.fill(view, job.alloc, lambda staged: source.read_into(
-                    item.file_offset, view, self._pool, self._cancelled, job.slack, staged))
+            job.sink.land(job, item, source, pool=self._pool, cancelled=self._cancelled)
         except StreamerError as exc:
             if self._cancelled.is_set() and isinstance(exc, CancelledError):
                 return
@@ -313,11 +297,7 @@ class StreamReader:
     def _finish(self, job: _Job) -> None:
         if job.dest is not None:
             _deliver(job.spec, job.target, job.dest, job.block)   # the one copy (cast, cut) into it
-            tensor = job.dest
-        else:
-            tensor = job.target
         self._out.put(job)
-        del tensor
 
     def _fail(self, exc: BaseException) -> None:
         with self._cond:
@@ -343,7 +323,7 @@ class StreamReader:
         self.start()
         finished = 0
         handed = 0
-        on_device: list[_Job] = []   # complete only once the sink has synchronised: handed out last
+        deferred: list[_Job] = []   # complete only once their sink has finished: handed out last
         try:
             while handed < self._count or finished < len(self._threads):
                 try:
@@ -367,8 +347,8 @@ class StreamReader:
                     continue
                 job: _Job = got
                 handed += 1
-                if job.spec.name in self._on_device:
-                    on_device.append(job)
+                if job.sink.deferred:
+                    deferred.append(job)
                     continue
                 tensor = job.dest if job.dest is not None else job.target
                 job.target = job.buffer = job.alloc = None  # the reader keeps no reference to handed-out memory
@@ -377,16 +357,17 @@ class StreamReader:
                         self._held -= job.budget
                     self._admit()
                 yield job.spec.name, tensor
-            if self._cuda is not None:
-                self._cuda.finish()      # the one host synchronisation of the device copies
-            for job in on_device:
+            for sink in self._sinks:
+                sink.finish()            # CUDA: the one host synchronisation of the device copies
+            for job in deferred:
                 yield job.spec.name, job.target
             for src in self._sources.values():
-                src.check_unchanged()
+                if not src.reads_pinned:   # pinned reads would have failed on a change already
+                    src.check_unchanged()
             self.seconds = time.perf_counter() - self._t0
             self.bytes_read = self._total_bytes
-            if self._sink.chooser is not None:
-                self.page_sizes = self._sink.chooser.summary()
+            if self._host.chooser is not None:
+                self.page_sizes = self._host.chooser.summary()
                 log.debug("page sizes chosen while loading: %s", self.page_sizes)
         finally:
             self.close()
@@ -407,8 +388,8 @@ class StreamReader:
                     t.join()
             if self._pool is not None:
                 self._pool.close()
-            if self._cuda is not None:
-                self._cuda.close()         # waits for copies in flight, frees the pinned ring
+            for sink in self._sinks:
+                sink.close()               # CUDA: waits for copies in flight, frees the pinned ring
             for window in self._windows:   # drop references to tensors not handed out
                 window.jobs.clear()
             self._closed = True
@@ -419,24 +400,6 @@ class StreamReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _check_cpu_shard(spec: TensorSpec, dest, block: ColumnBlock) -> bool:
-    """A destination for a tensor-parallel shard, filled without a device sink: True when its
-    bytes can be read straight into it (a contiguous CPU tensor of the checkpoint's dtype and a
-    dim-0 shard), False when they are staged and copied once (cut, cast or moved to another
-    device by torch); an error when it cannot hold the shard."""
-    import torch
-
-    if not isinstance(dest, torch.Tensor) or dest.numel() * spec.itemsize != block.nbytes:
-        raise DestinationError(f"destination for a shard of {spec.describe()} must be a tensor holding the "
-                               f"{block.nbytes // max(spec.itemsize, 1)} elements of the shard")
-    src_dtype = spec.torch_dtype()
-    if dest.dtype != src_dtype and not (dest.dtype.is_floating_point and src_dtype.is_floating_point):
-        raise DestinationError(f"destination for a shard of {spec.describe()} is {dest.dtype} but the checkpoint "
-                               f"holds {src_dtype}; only casts between floating-point types are done on load")
-    return (block.contiguous and dest.device.type == "cpu" and dest.is_contiguous() and dest.dtype == src_dtype
-            and not dest.is_quantized)
 
 
 def _staged_part(spec: TensorSpec, block: ColumnBlock | None) -> TensorSpec:
@@ -462,6 +425,16 @@ def _deliver(spec: TensorSpec, staged, dest, block: ColumnBlock | None) -> None:
         dest.view(block.rows, block.width // isz).copy_(part)
     else:
         dest.copy_(part.reshape(dest.shape))
+
+
+def default_sinks(config: "StreamerConfig", destinations: Mapping[str, object], *, ring_bytes: int,
+                  workers: int) -> list[Sink]:
+    """The sinks a load needs: a :class:`~.sinks.cuda.CudaSink` when a destination is a CUDA
+    tensor (and CuPy is installed), then the CPU sink, which takes the rest and allocates."""
+    from .sinks.cuda import sink_for_destinations   # imports no GPU library; CuPy only with CUDA dests
+
+    cuda = sink_for_destinations(config, destinations, memory_limit=ring_bytes, workers=workers)
+    return ([cuda] if cuda is not None else []) + [CpuSink(config)]
 
 
 def progress_bar(total: int, desc: str, mode: str):

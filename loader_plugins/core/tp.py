@@ -16,6 +16,7 @@ import math
 from typing import Callable, Iterable
 
 from .header import TensorSpec
+from .plan import ceil_block as _bounds
 from .plan import dim0_shard_range
 
 
@@ -47,12 +48,6 @@ class ColumnBlock:
         if self.width == 0 or self.rows == 0:
             return (0, 0)
         return (self.start, self.start + self.nbytes) if self.rows == 1 else (0, self.rows * self.row_bytes)
-
-
-def _bounds(size: int, rank: int, world: int) -> tuple[int, int]:
-    block = -(-size // world)
-    first = min(rank * block, size)
-    return first, min(first + block, size)
 
 
 def _check(rank: int, world: int) -> None:

@@ -169,8 +169,8 @@ class StandInMode(TorchDispatchMode):
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         # torch >= 2.9 wraps a mode's __torch_dispatch__ in torch._disable_dynamo unless the mode
-        # says no: 57 us per operation instead of 11 here (2-core VM, torch 2.13). Nothing is
-        # compiled while a model's loader runs, so there is nothing for that wrapper to guard.
+        # says no, which costs several times the operation itself (docs/measurements.md). Nothing
+        # is compiled while a model's loader runs, so there is nothing for that wrapper to guard.
         return False
 
     def __init__(self) -> None:

@@ -1,10 +1,9 @@
 """Per-swap metrics: bytes, seconds and GB/s of every offload, restore and spill.
 
-Each swap is logged (``logging``, INFO, lazy ``%`` arguments) and counted. With
-``prometheus_client`` installed (imported lazily, when the first :class:`SwapMetrics` is made),
-the counts live in Prometheus collectors; :meth:`SwapMetrics.render` returns the text exposition
-either way (without ``prometheus_client`` a small built-in renderer writes the counters and
-gauges in the same format).
+Each swap is logged (``logging``, INFO, lazy ``%`` arguments) and counted (:meth:`SwapMetrics.summary`).
+For Prometheus, as the cache's metrics (:mod:`loader_plugins.cache.metrics`), the one path is
+``prometheus_client`` (the ``metrics`` extra; imported lazily, when the first
+:class:`SwapMetrics` is made): its collectors, and :meth:`SwapMetrics.render` for their text.
 
 Exported names (labels ``op`` = offload | restore | spill, ``tier`` = host | disk):
 
@@ -107,7 +106,8 @@ class SwapMetrics:
             try:
                 import prometheus_client as prom
             except ImportError:
-                log.debug("prometheus_client is not installed; swap metrics use the built-in renderer")
+                log.debug("prometheus_client is not installed (loader-plugins[metrics]): swaps are logged and "
+                          "summarized, not exported")
             else:
                 self._prom_module = prom
                 self._prom = _Prometheus(prom, prom.CollectorRegistry(auto_describe=True), namespace)
@@ -156,31 +156,11 @@ class SwapMetrics:
             return out
 
     def render(self) -> str:
-        """The Prometheus text exposition of these metrics."""
+        """The Prometheus text exposition of these metrics ("" without ``prometheus_client``:
+        install loader-plugins[metrics]; :meth:`summary` has the totals either way)."""
         if self._prom is not None:
             return self._prom_module.generate_latest(self._prom.registry).decode()
-        return self._render_builtin()
-
-    def _render_builtin(self) -> str:
-        ns = self.namespace
-        with self._lock:
-            totals = sorted(self._totals.items())
-            last = sorted(self._last.items())
-        lines = []
-
-        def family(name: str, kind: str, doc: str, samples):
-            lines.append(f"# HELP {name} {doc}")
-            lines.append(f"# TYPE {name} {kind}")
-            for (op, tier), value in samples:
-                lines.append(f'{name}{{op="{op}",tier="{tier}"}} {float(value)!r}')
-
-        family(f"{ns}_operations_total", "counter", "Swaps done", [(k, v[0]) for k, v in totals])
-        family(f"{ns}_bytes_total", "counter", "Bytes moved by swaps", [(k, v[1]) for k, v in totals])
-        family(f"{ns}_seconds_total", "counter", "Seconds spent in swaps", [(k, v[2]) for k, v in totals])
-        family(f"{ns}_last_bytes", "gauge", "Bytes of the last swap", [(k, e.bytes) for k, e in last])
-        family(f"{ns}_last_seconds", "gauge", "Seconds of the last swap", [(k, e.seconds) for k, e in last])
-        family(f"{ns}_last_gbps", "gauge", "GB/s of the last swap", [(k, e.gbps) for k, e in last])
-        return "\n".join(lines) + "\n"
+        return ""
 
 
 _default: SwapMetrics | None = None

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import heapq
 import json
 import logging
 import mmap
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from ..core.header import encode_header, safetensors_dtype
+from ..core.plan import balance
 from ..core._libc import HUGE_PAGE as _HUGE
 from ..core._libc import MADV_HUGEPAGE as _MADV_HUGEPAGE
 from ..core._libc import MADV_POPULATE_WRITE as _MADV_POPULATE_WRITE
@@ -354,19 +354,9 @@ class HostArena:
 
 def _balance(entries: Sequence[StorageEntry], workers: int, chunk_bytes: int) -> list[list[tuple[int, int, int]]]:
     """(entry index, start, length) chunks over ``workers``, largest first to the lightest worker."""
-    chunks = []
-    for i, entry in enumerate(entries):
-        for start in range(0, entry.nbytes, chunk_bytes):
-            chunks.append((i, start, min(chunk_bytes, entry.nbytes - start)))
-    chunks.sort(key=lambda c: (-c[2], c[0], c[1]))
-    heap = [(0, w) for w in range(max(1, workers))]
-    out: list[list[tuple[int, int, int]]] = [[] for _ in heap]
-    for chunk in chunks:
-        load, w = heapq.heappop(heap)
-        out[w].append(chunk)
-        heapq.heappush(heap, (load + chunk[2], w))
-    for lst in out:
-        lst.sort()
+    chunks = [(i, start, min(chunk_bytes, entry.nbytes - start))
+              for i, entry in enumerate(entries) for start in range(0, entry.nbytes, chunk_bytes)]
+    out = balance(chunks, max(1, workers), size=lambda c: c[2], order=lambda c: c)
     return [lst for lst in out if lst]
 
 
@@ -410,8 +400,8 @@ def _copy_cpu(entries, storages, arena: HostArena, to_host: bool, workers: int, 
     bases = [s.data_ptr() for s in storages]
     memmove = ctypes.memmove  # a foreign call: the GIL is released while it copies
     if not to_host:
-        # Memory given back comes back as huge pages where the kernel allows: first touch of 4 KiB
-        # pages runs at 1.4-4.5 GB/s on small machines, 7.6 with MADV_HUGEPAGE (docs/swap.md).
+        # Memory given back comes back as huge pages where the kernel allows: first touch of huge
+        # pages is several times faster than of 4 KiB ones (docs/swap.md, docs/measurements.md).
         for entry, base in zip(entries, bases):
             if entry.release in ("pages", "resize") and entry.nbytes >= 2 * _HUGE:
                 _madvise(base, entry.nbytes, _MADV_HUGEPAGE, _HUGE)

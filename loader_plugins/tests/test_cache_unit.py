@@ -64,8 +64,8 @@ class FakeRemoteSource(LocalSource):
         self.etag = '"' + hashlib.md5(Path(self.path).read_bytes()).hexdigest() + '"'
         storage.heads += 1
 
-    def read_into(self, offset, dest, pool=None, cancelled=None, slack=False, fresh=False):
-        super().read_into(offset, dest, pool, cancelled, False, fresh)
+    def read_into(self, offset, dest, *, pool=None, cancelled=None, slack=False, fresh=False):
+        super().read_into(offset, dest, pool=pool, cancelled=cancelled, fresh=fresh)
         with self._storage.lock:
             self._storage.bytes_read += memoryview(dest).nbytes
 

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from loader_plugins.config import StreamerConfig
 from loader_plugins.core.header import TensorSpec, safetensors_dtype, torch_dtype
 from loader_plugins.core.sinks import cuda as cs
+from loader_plugins.core.sinks.cpu import CpuSink
 from loader_plugins.core.sinks.cuda import CudaBackend, CudaSink, PinnedRing, column_rects, plan_chunk, ring_geometry
 from loader_plugins.core.sources.local import LocalSource
 from loader_plugins.core.tp import ColumnBlock, shard_block
@@ -461,19 +462,7 @@ def test_safetensors_dtype_names_round_trip():
             continue
 
 
-# ---- through the reader (active once StreamReader takes device_sink / shards) ------------------
-
-def _reader_takes(name: str) -> bool:
-    import inspect
-
-    from loader_plugins.core.reader import StreamReader
-
-    return name in inspect.signature(StreamReader.__init__).parameters
-
-
-needs_reader_sink = pytest.mark.skipif(not _reader_takes("device_sink"),
-                                       reason="StreamReader does not take device_sink yet (see core/sinks/cuda.py)")
-
+# ---- through the reader: the sinks the caller built (core/sinks/base.py) ------------------------
 
 def _write_checkpoint(tmp_path, tensors):
     st = pytest.importorskip("safetensors.torch")
@@ -482,7 +471,6 @@ def _write_checkpoint(tmp_path, tensors):
     return str(path)
 
 
-@needs_reader_sink
 @pytest.mark.parametrize("direct_io", ["off", "on"])
 def test_reader_fills_destinations_through_the_sink(tmp_path, direct_io):
     from loader_plugins.core.checkpoint import open_checkpoint
@@ -502,8 +490,8 @@ def test_reader_fills_destinations_through_the_sink(tmp_path, direct_io):
     backend = FakeCudaBackend()
     sink = CudaSink(config, backend=backend)
     try:
-        got = dict(StreamReader(list(specs.values()), sources, config, destinations=dests, device_sink=sink,
-                                shards=shards))
+        got = dict(StreamReader(list(specs.values()), sources, config, destinations=dests,
+                                sinks=[sink, CpuSink(config)], shards=shards))
     finally:
         for src in sources.values():
             src.close()
@@ -515,7 +503,6 @@ def test_reader_fills_destinations_through_the_sink(tmp_path, direct_io):
     assert not backend.memory                   # the reader closed the sink
 
 
-@pytest.mark.skipif(not _reader_takes("shards"), reason="StreamReader does not take shards yet")
 def test_cpu_dim0_shard_reads_only_its_bytes(tmp_path):
     from loader_plugins.core.checkpoint import open_checkpoint
     from loader_plugins.core.reader import StreamReader

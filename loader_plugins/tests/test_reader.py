@@ -458,7 +458,7 @@ def test_direct_reads_into_fresh_memory_go_through_staging(tmp_path, fresh):
     region[:] = b"\xff" * len(region)           # mapped before the read, same alignment as the file
     view = memoryview(region)
     try:
-        source.read_into(8192, view[8192:8192 + (3 << 20) + 5], pool, None, False, fresh)
+        source.read_into(8192, view[8192:8192 + (3 << 20) + 5], pool=pool, fresh=fresh)
         assert bytes(view[8192:8192 + (3 << 20) + 5]) == data[8192:8192 + (3 << 20) + 5]
         assert view[8191] == 0xff and view[8192 + (3 << 20) + 5] == 0xff
         assert (pool.lent > 0) == fresh
@@ -518,7 +518,7 @@ def test_staged_reads_copy_behind_the_next_read(tmp_path, spares, count):
     at, offset, length = 1000 + 3, 4096 + 17, (7 << 20) + 999     # memory and file alignment differ
     copies = []
     try:
-        source.read_into(offset, view[at:at + length], pool, None, False, False)
+        source.read_into(offset, view[at:at + length], pool=pool)
         assert bytes(view[at:at + length]) == data[offset:offset + length]
         assert view[at - 1] == 0xee and view[at + length] == 0xee
         assert pool._made <= count and len(pool._free) == pool._made    # all returned
@@ -533,7 +533,7 @@ def test_staged_reads_copy_behind_the_next_read(tmp_path, spares, count):
             cancelled.set()
         pool.copier.submit = submit_then_cancel
         region[:] = b"\xee" * len(region)
-        source.read_into(offset, view[at:at + length], pool, cancelled, False, False)
+        source.read_into(offset, view[at:at + length], pool=pool, cancelled=cancelled)
         assert len(copies) == 1 and bytes(view[at:at + copies[0]]) == data[offset:offset + copies[0]]
         assert view[at + copies[0]] == 0xee                      # nothing after the cancel was copied
         assert len(pool._free) == pool._made
@@ -549,7 +549,7 @@ def test_staged_copies_run_on_the_copy_thread(tmp_path, spares, monkeypatch):
     """The copies of a load through staging buffers happen on the pool's copy-behind thread, not
     on the workers (with ``COPY_BEHIND = False``, on the workers); the result is bit-exact."""
     from loader_plugins.core import reader
-    from loader_plugins.core.sources import base, local
+    from loader_plugins.core.sources import local, staging
 
     g = torch.Generator().manual_seed(5)
     tensors = {"w": torch.randn(777, 1031, generator=g).to(torch.bfloat16),
@@ -574,7 +574,7 @@ def test_staged_copies_run_on_the_copy_thread(tmp_path, spares, monkeypatch):
     for copy_behind in (True, False):
         threads_copying.clear()
         monkeypatch.setattr(reader, "COPY_BEHIND", copy_behind)
-        monkeypatch.setattr(base, "ctypes", _Recording())
+        monkeypatch.setattr(staging, "ctypes", _Recording())
         monkeypatch.setattr(local, "ctypes", _Recording())
         dests = {n: torch.zeros_like(t) for n, t in tensors.items()}
         with SafetensorsStreamer(StreamerConfig(direct_io="on", chunk_bytes=1 << 20, concurrency=3)) as s:
@@ -590,11 +590,11 @@ def test_staged_copies_run_on_the_copy_thread(tmp_path, spares, monkeypatch):
 
 @pytest.fixture
 def spares(monkeypatch):
-    from loader_plugins.core.sources import base
+    from loader_plugins.core.sources import staging
 
-    base._spares.clear()
-    yield base._spares
-    base._spares.clear()
+    staging._spares.clear()
+    yield staging._spares
+    staging._spares.clear()
 
 
 def test_staging_buffers_are_kept_for_the_next_load_then_freed(spares, monkeypatch):
@@ -678,10 +678,10 @@ class _HeldSource:
         self.lock = threading.Lock()
         self.others_done = threading.Event()
 
-    def read_into(self, offset, dest, pool=None, cancelled=None, slack=False, fresh=False):
+    def read_into(self, offset, dest, *, pool=None, cancelled=None, slack=False, fresh=False):
         if offset == self.hold_at and not self.others_done.wait(60):
             raise SourceError(f"held read at {offset}: the other workers never took the held worker's items")
-        self.inner.read_into(offset, dest, pool, cancelled, slack, fresh)
+        self.inner.read_into(offset, dest, pool=pool, cancelled=cancelled, slack=slack, fresh=fresh)
         with self.lock:
             self.readers[offset] = threading.current_thread().name
             if offset != self.hold_at:

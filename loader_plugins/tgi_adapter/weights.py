@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from ..config import StreamerConfig
+from ..core.plan import ceil_block
 from ..core.sources.base import scheme_of
 from ..errors import CancelledError, InternalError, UsageError
 from .settings import TGIStreamerSettings, settings_from_env
@@ -45,6 +46,7 @@ from .settings import TGIStreamerSettings, settings_from_env
 if TYPE_CHECKING:
     import torch
 
+    from ..core.checkpoint import Checkpoint
     from ..core.header import TensorSpec
     from ..core.sources.base import Source
 
@@ -70,8 +72,7 @@ def block_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
     """TGI's per-rank block along a dimension: ``block = ceil(size / world)``; rank r takes
     ``[r*block, (r+1)*block)``. ``stop`` may run past ``size`` (slicing clamps it), so the last
     ranks can get a shorter or empty block."""
-    block = (size + world_size - 1) // world_size
-    return rank * block, (rank + 1) * block
+    return ceil_block(size, rank, world_size, clamp=False)
 
 
 def blocks_to_block_sizes(total_size: int, blocks: Union[int, List[int]]) -> List[int]:
@@ -102,10 +103,11 @@ def _owning(tensor: "torch.Tensor") -> "torch.Tensor":
 class _TensorStore:
     """Tensors streamed by the core on a background thread; each is taken at most once."""
 
-    def __init__(self, files: Sequence[str], specs: Dict[str, "TensorSpec"], config: StreamerConfig):
+    def __init__(self, checkpoint: "Checkpoint", config: StreamerConfig):
         from ..streamer import SafetensorsStreamer
 
         self._config = config
+        specs = checkpoint.tensors
         self._specs = specs
         self._cond = threading.Condition()
         self._ready: Dict[str, "torch.Tensor"] = {}
@@ -113,14 +115,14 @@ class _TensorStore:
         self._error: Optional[BaseException] = None
         self._done = not specs
         self._closed = False
-        self._sources: Dict[str, "Source"] = {}
+        self._sources: Dict[str, "Source"] = dict(checkpoint.sources)   # the stream borrows them; closed here
         self._storages: list = []
         self.stats: Dict[str, float] = {}
         self.started = time.perf_counter()
         self.finished: Optional[float] = None
         self._streamer = SafetensorsStreamer(config)
         if specs:
-            self._streamer.stream_files(list(files))
+            self._streamer.stream_files(checkpoint)
             self._thread: Optional[threading.Thread] = threading.Thread(
                 target=self._run, name="tgi-streamer", daemon=True)
             self._thread.start()
@@ -249,13 +251,29 @@ class _StreamedSlice:
         return f"<streamed slice {self._spec.name!r} {self._spec.dtype} {list(self._spec.shape)}>"
 
 
-def _read_headers(files: Sequence[str], config: StreamerConfig) -> list:
-    from ..core.checkpoint import read_header
+def _open_checkpoint(files: Sequence[str], filenames: Sequence[Any], config: StreamerConfig) -> "Checkpoint":
+    """Open every file once (one HEAD and one header read per S3 object) and keep the sources
+    open for the stream and for reads of tensors taken twice; TGI's rule for a name in two files."""
+    from ..core.checkpoint import Checkpoint, open_sources, read_header_from
 
-    if len(files) <= 1:
-        return [read_header(f, config) for f in files]
-    with ThreadPoolExecutor(max_workers=min(16, len(files)), thread_name_prefix="tgi-header") as pool:
-        return list(pool.map(lambda f: read_header(f, config), files))
+    sources = open_sources(files, config)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(files))), thread_name_prefix="tgi-header") as pool:
+            headers = list(pool.map(lambda f: read_header_from(sources[f], config.max_header_bytes), files))
+        routing: Dict[str, Any] = {}
+        specs: Dict[str, "TensorSpec"] = {}
+        for filename, header in zip(filenames, headers):
+            for spec in sorted(header.tensors, key=lambda s: s.name):
+                if spec.name in routing:
+                    raise RuntimeError(
+                        f"Key {spec.name} was found in multiple files: {filename} and {routing[spec.name]}")
+                routing[spec.name] = filename
+                specs[spec.name] = spec
+    except BaseException:
+        for source in sources.values():
+            source.close()
+        raise
+    return Checkpoint(files=list(files), headers=headers, tensors=specs, sources=sources)
 
 
 class StreamedWeightsMixin:
@@ -288,16 +306,10 @@ class StreamedWeightsMixin:
             # the ranks that come second instead of each rank reading the disk with O_DIRECT.
             config = config.replace(direct_io="off")
         files = [os.fspath(f) for f in filenames]
-        headers = _read_headers(files, config)
-        routing: Dict[str, Any] = {}
-        specs: Dict[str, "TensorSpec"] = {}
-        for filename, uri, header in zip(filenames, files, headers):
-            for spec in sorted(header.tensors, key=lambda s: s.name):
-                if spec.name in routing:
-                    raise RuntimeError(
-                        f"Key {spec.name} was found in multiple files: {filename} and {routing[spec.name]}")
-                routing[spec.name] = filename
-                specs[spec.name] = spec
+        checkpoint = _open_checkpoint(files, filenames, config)
+        specs = checkpoint.tensors
+        filename_of = dict(zip(files, filenames))
+        routing = {name: filename_of[spec.file] for name, spec in specs.items()}
         self.aliases = {} if aliases is None else aliases
         self.routing = routing
         self.device = device
@@ -308,7 +320,7 @@ class StreamedWeightsMixin:
         self._handles = {}
         self._streamed_specs = specs
         self.header_seconds = time.perf_counter() - t0
-        self._store = _TensorStore(files, specs, config)
+        self._store = _TensorStore(checkpoint, config)
         self._finalizer = weakref.finalize(self, self._store.close)
         log.info("StreamerWeights: %d tensors in %d file(s), headers parsed in %.3f s; streaming %.2f GB with "
                  "%d threads (rank %d of %d)", len(specs), len(files), self.header_seconds,

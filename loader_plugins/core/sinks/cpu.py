@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from ...config import StreamerConfig
+    from ..tp import ColumnBlock
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,9 @@ class PageSizeChooser:
     memory a load allocates, from what faulting each kind in has cost so far in this load.
 
     Why measure instead of fixing one: in a VM whose host takes freed memory back (free page
-    reporting), fresh memory costs a host fault per page, and on the 2-core reference VM huge
-    pages faulted in at 0.35-0.9 GB/s against 2-3 GB/s for small ones on some days, at
-    3-7 against 1-4.5 GB/s on others, and flipped within minutes; a probe of a few MiB right
-    before a load did not predict how gigabytes would go. So the load itself is the probe:
+    reporting), fresh memory costs a host fault per page, and which page size faults in faster
+    has been seen to flip from day to day and within minutes (docs/measurements.md, "Page
+    sizes"); a probe of a few MiB right before a load did not predict how gigabytes would go. So the load itself is the probe:
     each read that faults pages in is timed, fault and read together (CPU time of the thread
     doing it, which includes the host's share and excludes waiting; :meth:`CpuSink.fill`); the
     first ``explore_bytes`` of each kind are taken alternately, and then each new tensor gets
@@ -225,21 +225,19 @@ class CpuSink:
             _madvise(*alloc.span, _MADV_NOHUGEPAGE, _HUGE)
 
     def fill(self, view: memoryview, alloc: Allocation | None, read: Callable[[bool], None]) -> None:
-        """Land one read in ``view``: fault its pages in (:meth:`prefault`), then ``read(staged)``.
+        """Land one read in ``view``: fault its pages in (:meth:`prefault`), then ``read(fresh)``.
 
-        ``staged`` is True when small pages were freshly faulted in here. Such memory is
+        ``fresh`` is True when small pages were freshly faulted in here. Such memory is
         physically scattered 4 KiB pages, and an O_DIRECT read into it goes out as many short
         device requests (the block layer takes a bounded number of segments per request), so
         sources read it through their huge-page staging buffers and copy
         (``read_into(fresh=True)``). Fresh huge pages are 2 MiB physically contiguous each:
-        O_DIRECT reads into them in place, which saves that copy (cold 3 GB load, 2-core
-        reference VM, same process, 6 rounds: median 1.53 GB/s in place against 1.27 staged,
-        ``hugepages="auto"``).
+        O_DIRECT reads into them in place, which saves that copy (measured faster:
+        docs/measurements.md, "Page sizes").
 
         Under ``hugepages="auto"`` the chooser compares the thread CPU time of both steps per
         byte: faulting in, and the copy out of staging that small pages cost when the read is
-        direct (against timing the fault alone: same medians, cold 1.57 / 1.58 GB/s, warm
-        2.02 / 1.93, 5 rounds each; this one also counts what the fault alone hides)."""
+        direct (as fast as timing the fault alone, and it also counts what the fault alone hides)."""
         chooser = self._chooser_for(alloc)
         t0 = time.thread_time() if chooser is not None else 0.0
         fresh = self.prefault(view, alloc)
@@ -277,6 +275,40 @@ class CpuSink:
         """A caller's tensor to read into directly; pre-faulting it never changes its contents."""
         return Allocation(dest, dest, False, owned=False)
 
+    # ---- the Sink protocol (core/sinks/base.py) ----------------------------------------------
+    allocates = True
+    deferred = False
+
+    def takes(self, spec: TensorSpec, dest) -> bool:
+        return True    # the last resort: anything else is checked (and refused) by check()
+
+    def check(self, spec: TensorSpec, dest, block: "ColumnBlock | None") -> bool:
+        return self.check_destination(spec, dest) if block is None else check_shard_destination(spec, dest, block)
+
+    def wrap(self, dest) -> Allocation:
+        return self.wrap_destination(dest)
+
+    def buffer_for(self, target) -> memoryview:
+        return tensor_buffer(target)
+
+    def land(self, job, item, source, *, pool, cancelled) -> None:
+        at = item.dest_offset - job.base
+        view = job.buffer[at:at + item.length]
+        self.fill(view, job.alloc, lambda fresh: source.read_into(
+            item.file_offset, view, pool=pool, cancelled=cancelled, slack=job.slack, fresh=fresh))
+
+    def reserved_bytes(self) -> int:
+        return 0
+
+    def attach(self, cancelled) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
     def check_destination(self, spec: TensorSpec, dest: "torch.Tensor") -> bool:
         """Validate ``dest`` for ``spec``; True when bytes can be read straight into it."""
         torch = self._torch
@@ -295,3 +327,21 @@ class CpuSink:
                 f"casts between floating-point types are done on load")
         return (dest.device.type == "cpu" and dest.dtype == src_dtype and dest.is_contiguous()
                 and not dest.is_quantized)
+
+
+def check_shard_destination(spec: TensorSpec, dest, block: "ColumnBlock") -> bool:
+    """A destination for a tensor-parallel shard, filled without a device sink: True when its
+    bytes can be read straight into it (a contiguous CPU tensor of the checkpoint's dtype and a
+    dim-0 shard), False when they are staged and copied once (cut, cast or moved to another
+    device by torch); an error when it cannot hold the shard."""
+    import torch
+
+    if not isinstance(dest, torch.Tensor) or dest.numel() * spec.itemsize != block.nbytes:
+        raise DestinationError(f"destination for a shard of {spec.describe()} must be a tensor holding the "
+                               f"{block.nbytes // max(spec.itemsize, 1)} elements of the shard")
+    src_dtype = spec.torch_dtype()
+    if dest.dtype != src_dtype and not (dest.dtype.is_floating_point and src_dtype.is_floating_point):
+        raise DestinationError(f"destination for a shard of {spec.describe()} is {dest.dtype} but the checkpoint "
+                               f"holds {src_dtype}; only casts between floating-point types are done on load")
+    return (block.contiguous and dest.device.type == "cpu" and dest.is_contiguous() and dest.dtype == src_dtype
+            and not dest.is_quantized)

@@ -11,610 +11,63 @@ On the device, CuPy raw kernels compiled from ``native/`` at first use (and cach
 between floating-point dtypes (checkpoint dtype -> model dtype, no CPU pass) and cut
 tensor-parallel shards along dim >= 1 (:class:`~loader_plugins.core.tp.ColumnBlock`).
 
-The module is layered so that everything but the CUDA calls runs on a CPU-only machine:
+Layered so that everything but the CUDA calls runs on a CPU-only machine, one module a layer
+(this module re-exports their names):
 
-* :func:`plan_chunk`, :func:`column_rects`, :func:`ring_geometry`: pure; which device operations
-  one chunk needs.
-* :class:`PinnedRing`: the buffers' bookkeeping, over a :class:`CudaBackend` (events, memory).
-* :class:`CupyBackend`: the only code that talks to CUDA; CuPy is imported when it is created.
-* :class:`CudaSink`: the API the reader uses (:meth:`CudaSink.read_into`, :meth:`CudaSink.write`);
-  :func:`sink_for_destinations` builds one when a load has CUDA destinations and CuPy is there.
+* :mod:`.cuda_plan`: :func:`plan_chunk`, :func:`column_rects`, :func:`ring_geometry`, the kernels'
+  dtypes and sources; pure.
+* :mod:`.cuda_ring`: :class:`PinnedRing`, the buffers' bookkeeping, over a :class:`CudaBackend`
+  (events, memory).
+* :mod:`.cuda_cupy`: :class:`CupyBackend`, the only code that talks to CUDA; CuPy is imported when
+  it is created.
+* here: :class:`CudaSink`, a :class:`~.base.Sink` (:meth:`CudaSink.read_into`,
+  :meth:`CudaSink.write`); :func:`sink_for_destinations` builds one when a load has CUDA
+  destinations and CuPy is there.
 """
 
 from __future__ import annotations
 
-import collections
 import ctypes
-import dataclasses
 import itertools
 import logging
-import re
 import threading
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Sequence
 
-from ...errors import CancelledError, DestinationError, InternalError, MissingDependencyError, StreamerError
+from ...errors import DestinationError, StreamerError
 from ..header import dtype_itemsize, safetensors_dtype
 from ..tp import ColumnBlock
+from .cuda_cupy import CupyBackend
+from .cuda_plan import (
+    COMPACT,
+    CONVERT_FILE,
+    DEST,
+    HOST,
+    MIN_2D_WIDTH,
+    NATIVE_DTYPES,
+    STAGE,
+    STRIDED_FILE,
+    Convert,
+    Copy,
+    Copy2D,
+    Op,
+    Rect,
+    StridedCopy,
+    column_rects,
+    convert_kernel,
+    convert_kernels,
+    kernel_source,
+    native_dir,
+    plan_chunk,
+    ring_geometry,
+)
+from .cuda_ring import CudaBackend, PinnedRing, Slot
 
 if TYPE_CHECKING:
-    import torch
 
     from ...config import StreamerConfig
     from ..sources.base import BufferPool, Source
 
 log = logging.getLogger(__name__)
-
-# safetensors dtype -> the name the kernels in native/convert.cu use
-NATIVE_DTYPES = {
-    "BF16": "bf16",
-    "F16": "f16",
-    "F32": "f32",
-    "F8_E4M3": "e4m3fn",
-    "F8_E5M2": "e5m2",
-    "F8_E4M3FNUZ": "e4m3fnuz",
-    "F8_E5M2FNUZ": "e5m2fnuz",
-}
-_CONVERT_TARGETS = ("bf16", "f16", "f32")
-CONVERT_FILE = "convert.cu"
-STRIDED_FILE = "strided_copy.cu"
-
-#: narrower rows than this (bytes) are cut by the strided kernel on the device instead of a
-#: cudaMemcpy2DAsync straight from host memory (the DMA engine moves narrow rows slowly)
-MIN_2D_WIDTH = 512
-
-
-def convert_kernel(src_dtype: str, dst_dtype: str) -> str | None:
-    """Name of the kernel converting safetensors dtype ``src_dtype`` to ``dst_dtype`` (None: none)."""
-    src, dst = NATIVE_DTYPES.get(src_dtype), NATIVE_DTYPES.get(dst_dtype)
-    if src is None or dst not in _CONVERT_TARGETS or src == dst:
-        return None
-    return f"lp_convert_{src}_to_{dst}"
-
-
-def convert_kernels() -> list[str]:
-    """Every conversion kernel native/convert.cu defines."""
-    return sorted({k for s in NATIVE_DTYPES for d in NATIVE_DTYPES if (k := convert_kernel(s, d))})
-
-
-# ------------------------------------------------------------------------------------------
-# kernel sources
-# ------------------------------------------------------------------------------------------
-
-def native_dir() -> Path:
-    """The directory holding the CUDA C sources: ``native/`` of a source checkout, else the
-    copy installed with the package (``loader_plugins/_native``)."""
-    package = Path(__file__).resolve().parents[2]
-    candidates = [package.parent / "native", package / "_native"]
-    for path in candidates:
-        if (path / CONVERT_FILE).is_file():
-            return path
-    raise InternalError(f"the CUDA kernel sources ({CONVERT_FILE}, {STRIDED_FILE}) are not in "
-                        f"{' or '.join(map(str, candidates))}; reinstall loader-plugins")
-
-
-_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
-
-
-def kernel_source(name: str) -> str:
-    """The source of ``native/<name>`` with its local ``#include "..."`` files pasted in (NVRTC
-    compiles one string and has no include path to the package)."""
-    directory = native_dir()
-
-    def paste(match: re.Match) -> str:
-        included = directory / match.group(1)
-        if included.parent != directory or not included.is_file():
-            raise InternalError(f"{name}: #include \"{match.group(1)}\" is not a file in {directory}")
-        return f"// ---- {match.group(1)} ----\n{included.read_text()}\n// ---- end {match.group(1)} ----"
-
-    return _INCLUDE.sub(paste, (directory / name).read_text())
-
-
-# ------------------------------------------------------------------------------------------
-# pure planning: which device operations one chunk needs
-# ------------------------------------------------------------------------------------------
-
-HOST, STAGE, COMPACT, DEST = "host", "stage", "compact", "dest"
-"""Buffers an operation names: the chunk in its pinned slot, two device staging buffers of the
-slot's size, and the destination tensor."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Copy:
-    """cudaMemcpyAsync of ``nbytes`` (host to device, or device to device)."""
-
-    src: str
-    src_offset: int
-    dst: str
-    dst_offset: int
-    nbytes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Copy2D:
-    """cudaMemcpy2DAsync: ``height`` rows of ``width`` bytes at the given pitches."""
-
-    src: str
-    src_offset: int
-    src_pitch: int
-    dst: str
-    dst_offset: int
-    dst_pitch: int
-    width: int
-    height: int
-
-
-@dataclasses.dataclass(frozen=True)
-class StridedCopy:
-    """The lp_strided_copy_<itemsize> kernel; ``cols`` and pitches in elements."""
-
-    src: str
-    src_offset: int
-    dst: str
-    dst_offset: int
-    itemsize: int
-    rows: int
-    cols: int
-    in_pitch: int
-    out_pitch: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Convert:
-    """A conversion kernel over ``count`` elements."""
-
-    kernel: str
-    src: str
-    src_offset: int
-    dst: str
-    dst_offset: int
-    count: int
-
-
-Op = Union[Copy, Copy2D, StridedCopy, Convert]
-
-
-@dataclasses.dataclass(frozen=True)
-class Rect:
-    """Part of a chunk inside a column block: ``height`` rows of ``width`` bytes starting at
-    ``src_offset`` of the chunk (rows ``pitch`` apart), landing at ``dst_offset`` of the shard."""
-
-    src_offset: int
-    dst_offset: int
-    width: int
-    height: int
-
-
-def column_rects(offset: int, nbytes: int, block: ColumnBlock) -> list[Rect]:
-    """Cut the chunk holding tensor bytes ``[offset, offset + nbytes)`` into at most three
-    rectangles inside ``block`` (a partial first row, whole rows, a partial last row).
-
-    Together they fill one contiguous byte range of the (contiguous) shard, in order.
-    """
-    if nbytes <= 0 or block.width == 0 or block.rows == 0:
-        return []
-    end = offset + nbytes
-    pitch = block.row_bytes
-
-    def segment(row: int) -> tuple[int, int] | None:
-        lo = max(row * pitch + block.start, offset)
-        hi = min(row * pitch + block.start + block.width, end)
-        return (lo, hi) if hi > lo else None
-
-    def rect(lo: int, width: int, row: int, height: int) -> Rect:
-        return Rect(lo - offset, row * block.width + (lo - row * pitch - block.start), width, height)
-
-    first, last = offset // pitch, min((end - 1) // pitch, block.rows - 1)
-    if first > last:
-        return []
-    if first == last:
-        seg = segment(first)
-        return [rect(seg[0], seg[1] - seg[0], first, 1)] if seg else []
-    rects: list[Rect] = []
-    full_lo, full_hi = first + 1, last          # rows [full_lo, full_hi) are whole inside the chunk
-    head, tail = segment(first), segment(last)
-    if head and head[1] - head[0] == block.width:
-        full_lo, head = first, None
-    if tail and tail[1] - tail[0] == block.width:
-        full_hi, tail = last + 1, None
-    if head:
-        rects.append(rect(head[0], head[1] - head[0], first, 1))
-    if full_hi > full_lo:
-        rects.append(rect(full_lo * pitch + block.start, block.width, full_lo, full_hi - full_lo))
-    if tail:
-        rects.append(rect(tail[0], tail[1] - tail[0], last, 1))
-    return rects
-
-
-def plan_chunk(offset: int, nbytes: int, src_itemsize: int, dst_itemsize: int, kernel: str | None,
-               block: ColumnBlock | None = None, *, min_2d_width: int = MIN_2D_WIDTH) -> list[Op]:
-    """The device operations that move one chunk (tensor bytes ``[offset, offset + nbytes)`` of
-    the checkpoint dtype, in the pinned slot) into the destination.
-
-    ``kernel`` converts to the destination dtype (None: same dtype); ``block`` selects a
-    tensor-parallel shard (None: the destination is the whole tensor). Destination offsets are
-    in the destination's bytes.
-    """
-    if offset % src_itemsize or nbytes % src_itemsize:
-        raise ValueError(f"chunk [{offset}, {offset + nbytes}) is not aligned to the {src_itemsize}-byte element")
-    if kernel is None and dst_itemsize != src_itemsize:
-        raise ValueError("a dtype change needs a conversion kernel")
-
-    def scale(n: int) -> int:
-        return n // src_itemsize * dst_itemsize
-
-    if nbytes == 0:
-        return []
-    if block is None:
-        if kernel is None:
-            return [Copy(HOST, 0, DEST, offset, nbytes)]
-        return [Copy(HOST, 0, STAGE, 0, nbytes), Convert(kernel, STAGE, 0, DEST, scale(offset), nbytes // src_itemsize)]
-    if block.row_bytes % src_itemsize or block.start % src_itemsize or block.width % src_itemsize:
-        raise ValueError(f"{block} is not aligned to the {src_itemsize}-byte element")
-    if block.contiguous:   # a dim-0 shard: a linear copy of the part of the chunk inside it
-        lo, hi = block.byte_range()
-        a, b = max(offset, lo), min(offset + nbytes, hi)
-        if b <= a:
-            return []
-        if kernel is None:
-            return [Copy(HOST, a - offset, DEST, a - lo, b - a)]
-        return [Copy(HOST, a - offset, STAGE, 0, b - a),
-                Convert(kernel, STAGE, 0, DEST, scale(a - lo), (b - a) // src_itemsize)]
-    rects = column_rects(offset, nbytes, block)
-    if not rects:
-        return []
-    if kernel is None and block.width >= min_2d_width:
-        return [Copy2D(HOST, r.src_offset, block.row_bytes, DEST, r.dst_offset, block.width, r.width, r.height)
-                for r in rects]
-    # one linear host-to-device copy of the span the rectangles cover, then cut on the device
-    span_lo = rects[0].src_offset
-    last = rects[-1]
-    span_hi = last.src_offset + (last.height - 1) * block.row_bytes + last.width
-    ops: list[Op] = [Copy(HOST, span_lo, STAGE, 0, span_hi - span_lo)]
-    out_lo = rects[0].dst_offset
-    target, base = (DEST, 0) if kernel is None else (COMPACT, out_lo)
-    for r in rects:
-        ops.append(StridedCopy(STAGE, r.src_offset - span_lo, target, r.dst_offset - base, src_itemsize, r.height,
-                               r.width // src_itemsize, block.row_bytes // src_itemsize,
-                               block.width // src_itemsize))
-    if kernel is not None:
-        total = sum(r.width * r.height for r in rects)
-        ops.append(Convert(kernel, COMPACT, 0, DEST, scale(out_lo), total // src_itemsize))
-    return ops
-
-
-def ring_geometry(memory_limit: int, chunk_bytes: int, alignment: int, concurrency: int,
-                  streams: int = 2) -> tuple[int, int]:
-    """``(count, capacity)`` of the pinned ring: buffers of ``chunk_bytes`` (plus ``2 * alignment``
-    so O_DIRECT can read in place), as many as ``memory_limit`` holds, at most one per reader
-    thread plus two per stream, and at least two (smaller ones when the limit is tight)."""
-    per = chunk_bytes + 2 * alignment
-    count = min(memory_limit // per, concurrency + 2 * streams)
-    if count >= 2:
-        return count, chunk_bytes
-    capacity = max(alignment, (memory_limit // 2 - 2 * alignment) // alignment * alignment)
-    return 2, min(capacity, chunk_bytes)
-
-
-# ------------------------------------------------------------------------------------------
-# the ring of pinned buffers
-# ------------------------------------------------------------------------------------------
-
-class CudaBackend:
-    """What the sink needs from CUDA. :class:`CupyBackend` implements it with CuPy; tests use a
-    fake that runs on the CPU. Pointers are ints; streams and events are opaque objects."""
-
-    def owns(self, dest: "torch.Tensor") -> bool:
-        """True when ``dest`` lives on this backend's device."""
-        raise NotImplementedError
-
-    def address(self, dest: "torch.Tensor") -> int:
-        raise NotImplementedError
-
-    def alloc_pinned(self, nbytes: int) -> int:
-        raise NotImplementedError
-
-    def free_pinned(self, ptr: int) -> None:
-        raise NotImplementedError
-
-    def alloc_device(self, nbytes: int) -> int:
-        raise NotImplementedError
-
-    def free_device(self, ptr: int) -> None:
-        raise NotImplementedError
-
-    def new_stream(self) -> Any:
-        raise NotImplementedError
-
-    def new_event(self) -> Any:
-        raise NotImplementedError
-
-    def record(self, event: Any, stream: Any) -> None:
-        raise NotImplementedError
-
-    def query(self, event: Any) -> bool:
-        """True when the work recorded before ``event`` has completed (never blocks)."""
-        raise NotImplementedError
-
-    def wait_event(self, event: Any) -> None:
-        raise NotImplementedError
-
-    def synchronize(self, stream: Any) -> None:
-        raise NotImplementedError
-
-    def device_synchronize(self) -> None:
-        raise NotImplementedError
-
-    def memcpy(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
-        raise NotImplementedError
-
-    def memcpy2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int,
-                 stream: Any) -> None:
-        raise NotImplementedError
-
-    def launch_convert(self, kernel: str, src: int, dst: int, count: int, stream: Any) -> None:
-        raise NotImplementedError
-
-    def launch_strided(self, itemsize: int, src: int, dst: int, rows: int, cols: int, in_pitch: int,
-                       out_pitch: int, stream: Any) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class Slot:
-    """One pinned buffer of the ring (with its event and, when needed, its device staging)."""
-
-    __slots__ = ("index", "ptr", "capacity", "alignment", "event", "stage", "compact", "data_offset")
-
-    def __init__(self, index: int, ptr: int, capacity: int, alignment: int, event: Any):
-        self.index = index
-        self.ptr = ptr
-        self.capacity = capacity
-        self.alignment = alignment
-        self.event = event
-        self.stage: int | None = None
-        self.compact: int | None = None
-        self.data_offset = 0
-
-    def view_for(self, file_offset: int, length: int) -> memoryview:
-        """Where to read ``length`` bytes found at ``file_offset``: placed at the same alignment
-        as in the file, with ``alignment`` spare bytes on both sides (read with ``slack=True``)."""
-        if length > self.capacity:
-            raise ValueError(f"{length} bytes do not fit a {self.capacity}-byte pinned buffer")
-        self.data_offset = file_offset % self.alignment
-        if length == 0:
-            return memoryview(bytearray(0))
-        return memoryview((ctypes.c_char * length).from_address(self.ptr + self.data_offset)).cast("B")
-
-    @property
-    def allocation_bytes(self) -> int:
-        return self.capacity + 2 * self.alignment
-
-
-class PinnedRing:
-    """``count`` pinned buffers of ``capacity`` bytes, allocated on first need and kept.
-
-    :meth:`acquire` lends a free buffer; one given back with :meth:`release` after copies were
-    queued (``recorded=True``) is free again once its event completes. When every buffer is
-    lent out or in flight, acquire waits for the oldest in-flight one's event (the only host
-    wait, and only while the device is behind).
-    """
-
-    def __init__(self, backend: CudaBackend, count: int, capacity: int, alignment: int = 4096,
-                 cancelled: threading.Event | None = None):
-        if count < 1:
-            raise ValueError("a pinned ring needs at least one buffer")
-        self._backend = backend
-        self.count = count
-        self.capacity = capacity
-        self.alignment = alignment
-        self.cancelled = cancelled or threading.Event()   # set it to abort waiting acquires (the reader's)
-        self._cond = threading.Condition()
-        self._free: list[Slot] = []
-        self._in_flight: collections.deque[Slot] = collections.deque()
-        self._slots: list[Slot] = []
-        self._made = 0
-        self._closed = False
-        self.event_waits = 0     # times acquire blocked on an event (the device was behind)
-
-    @property
-    def allocated_bytes(self) -> int:
-        return sum(s.allocation_bytes for s in self._slots)
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
-    def _reclaim_done(self) -> None:
-        while self._in_flight and self._backend.query(self._in_flight[0].event):
-            self._free.append(self._in_flight.popleft())
-
-    def acquire(self) -> Slot:
-        while True:
-            with self._cond:
-                if self._closed or self.cancelled.is_set():
-                    raise CancelledError("pinned ring closed: the load was cancelled")
-                self._reclaim_done()
-                if self._free:
-                    return self._free.pop()
-                if self._made < self.count:
-                    index = self._made
-                    self._made += 1
-                    break
-                if self._in_flight:
-                    slot = self._in_flight.popleft()
-                    self.event_waits += 1
-                else:
-                    self._cond.wait(0.1)   # every buffer is being filled by another reader
-                    continue
-            self._backend.wait_event(slot.event)
-            return slot
-        try:
-            ptr = self._backend.alloc_pinned(self.capacity + 2 * self.alignment)
-            slot = Slot(index, ptr, self.capacity, self.alignment, self._backend.new_event())
-        except BaseException:
-            with self._cond:
-                self._made -= 1
-                self._cond.notify()
-            raise
-        with self._cond:
-            self._slots.append(slot)
-        return slot
-
-    def release(self, slot: Slot, recorded: bool) -> None:
-        """Give ``slot`` back; ``recorded``: copies reading it were queued and its event recorded."""
-        with self._cond:
-            (self._in_flight if recorded else self._free).append(slot)
-            self._cond.notify()
-
-    def all_done(self) -> None:
-        """Every queued copy has completed (the caller synchronised): all buffers are free."""
-        with self._cond:
-            self._free.extend(self._in_flight)
-            self._in_flight.clear()
-
-    def close(self) -> None:
-        """Wait for the copies still in flight, then free every buffer."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            in_flight, self._in_flight = list(self._in_flight), collections.deque()
-            slots, self._slots = self._slots, []
-            self._free.clear()
-            self._cond.notify_all()
-        for slot in in_flight:
-            try:
-                self._backend.wait_event(slot.event)
-            except Exception:  # noqa: BLE001 - a failed device: free what can be freed
-                log.debug("waiting for a pinned buffer's event failed", exc_info=True)
-        for slot in slots:
-            for ptr in (slot.stage, slot.compact):
-                if ptr is not None:
-                    self._backend.free_device(ptr)
-            self._backend.free_pinned(slot.ptr)
-
-
-# ------------------------------------------------------------------------------------------
-# CUDA through CuPy (imported on first use)
-# ------------------------------------------------------------------------------------------
-
-class CupyBackend(CudaBackend):
-    """CUDA runtime calls and raw kernels through CuPy, on one device."""
-
-    _modules: dict[tuple[int, str], Any] = {}
-    _functions: dict[tuple[int, str, str], Any] = {}
-    _lock = threading.Lock()
-
-    def __init__(self, device: int | None = None):
-        try:
-            import cupy
-        except ImportError as exc:
-            raise MissingDependencyError(f"the CUDA sink needs CuPy ({exc}): install loader-plugins[cuda] "
-                                f"(cupy-cuda12x) or the cupy wheel matching your CUDA (cupy-cuda13x)") from exc
-        import numpy
-
-        self._cp = cupy
-        self._np = numpy
-        self._rt = cupy.cuda.runtime
-        self.device = int(self._rt.getDevice() if device is None else device)
-
-    def _ctx(self):
-        return self._cp.cuda.Device(self.device)
-
-    def owns(self, dest) -> bool:
-        return dest.device.type == "cuda" and (dest.device.index or 0) == self.device
-
-    def address(self, dest) -> int:
-        return int(dest.data_ptr())
-
-    def alloc_pinned(self, nbytes: int) -> int:
-        with self._ctx():
-            return int(self._rt.hostAlloc(nbytes, self._rt.hostAllocPortable))   # page-locked, page-aligned
-
-    def free_pinned(self, ptr: int) -> None:
-        with self._ctx():
-            self._rt.freeHost(ptr)
-
-    def alloc_device(self, nbytes: int) -> int:
-        with self._ctx():   # straight cudaMalloc: nothing stays cached in a pool after the load
-            return int(self._rt.malloc(nbytes))
-
-    def free_device(self, ptr: int) -> None:
-        with self._ctx():
-            self._rt.free(ptr)
-
-    def new_stream(self):
-        with self._ctx():
-            return self._cp.cuda.Stream(non_blocking=True)
-
-    def new_event(self):
-        with self._ctx():
-            return self._cp.cuda.Event(block=True, disable_timing=True)   # a waiting reader sleeps, not spins
-
-    def record(self, event, stream) -> None:
-        with self._ctx():
-            event.record(stream)
-
-    def query(self, event) -> bool:
-        return bool(event.done)
-
-    def wait_event(self, event) -> None:
-        event.synchronize()
-
-    def synchronize(self, stream) -> None:
-        stream.synchronize()
-
-    def device_synchronize(self) -> None:
-        with self._ctx():
-            self._rt.deviceSynchronize()
-
-    def memcpy(self, dst: int, src: int, nbytes: int, stream) -> None:
-        with self._ctx():
-            self._rt.memcpyAsync(dst, src, nbytes, self._rt.memcpyDefault, stream.ptr)
-
-    def memcpy2d(self, dst, dst_pitch, src, src_pitch, width, height, stream) -> None:
-        with self._ctx():
-            self._rt.memcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height, self._rt.memcpyDefault,
-                                   stream.ptr)
-
-    def function(self, file: str, name: str):
-        """Kernel ``name`` of ``native/<file>``, compiled once per process and device."""
-        key = (self.device, file, name)
-        fn = self._functions.get(key)
-        if fn is not None:
-            return fn
-        with self._lock:
-            fn = self._functions.get(key)
-            if fn is None:
-                module = self._modules.get((self.device, file))
-                if module is None:
-                    module = self._cp.RawModule(code=kernel_source(file))
-                    self._modules[(self.device, file)] = module
-                with self._ctx():
-                    fn = module.get_function(name)
-                self._functions[key] = fn
-        return fn
-
-    def launch_convert(self, kernel: str, src: int, dst: int, count: int, stream) -> None:
-        u64 = self._np.uint64
-        threads = 256
-        blocks = max(1, min(-(-count // threads), 8192))
-        fn = self.function(CONVERT_FILE, kernel)
-        with self._ctx():
-            fn((blocks,), (threads,), (u64(src), u64(dst), u64(count)), stream=stream)
-
-    def launch_strided(self, itemsize, src, dst, rows, cols, in_pitch, out_pitch, stream) -> None:
-        u64 = self._np.uint64
-        threads = 256
-        grid = (max(1, min(-(-cols // threads), 1024)), max(1, min(rows, 65535)))
-        fn = self.function(STRIDED_FILE, f"lp_strided_copy_{itemsize}")
-        with self._ctx():
-            fn(grid, (threads,), (u64(src), u64(dst), u64(rows), u64(cols), u64(in_pitch), u64(0), u64(out_pitch)),
-               stream=stream)
-
 
 # ------------------------------------------------------------------------------------------
 # the sink
@@ -696,6 +149,33 @@ class CudaSink:
         if dest.numel() != want:
             raise DestinationError(f"destination for {spec.describe()} has {dest.numel()} elements but "
                                    f"{'its shard' if block is not None else 'the tensor'} has {want}")
+
+    # ---- the Sink protocol (core/sinks/base.py) ----------------------------------------------
+    allocates = False
+    deferred = True      # copies are asynchronous: complete after finish()
+
+    def takes(self, spec, dest) -> bool:
+        return self.can_write(spec.dtype, dest)
+
+    def check(self, spec, dest, block: ColumnBlock | None) -> bool:
+        self.check_destination(spec, dest, block)
+        return True
+
+    def wrap(self, dest) -> None:
+        return None
+
+    def buffer_for(self, target) -> None:
+        return None
+
+    def land(self, job, item, source, *, pool, cancelled) -> None:
+        self.read_into(source, item.file_offset, item.length, job.target, item.dest_offset, src_dtype=job.spec.dtype,
+                       block=job.block, pool=pool, cancelled=cancelled)
+
+    def reserved_bytes(self) -> int:
+        return self._ring.count * (self._ring.capacity + 2 * self._ring.alignment)
+
+    def attach(self, cancelled: threading.Event) -> None:
+        self._ring.cancelled = cancelled
 
     # ---- moving bytes ----------------------------------------------------------------------
     def start(self) -> None:
@@ -786,7 +266,7 @@ class CudaSink:
             slot = self.acquire()
             try:
                 view = slot.view_for(file_offset + done, n)
-                source.read_into(file_offset + done, view, pool, cancelled, True)
+                source.read_into(file_offset + done, view, pool=pool, cancelled=cancelled, slack=True)
                 del view
             except BaseException:
                 self.release(slot)
@@ -877,3 +357,11 @@ def cuda_sink_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("cupy") is not None
+
+
+__all__ = [
+    "COMPACT", "CONVERT_FILE", "DEST", "HOST", "MIN_2D_WIDTH", "NATIVE_DTYPES", "STAGE", "STRIDED_FILE", "Convert",
+    "Copy", "Copy2D", "CudaBackend", "CudaSink", "CupyBackend", "Op", "PinnedRing", "Rect", "Slot", "StridedCopy",
+    "column_rects", "convert_kernel", "convert_kernels", "cuda_sink_available", "kernel_source", "native_dir",
+    "plan_chunk", "ring_geometry", "sink_for_destinations",
+]

@@ -113,7 +113,7 @@ class LocalSource(Source):
                     return None
             return self._dfd
 
-    def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
+    def read_into(self, offset: int, dest: memoryview, *, pool: BufferPool | None = None,
                   cancelled: threading.Event | None = None, slack: bool = False, fresh: bool = False) -> None:
         length = len(dest)
         if offset + length > self._size:
@@ -151,9 +151,8 @@ class LocalSource(Source):
         length = len(dest)
         addr = _addr(dest)
         if fresh and pool is not None:
-            # Just-faulted memory is scattered 4 KiB pages: in place, the device gets requests of
-            # 0.6-1.9 MiB (virtio-blk: 254 segments); from huge-page staging, 4 MiB ones. Measured
-            # on the reference VM, cold 3 GB into fresh tensors: 1.78 GB/s staged, 1.43 in place.
+            # Just-faulted memory is scattered 4 KiB pages: in place, the device gets short requests;
+            # from huge-page staging, full-size ones (faster: docs/measurements.md, "Staging buffers").
             self._direct_staged(dfd, offset, dest, pool, cancelled)
             return
         if (addr - offset) % align == 0:

@@ -114,10 +114,15 @@ class S3Source(Source):
         if not self.etag:
             log.debug("%s: the server sent no ETag; changes are detected by size only", uri)
 
+    @property
+    def reads_pinned(self) -> bool:   # type: ignore[override]
+        """Every ranged GET carries ``If-Match`` with the ETag seen at open."""
+        return bool(self.etag)
+
     def size(self) -> int:
         return self._size
 
-    def read_into(self, offset: int, dest: memoryview, pool: BufferPool | None = None,
+    def read_into(self, offset: int, dest: memoryview, *, pool: BufferPool | None = None,
                   cancelled: threading.Event | None = None, slack: bool = False, fresh: bool = False) -> None:
         view = memoryview(dest)
         if view.ndim != 1 or view.format not in ("B", "b", "c"):
@@ -279,6 +284,16 @@ class S3Storage(Storage):
         return self.is_dir(uri)
 
     def list_dir(self, uri: str) -> list[str]:
+        names = self.listing(uri)
+        if names is None:
+            bucket, key = parse_s3_uri(uri)
+            raise SourceNotFoundError(errno.ENOENT, f"{uri}: no objects under s3://{bucket}/{_dir_prefix(key)}; "
+                                      f"check the bucket and prefix")
+        return names
+
+    def listing(self, uri: str) -> list[str] | None:
+        """One LIST (more pages for more than 1000 keys): the names directly under ``uri``, or
+        None when nothing is (not a directory)."""
         bucket, key = parse_s3_uri(uri)
         prefix = _dir_prefix(key)
         names: list[str] = []
@@ -296,9 +311,27 @@ class S3Storage(Storage):
                 break
             kwargs["ContinuationToken"] = token
         if not seen_any:
-            raise SourceNotFoundError(errno.ENOENT, f"{uri}: no objects under s3://{bucket}/{prefix}; "
-                              f"check the bucket and prefix")
+            return None
         return sorted(names)
+
+    def read_small(self, uri: str, limit: int = 64 << 20) -> bytes:
+        """A small whole object (index.json, config) in one GET, no HEAD."""
+        bucket, key = parse_s3_uri(uri)
+        if not key or key.endswith("/"):
+            raise SourceError(errno.EISDIR, f"{uri}: names a bucket or prefix, not an object")
+
+        def get() -> bytes:
+            resp = self.client.get_object(Bucket=bucket, Key=key)
+            body = resp["Body"]
+            try:
+                if int(resp.get("ContentLength", 0)) > limit:
+                    raise SourceError(errno.EFBIG, f"{uri}: {resp['ContentLength']} bytes is larger than the "
+                                                   f"{limit}-byte limit for this file")
+                return body.read()
+            finally:
+                body.close()
+
+        return self._call(uri, "GET", get)
 
     def join(self, base: str, name: str) -> str:
         return str(base).rstrip("/") + "/" + name
@@ -417,8 +450,7 @@ class S3Storage(Storage):
 
 
 # Parsed service models and endpoint rules, shared by every client this process creates.
-# Parsing them is most of what creating a client costs (~0.1 s of CPU here, twice per load:
-# once to resolve the checkpoint, once to read it); they are static data files, keyed by the
+# Parsing them is most of what creating a client costs (docs/measurements.md); they are static data files, keyed by the
 # search path (AWS_DATA_PATH). Credentials, profiles and regions stay per session.
 _LOADERS: dict[Any, Any] = {}
 _LOADERS_LOCK = threading.Lock()
