@@ -3,7 +3,7 @@ and from the DRAM tier, next to the pread ceilings of the same bytes on this hos
 
     python -m loader_plugins.cache.bench --size 3GB --repeat 3 --workdir /tmp/lp-cache-bench
 
-Starts SeaweedFS on 127.0.0.1 (the launcher in the repository's ``integration_tests/s3_server.py``;
+Starts SeaweedFS on 127.0.0.1 (:mod:`loader_plugins.bench.seaweed`;
 ``--endpoint`` uses a running server instead, with AWS_* credentials in the environment), writes
 a Llama-like demo checkpoint (``model-streamer make-demo``), uploads it, then per repeat:
 
@@ -66,11 +66,8 @@ def _read_all(paths: list[str]) -> None:
 
 
 def _start_seaweed(workdir: Path):
-    sys.path.insert(0, str(REPO / "integration_tests"))
-    try:
-        from s3_server import SeaweedS3   # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise SystemExit(f"cannot start SeaweedFS: {exc}; run from a repository checkout or pass --endpoint") from exc
+    from ..bench.seaweed import SeaweedS3
+
     server = SeaweedS3(workdir)
     server.start()
     for key, value in server.env().items():
