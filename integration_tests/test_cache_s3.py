@@ -28,7 +28,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from loader_plugins import StreamerConfig, load_file  # noqa: E402
 from loader_plugins.bench.peers import evict as drop_page_cache  # noqa: E402
-from loader_plugins.cache import tiered  # noqa: E402
+from loader_plugins.cache import tiered, warm  # noqa: E402
 from loader_plugins.cache.disk import DiskTier, wait_for_commits  # noqa: E402
 from loader_plugins.cache.dram import DramTier  # noqa: E402
 from loader_plugins.cache.estimate import DEFAULT_GBPS, HISTORY_NAME, RECENT, LoadHistory, estimate  # noqa: E402
@@ -294,12 +294,12 @@ def test_eviction_under_budget(s3_server, s3_bucket, s3_env, hooked, tmp_path):
     entry = store.entries()[0]
     handle = store.lookup(entry["bucket"], entry["key"], entry["etag"], entry["size"])
     try:
-        result = tiered.evict(None, cfg, tiers=("disk",))
+        result = warm.evict(None, cfg, tiers=("disk",))
         assert result["disk"]["in_use"] == [entry["uri"]]
         assert Path(handle.data_path).stat().st_size == entry["size"]
     finally:
         handle.close()
-    assert tiered.evict(None, cfg, tiers=("disk",))["disk"]["evicted"] == [entry["uri"]]
+    assert warm.evict(None, cfg, tiers=("disk",))["disk"]["evicted"] == [entry["uri"]]
 
 
 def test_dram_tier_from_another_process(s3_server, s3_bucket, s3_env, tmp_path, shm_dir):

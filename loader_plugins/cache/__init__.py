@@ -1,8 +1,10 @@
 """Multi-tier checkpoint cache for s3:// checkpoints: shared DRAM -> local disk -> S3.
 
-- :mod:`.disk`: the local disk tier (write-through while loading, atomic, ETag-keyed, LRU budget);
-- :mod:`.dram`: the shared-memory tier in ``/dev/shm`` and ``model-streamer cache serve``;
+- :mod:`.disk`: the local disk tier (atomic, ETag-keyed, LRU budget); :mod:`.fill` writes one
+  entry (write-through while loading), :mod:`.files` the locking file helpers;
+- :mod:`.dram`: the shared-memory tier in ``/dev/shm``; :mod:`.dram_server` is ``cache serve``;
 - :mod:`.tiered`: :class:`TieredStorage`, the ``s3://`` storage that picks the fastest tier;
+- :mod:`.warm`: ``cache warm`` / ``evict`` and promotion, outside a load;
 - :mod:`.estimate`: load-time estimates from recorded bandwidths;
 - :mod:`.metrics`: Prometheus counters and gauges per tier.
 
@@ -17,8 +19,8 @@ import importlib
 #: public names -> the submodule that defines them (imported on first use: importing the
 #: package, as ``loader_plugins`` does to plug the cache in, costs nothing)
 _LAZY = {"DiskTier": "disk", "EntryStore": "disk", "entry_key": "disk", "DramTier": "dram", "LoadHistory": "estimate",
-         "TieredStorage": "tiered", "evict": "tiered", "s3_storage": "tiered", "tiered_storage_for": "tiered",
-         "warm": "tiered"}
+         "TieredStorage": "tiered", "evict": "warm", "s3_storage": "tiered", "tiered_storage_for": "tiered",
+         "warm": "warm"}
 
 __all__ = sorted(_LAZY)
 

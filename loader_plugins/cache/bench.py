@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..streamer import load_file
     from .disk import DiskTier, wait_for_commits
     from .estimate import estimate
-    from .tiered import warm
+    from .warm import warm
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

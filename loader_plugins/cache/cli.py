@@ -79,7 +79,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_warm(args: argparse.Namespace) -> int:
     from .dram import DramTier
-    from .tiered import warm
+    from .warm import warm
 
     cfg = _config(args)
     if args.max_bytes and args.tier == "dram":
@@ -97,7 +97,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
-    from .tiered import evict
+    from .warm import evict
 
     if not args.uri and not args.all:
         print("model-streamer cache evict: give an s3:// URI or --all", file=sys.stderr)

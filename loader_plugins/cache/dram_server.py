@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from . import metrics
 from .disk import DiskTier
 from .dram import SERVER_FILE, DramTier
-from .tiered import copy_entry, warm
+from .warm import copy_entry, warm
 
 if TYPE_CHECKING:
     from ..config import StreamerConfig

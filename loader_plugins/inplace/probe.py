@@ -291,7 +291,6 @@ def gives_data(func) -> bool:
     return known
 
 
-
 def materialize(s: StandIn, origin: torch.Tensor) -> torch.Tensor:
     """The real tensor a (non-opaque) stand-in stands for, given its checkpoint tensor's values."""
     value = origin.as_strided(s.value.shape, s.value.stride(), s.value.storage_offset())

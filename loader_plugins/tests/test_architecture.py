@@ -1,7 +1,8 @@
 """The house's seams, checked from the source: the import graph and the storage registry.
 
 Imports are read with ``ast`` from every module of the package, function-local ones included
-(a circle hidden in a function is still a circle).
+(a circle hidden in a function is still a circle); imports under ``if TYPE_CHECKING:`` are
+annotations only, never executed, and are left out.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                       for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from loader_plugins import StreamerConfig, load_file
-from loader_plugins.cache import metrics, tiered
+from loader_plugins.cache import metrics, tiered, warm
 from loader_plugins.cache.cli import main as cache_main
 from loader_plugins.cache.disk import DiskTier, entry_key, wait_for_commits
 from loader_plugins.cache.dram import DramTier
@@ -404,7 +404,7 @@ def test_write_through_then_disk_then_dram(fake_s3, tmp_path):
     first += index                                    # the index is always read from the remote
     assert fake_s3.remote_bytes() == first            # served by the disk tier: no shard byte downloaded
 
-    rows = tiered.warm(uri, StreamerConfig(cache_dir=str(cache), dram_cache_dir=str(shm)))
+    rows = warm.warm(uri, StreamerConfig(cache_dir=str(cache), dram_cache_dir=str(shm)))
     assert [r["result"] for r in rows] == ["copied from disk"] * 2
     first = fake_s3.remote_bytes()   # warm lists the checkpoint (index) again
     got = load_file(uri, cache_dir=str(cache), dram_cache_dir=str(shm))

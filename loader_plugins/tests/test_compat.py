@@ -213,7 +213,6 @@ def test_owned_false_still_gives_owned_tensors(tmp_path):
         assert torch.equal(kept[f"w{i}"], torch.full((256,), float(i)))
 
 
-
 def test_destinations_are_checked_at_stream_file_and_filled_per_file(tmp_path):
     first, second = tmp_path / "1.safetensors", tmp_path / "2.safetensors"
     save_file({"A": torch.full((3,), 1.0), "X": torch.arange(4.0)}, first)

@@ -187,7 +187,6 @@ def test_parse_size_rejects(text):
         parse_size(text)
 
 
-
 def test_cli_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
     """``model-streamer inspect DIR | head``: the pipe closes before the table is written."""
     import subprocess
