@@ -105,7 +105,7 @@ def config(endpoint_url: str, **overrides) -> StreamerConfig:
     values = dict(s3_endpoint_url=endpoint_url, s3_region="us-east-1", s3_addressing_style="path",
                   request_timeout=20.0, max_retries=3, concurrency=4, progress="off")
     values.update(overrides)
-    return StreamerConfig(**values)
+    return StreamerConfig.from_dict(values)
 
 
 def spawn_load(cfg: StreamerConfig, uri: str) -> subprocess.Popen:

@@ -52,7 +52,7 @@ def test_a_cold_model_starts_where_its_checkpoint_is_cached(s3_server, s3_env, s
     s3_keys = {"s3_endpoint_url": s3_server.endpoint_url, "s3_addressing_style": "path"}
 
     cached_dir, remote_dir = tmp_path / "cache-cached", tmp_path / "cache-remote"
-    warmed = load_file(prefix, config=StreamerConfig(cache_dir=str(cached_dir), **s3_keys))
+    warmed = load_file(prefix, config=StreamerConfig.from_dict({"cache_dir": str(cached_dir), **s3_keys}))
     assert wait_for_commits(60) and len(warmed) == len(tiny_llama_tensor_names(8))
     disk_loads_before = len(LoadHistory(cached_dir / HISTORY_NAME).samples("disk"))
 

@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from .config import StreamerConfig, field_docs
+from .config import StreamerConfig, config_fields, field_docs
 
 
 def _default(field: dataclasses.Field) -> Any:
@@ -28,7 +28,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("streamer options (StreamerConfig; the same keys as vLLM's "
                                       "--model-loader-extra-config)")
     docs = field_docs()
-    for field in dataclasses.fields(StreamerConfig):
+    for field in config_fields():
         group.add_argument("--" + field.name.replace("_", "-"), dest="cfg_" + field.name, default=None,
                            metavar=field.name.upper(), help=_help(docs.get(field.name, ""), _default(field)))
 

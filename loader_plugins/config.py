@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from .errors import ConfigError
@@ -104,22 +105,16 @@ class StreamerConfig:
     deadline: float | None = None
     """Seconds the whole load may take before it fails; ``None`` for no limit."""
 
-    # --- checkpoint cache tiers (loader_plugins.cache): DRAM -> local disk -> S3 ---
-    cache_dir: str | None = None
-    """Local disk tier for s3:// checkpoints: loads from S3 write through into this directory and
-    later loads read the local copy (keyed by bucket, key and ETag); ``None`` turns it off."""
-
-    cache_max_bytes: int = 0
-    """Size budget of the disk tier; least recently used entries not being read are evicted to
-    stay within it. ``0`` for unlimited."""
-
-    dram_cache_dir: str | None = None
-    """Shared-memory tier, e.g. ``/dev/shm/loader-plugins`` (filled by ``model-streamer cache warm``
-    or ``cache serve``); checked before the disk tier. ``None`` turns it off."""
+    sections: tuple = dataclasses.field(default=(), repr=False)
+    """Plug-in sections, ``((name, section), ...)``: options that belong to a package outside the
+    core (the checkpoint cache: ``cache_dir``...). Their keys are given flat like every other key
+    (``from_dict({"cache_dir": ...})``) and read back with :meth:`section`; see
+    :func:`register_config_section`."""
 
     @classmethod
     def allowed_keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        """Every key ``from_dict`` accepts: the core's fields, then each registered section's."""
+        return [f.name for f in config_fields()]
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None, *, where: str = "config") -> "StreamerConfig":
@@ -132,14 +127,31 @@ class StreamerConfig:
                 f"unknown {where} key(s) {', '.join(map(repr, unknown))}; "
                 f"allowed keys are: {', '.join(allowed)}"
             )
-        return cls(**_coerce_all(values, where))
+        core, per_section = _split_by_section(values)
+        sections = tuple((name, _build_section(name, per_section[name], where)) for name in sorted(per_section))
+        return cls(**_coerce_all(core, where), sections=sections)
 
     def replace(self, **changes: Any) -> "StreamerConfig":
         return self.from_dict({**self.to_dict(), **changes})
 
+    def section(self, name: str) -> Any:
+        """The section ``name`` (a registered plug-in's options): the one this config was given,
+        else that section's defaults."""
+        for have, value in self.sections:
+            if have == name:
+                return value
+        try:
+            return _SECTIONS[name]()
+        except KeyError:
+            raise ConfigError(f"no config section {name!r} is registered; registered: "
+                              f"{', '.join(sorted(_SECTIONS)) or 'none'}") from None
+
     def to_dict(self, *, redact: bool = False) -> dict[str, Any]:
-        """Every field; ``redact`` replaces set credentials with ``"***"`` (for reports)."""
-        out = dataclasses.asdict(self)
+        """Every key, flat (sections' keys beside the core's, defaults included); ``redact``
+        replaces set credentials with ``"***"`` (for reports)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
+        for name in sorted(_SECTIONS):
+            out.update(dataclasses.asdict(self.section(name)))
         if redact:
             for key in _SECRET_FIELDS:
                 if out[key] is not None:
@@ -171,8 +183,86 @@ _CHOICES = {
 _HUGEPAGE_WORDS = {"auto": "auto", "on": "on", "true": "on", "1": "on", "yes": "on",
                    "off": "off", "false": "off", "0": "off", "no": "off"}
 _SECRET_FIELDS = ("s3_access_key_id", "s3_secret_access_key", "s3_session_token")
-_SIZE_FIELDS = ("chunk_bytes", "memory_limit", "alignment", "max_header_bytes", "cache_max_bytes",
-                "s3_range_bytes")
+_SIZE_FIELDS = ("chunk_bytes", "memory_limit", "alignment", "max_header_bytes", "s3_range_bytes")
+
+
+# --- plug-in sections ------------------------------------------------------------------------
+# A package outside the core (the checkpoint cache) owns its options: a frozen dataclass whose
+# fields carry doc strings like StreamerConfig's, with optional ``SIZE_FIELDS`` (parsed like
+# "16MiB") and ``validate()`` (raises ConfigError). Registered once by name; its keys are then
+# accepted flat everywhere StreamerConfig keys are (library, CLI flags, vLLM's extra config, TGI's
+# environment) and read back with ``config.section(name)``.
+
+_SECTIONS: dict[str, type] = {}
+
+
+def register_config_section(name: str, cls: type, *, replace: bool = False) -> None:
+    """Register ``cls`` (a frozen dataclass) as the config section ``name``. Registering the same
+    class again is a no-op; another class under a taken name, or a key another part already owns,
+    raises :class:`ConfigError` (``replace=True`` swaps the class for that name)."""
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise ConfigError(f"config section {name!r}: {cls!r} is not a dataclass")
+    have = _SECTIONS.get(name)
+    if have is cls:
+        return
+    if have is not None and not replace:
+        raise ConfigError(f"config section {name!r} is already registered by {have.__module__}.{have.__qualname__}; "
+                          f"pass replace=True to replace it with {cls.__module__}.{cls.__qualname__}")
+    owners = {f.name: "StreamerConfig" for f in dataclasses.fields(StreamerConfig)}
+    for other, other_cls in _SECTIONS.items():
+        if other != name:
+            owners.update({f.name: f"section {other!r}" for f in dataclasses.fields(other_cls)})
+    taken = sorted(f.name for f in dataclasses.fields(cls) if f.name in owners)
+    if taken:
+        raise ConfigError(f"config section {name!r}: key(s) {', '.join(taken)} already belong to "
+                          f"{', '.join(sorted({owners[k] for k in taken}))}")
+    _SECTIONS[name] = cls
+
+
+def config_sections() -> Mapping[str, type]:
+    """The registered sections, read-only (name -> dataclass)."""
+    return MappingProxyType(_SECTIONS)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """Every option as a dataclass field: the core's (not ``sections`` itself), then each
+    registered section's, by section name."""
+    fields = [f for f in dataclasses.fields(StreamerConfig) if f.name != "sections"]
+    for name in sorted(_SECTIONS):
+        fields.extend(dataclasses.fields(_SECTIONS[name]))
+    return fields
+
+
+def _split_by_section(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    owner = {f.name: name for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    core: dict[str, Any] = {}
+    per_section: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        if key in owner:
+            per_section.setdefault(owner[key], {})[key] = value
+        else:
+            core[key] = value
+    return core, per_section
+
+
+def _build_section(name: str, values: dict[str, Any], where: str) -> Any:
+    cls = _SECTIONS[name]
+    sizes = getattr(cls, "SIZE_FIELDS", ())
+    coerced: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+            value = None
+        if key in sizes and value is not None:
+            try:
+                value = parse_size(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{where} key {key!r}: {exc}") from exc
+        coerced[key] = value
+    section = cls(**coerced)
+    validate = getattr(section, "validate", None)
+    if validate is not None:
+        validate()
+    return section
 
 
 def field_docs() -> dict[str, str]:
@@ -181,23 +271,31 @@ def field_docs() -> dict[str, str]:
     that one's text."""
     global _FIELD_DOCS
     if _FIELD_DOCS is None:
-        import ast
-        import inspect
-
-        docs: dict[str, str] = {}
-        body = next(n for n in ast.parse(inspect.getsource(StreamerConfig)).body if isinstance(n, ast.ClassDef)).body
-        last = ""
-        for node, following in zip(body, body[1:] + [None]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if isinstance(following, ast.Expr) and isinstance(getattr(following, "value", None), ast.Constant) \
-                        and isinstance(following.value.value, str):
-                    last = inspect.cleandoc(following.value.value)
-                docs[node.target.id] = last
-        _FIELD_DOCS = docs
-    return dict(_FIELD_DOCS)
+        _FIELD_DOCS = _class_field_docs(StreamerConfig)
+    out = dict(_FIELD_DOCS)
+    for cls in _SECTIONS.values():
+        out.update(_class_field_docs(cls))
+    return out
 
 
 _FIELD_DOCS: dict[str, str] | None = None
+
+
+def _class_field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each annotated field of ``cls``'s source."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    body = next(n for n in ast.parse(inspect.getsource(cls)).body if isinstance(n, ast.ClassDef)).body
+    last = ""
+    for node, following in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(getattr(following, "value", None), ast.Constant) \
+                    and isinstance(following.value.value, str):
+                last = inspect.cleandoc(following.value.value)
+            docs[node.target.id] = last
+    return docs
 
 
 def parse_size(value: Any) -> int:
@@ -282,3 +380,10 @@ def _validate(cfg: StreamerConfig) -> None:
         raise bad("deadline", "must be a positive number of seconds or null")
     if not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
         raise bad("max_retries", "must be a non-negative integer")
+    seen = set()
+    for entry in cfg.sections:
+        name, section = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, entry)
+        if name not in _SECTIONS or not isinstance(section, _SECTIONS[name]) or name in seen:
+            raise ConfigError(f"config sections must be (name, section) pairs of registered sections, once each "
+                              f"(registered: {', '.join(sorted(_SECTIONS)) or 'none'}); got {entry!r}")
+        seen.add(name)

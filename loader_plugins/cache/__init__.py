@@ -10,7 +10,8 @@
 
 Plugged into the core from outside (:mod:`.plugin`, called when ``loader_plugins`` is imported):
 the ``s3`` storage becomes :func:`.tiered.s3_storage`. Turned on per load by
-``StreamerConfig(cache_dir=..., dram_cache_dir=...)``. Load-time estimates:
+its config section (:mod:`.config`: ``cache_dir``, ``cache_max_bytes``, ``dram_cache_dir``,
+given flat like every StreamerConfig key). Load-time estimates:
 ``from loader_plugins.cache.estimate import estimate``.
 """
 

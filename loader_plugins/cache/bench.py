@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import cache_config
+
 log = logging.getLogger("loader_plugins.cache.bench")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,9 +129,9 @@ def run(args: argparse.Namespace) -> dict:
         if args.concurrency:
             common["concurrency"] = args.concurrency
         plain = StreamerConfig(**common)
-        cached = StreamerConfig(**common, cache_dir=str(cache))
-        both = StreamerConfig(**common, cache_dir=str(cache), dram_cache_dir=str(shm))
-        extra = StreamerConfig(**common, cache_dir=str(cache), dram_cache_dir=args.extra_dram_dir) \
+        cached = StreamerConfig.from_dict({**common, "cache_dir": str(cache)})
+        both = StreamerConfig.from_dict({**common, "cache_dir": str(cache), "dram_cache_dir": str(shm)})
+        extra = StreamerConfig.from_dict({**common, "cache_dir": str(cache), "dram_cache_dir": args.extra_dram_dir}) \
             if args.extra_dram_dir else None
         extra_name = f"dram tier ({args.extra_dram_label})"
         seaweed_files = (lambda: _all_files(work / "seaweedfs")) if server is not None else (lambda: [])
@@ -190,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
                 for cfg in (both, extra) if extra is not None else (both,):
                     t = time.perf_counter()
                     warm(uri, cfg, tier="dram")
-                    log.info("warmed the DRAM tier %s in %.1f s", cfg.dram_cache_dir, time.perf_counter() - t)
+                    log.info("warmed the DRAM tier %s in %.1f s", cache_config(cfg).dram_cache_dir, time.perf_counter() - t)
                 others()
             measure("pread warm (4t, buffered)", lambda: peers.pread_ceiling(shards, threads=4),
                     prepare=lambda: _read_all(shards))

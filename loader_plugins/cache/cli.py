@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from .config import cache_config
+
 log = logging.getLogger("loader_plugins.cli")
 
 DEFAULT_DRAM_DIR = "/dev/shm/loader-plugins"
@@ -30,7 +32,7 @@ def _config(args: argparse.Namespace, *, default_dram: bool = True):
             setattr(args, key, None)
             continue
     cfg = config_from_args(args)
-    if default_dram and cfg.dram_cache_dir is None and getattr(args, "cfg_dram_cache_dir", None) is None:
+    if default_dram and cache_config(cfg).dram_cache_dir is None and getattr(args, "cfg_dram_cache_dir", None) is None:
         cfg = cfg.replace(dram_cache_dir=DEFAULT_DRAM_DIR)
     return cfg
 
@@ -83,7 +85,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.max_bytes and args.tier == "dram":
-        DramTier(cfg.dram_cache_dir).set_budget(_size(args.max_bytes))
+        DramTier(cache_config(cfg).dram_cache_dir).set_budget(_size(args.max_bytes))
     t0 = time.perf_counter()
     rows = warm(args.uri, cfg, tier=args.tier)
     seconds = time.perf_counter() - t0

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from ..errors import ConfigError
 from . import metrics
+from .config import cache_config
 from .files import _open_locked, _unlink
 from .fill import MANIFEST_VERSION, Fill, _committer, _wait_published, wait_for_commits  # noqa: F401  (wait_for_commits: re-exported)
 
@@ -365,7 +366,7 @@ def _read_manifest(path: str) -> dict | None:
 
 
 class DiskTier(EntryStore):
-    """The local disk tier: durable entries (fsync before publishing) under ``config.cache_dir``."""
+    """The local disk tier: durable entries (fsync before publishing) under the ``cache_dir`` option."""
 
     durable = True
     tier = "disk"
@@ -373,4 +374,5 @@ class DiskTier(EntryStore):
 
 def disk_tier(config: "StreamerConfig") -> DiskTier | None:
     """The disk tier ``config`` names (None without ``cache_dir``)."""
-    return DiskTier(config.cache_dir, config.cache_max_bytes) if getattr(config, "cache_dir", None) else None
+    section = cache_config(config)
+    return DiskTier(section.cache_dir, section.cache_max_bytes) if section.cache_dir else None

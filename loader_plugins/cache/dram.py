@@ -24,6 +24,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from .disk import EntryStore
+from .config import cache_config
 
 if TYPE_CHECKING:
     from ..config import StreamerConfig
@@ -126,4 +127,5 @@ def _huge_tmpfs(options: str) -> bool:
 
 def dram_tier(config: "StreamerConfig") -> DramTier | None:
     """The DRAM tier ``config`` names (None without ``dram_cache_dir``)."""
-    return DramTier(config.dram_cache_dir) if getattr(config, "dram_cache_dir", None) else None
+    section = cache_config(config)
+    return DramTier(section.dram_cache_dir) if section.dram_cache_dir else None

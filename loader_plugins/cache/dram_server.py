@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import ConfigError
+from .config import cache_config
 from . import metrics
 from .disk import DiskTier
 from .dram import SERVER_FILE, DramTier
@@ -34,12 +35,13 @@ def serve(config: "StreamerConfig", *, max_bytes: int = 0, warm_uris: Sequence[s
           interval: float = 2.0, metrics_port: int | None = None, clear_on_exit: bool = False,
           stop: threading.Event | None = None, on_ready: Callable[[dict], None] | None = None) -> int:
     """Run the DRAM tier's janitor until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
-    if not config.dram_cache_dir:
+    section = cache_config(config)
+    if not section.dram_cache_dir:
         raise ConfigError("cache serve needs dram_cache_dir (--dram-cache-dir /dev/shm/loader-plugins)")
-    dram = DramTier(config.dram_cache_dir)
+    dram = DramTier(section.dram_cache_dir)
     if max_bytes:
         dram.set_budget(max_bytes)
-    disk = DiskTier(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
+    disk = DiskTier(section.cache_dir, section.cache_max_bytes) if section.cache_dir else None
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -47,7 +49,7 @@ def serve(config: "StreamerConfig", *, max_bytes: int = 0, warm_uris: Sequence[s
     if metrics_port:
         metrics.start_http_server(metrics_port)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "max_bytes": dram.budget(),
-            "promote": promote, "metrics_port": metrics_port, "cache_dir": config.cache_dir}
+            "promote": promote, "metrics_port": metrics_port, "cache_dir": section.cache_dir}
     server_file = Path(dram.root) / SERVER_FILE
     tmp = server_file.with_name(f"{SERVER_FILE}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(info))

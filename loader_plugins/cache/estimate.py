@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.sources.base import scheme_of
+from .config import cache_config
 
 if TYPE_CHECKING:
     from ..config import StreamerConfig
@@ -63,7 +64,8 @@ def default_history_dir() -> Path:
 
 
 def history_path(config: "StreamerConfig") -> Path:
-    root = getattr(config, "cache_dir", None) or getattr(config, "dram_cache_dir", None)
+    section = cache_config(config)
+    root = section.cache_dir or section.dram_cache_dir
     return Path(root) / HISTORY_NAME if root else default_history_dir() / HISTORY_NAME
 
 

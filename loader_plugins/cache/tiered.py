@@ -3,9 +3,9 @@
 :class:`TieredStorage` is a :class:`~loader_plugins.core.sources.base.Storage` for ``s3://``
 URIs. Opening an object costs one HEAD (size and ETag, as without a cache); then, in order:
 
-1. the DRAM tier (``config.dram_cache_dir``) holds ``(bucket, key, ETag)``: a preadv source on
+1. the DRAM tier (the ``dram_cache_dir`` option) holds ``(bucket, key, ETag)``: a preadv source on
    the shared-memory file;
-2. the disk tier (``config.cache_dir``) holds it: the local-file source (O_DIRECT for what is
+2. the disk tier (the ``cache_dir`` option) holds it: the local-file source (O_DIRECT for what is
    not in the page cache);
 3. otherwise S3 itself, and with a disk tier a *write-through* source: every range read from
    S3 into the caller's tensor is also ``pwrite``-n at the same offset into the entry's partial
@@ -36,6 +36,7 @@ from ..core.sources.base import BufferPool, Source, Storage, scheme_of, storage_
 from ..core.sources.local import LocalSource
 from ..errors import ConfigError, SourceError
 from . import metrics
+from .config import cache_config
 from .disk import EntryHandle, EntryStore, Fill, disk_tier
 from .dram import dram_tier
 
@@ -60,7 +61,7 @@ def _count(tier: str, n: int) -> None:
 
 
 def caching_enabled(config: "StreamerConfig") -> bool:
-    return bool(getattr(config, "cache_dir", None) or getattr(config, "dram_cache_dir", None))
+    return cache_config(config).enabled
 
 
 def s3_storage(config: "StreamerConfig") -> Storage:

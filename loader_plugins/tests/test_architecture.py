@@ -8,6 +8,7 @@ annotations only, never executed, and are left out.
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,53 @@ def test_registering_a_taken_scheme_needs_replace(monkeypatch):
             register_storage(bad, Memory)
     with pytest.raises(ConfigError, match="callable or a 'module:name'"):
         register_storage("zz", "no-colon")
+
+
+def test_the_cache_owns_its_config_section():
+    from loader_plugins.cache.config import CacheConfig
+    from loader_plugins.config import config_fields, config_sections, field_docs
+
+    assert config_sections()["cache"] is CacheConfig                    # registered by loader_plugins
+    with pytest.raises(TypeError):
+        config_sections()["cache"] = object                              # a read-only view
+    core = {f.name for f in dataclasses.fields(loader_plugins.StreamerConfig)}
+    assert not {"cache_dir", "cache_max_bytes", "dram_cache_dir"} & core, "cache options left in the core config"
+    assert [f.name for f in config_fields()][-3:] == ["cache_dir", "cache_max_bytes", "dram_cache_dir"]
+    assert "disk tier" in field_docs()["cache_dir"]                      # reaches --help like the core's
+
+
+def test_registering_a_config_section_refuses_clobbering(monkeypatch):
+    from loader_plugins import config
+
+    monkeypatch.setattr(config, "_SECTIONS", dict(config._SECTIONS))
+    cache_cls = config._SECTIONS["cache"]
+    config.register_config_section("cache", cache_cls)                   # the same again: fine
+
+    @dataclasses.dataclass(frozen=True)
+    class Other:
+        gcs_project: str | None = None
+        """The project."""
+
+    with pytest.raises(ConfigError, match="'cache' is already registered by loader_plugins.cache.config.CacheConfig"):
+        config.register_config_section("cache", Other)
+
+    @dataclasses.dataclass(frozen=True)
+    class Thief:
+        cache_dir: str | None = None
+        concurrency: int = 1
+
+    with pytest.raises(ConfigError, match=r"cache_dir, concurrency already belong to StreamerConfig, section 'cache'"):
+        config.register_config_section("thief", Thief)
+    with pytest.raises(ConfigError, match="not a dataclass"):
+        config.register_config_section("x", dict)
+
+    config.register_config_section("gcs", Other)
+    cfg = loader_plugins.StreamerConfig.from_dict({"gcs_project": "p", "cache_dir": "/c", "concurrency": 2})
+    assert cfg.section("gcs") == Other("p") and cfg.section("cache").cache_dir == "/c" and cfg.concurrency == 2
+    assert cfg.to_dict()["gcs_project"] == "p" and "gcs_project" in loader_plugins.StreamerConfig.allowed_keys()
+    with pytest.raises(ConfigError, match="unknown config key.*'gcs_projekt'.*allowed keys are:.*gcs_project"):
+        loader_plugins.StreamerConfig.from_dict({"gcs_projekt": "p"})
+    with pytest.raises(ConfigError, match="no config section 'azure' is registered"):
+        cfg.section("azure")
+    with pytest.raises(ConfigError, match="registered sections"):
+        loader_plugins.StreamerConfig(sections=(("gcs", "not a section"),))

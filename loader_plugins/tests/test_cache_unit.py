@@ -19,6 +19,7 @@ import torch
 
 from loader_plugins import StreamerConfig, load_file
 from loader_plugins.cache import metrics, tiered, warm
+from loader_plugins.cache.config import CacheConfig, cache_config
 from loader_plugins.cache.cli import main as cache_main
 from loader_plugins.cache.disk import DiskTier, entry_key, wait_for_commits
 from loader_plugins.cache.dram import DramTier
@@ -145,9 +146,17 @@ def make_checkpoint(directory: Path, seed: int = 0, shards: int = 2, mib: int = 
 def test_config_fields(tmp_path):
     cfg = StreamerConfig.from_dict({"cache_dir": str(tmp_path), "cache_max_bytes": "1.5GiB",
                                     "dram_cache_dir": "/dev/shm/x"})
-    assert cfg.cache_max_bytes == int(1.5 * (1 << 30))
+    section = cache_config(cfg)
+    assert section.cache_max_bytes == int(1.5 * (1 << 30)) and section.dram_cache_dir == "/dev/shm/x"
     assert {"cache_dir", "cache_max_bytes", "dram_cache_dir"} <= set(StreamerConfig.allowed_keys())
-    assert StreamerConfig().cache_dir is None and StreamerConfig().dram_cache_dir is None
+    assert not hasattr(StreamerConfig(), "cache_dir"), "the cache's options live in its own section"
+    assert cache_config(StreamerConfig()) == CacheConfig()
+    assert cfg.to_dict()["cache_dir"] == str(tmp_path)                       # flat again on the way out
+    assert cache_config(cfg.replace(concurrency=3)) == section                # kept across replace
+    with pytest.raises(ConfigError, match="cache_max_bytes"):
+        StreamerConfig.from_dict({"cache_max_bytes": -5})
+    with pytest.raises(ConfigError, match="cache_max_bytes"):
+        StreamerConfig.from_dict({"cache_max_bytes": "lots"})
     with pytest.raises(ConfigError, match="budget"):
         DiskTier(tmp_path, -1)
 
@@ -404,7 +413,7 @@ def test_write_through_then_disk_then_dram(fake_s3, tmp_path):
     first += index                                    # the index is always read from the remote
     assert fake_s3.remote_bytes() == first            # served by the disk tier: no shard byte downloaded
 
-    rows = warm.warm(uri, StreamerConfig(cache_dir=str(cache), dram_cache_dir=str(shm)))
+    rows = warm.warm(uri, StreamerConfig.from_dict({"cache_dir": str(cache), "dram_cache_dir": str(shm)}))
     assert [r["result"] for r in rows] == ["copied from disk"] * 2
     first = fake_s3.remote_bytes()   # warm lists the checkpoint (index) again
     got = load_file(uri, cache_dir=str(cache), dram_cache_dir=str(shm))
@@ -419,7 +428,7 @@ def test_write_through_then_disk_then_dram(fake_s3, tmp_path):
             assert snap["hits"].get(tier, 0) >= before.get("hits", {}).get(tier, 0) + 2
         assert snap["writethrough"].get("disk", 0) >= before.get("writethrough", {}).get("disk", 0) + shard_bytes
 
-    out = est.estimate(uri, StreamerConfig(cache_dir=str(cache), dram_cache_dir=str(shm)))
+    out = est.estimate(uri, StreamerConfig.from_dict({"cache_dir": str(cache), "dram_cache_dir": str(shm)}))
     assert out["tier"] == "dram" and out["files"] == 2 and out["bytes"] == shard_bytes
     assert "history" in out["basis"]
 
@@ -492,7 +501,7 @@ def test_serve_promotes_and_keeps_budget(tmp_path):
         fill_entry(disk, name, name.encode() * 50_000)
         time.sleep(0.02)
     time.sleep(0.3)   # older than the server: not promoted until used again
-    cfg = StreamerConfig(cache_dir=str(cache), dram_cache_dir=str(shm))
+    cfg = StreamerConfig.from_dict({"cache_dir": str(cache), "dram_cache_dir": str(shm)})
     stop = threading.Event()
     ready = threading.Event()
     t = threading.Thread(target=serve, args=(cfg,), kwargs=dict(max_bytes=80_000, promote=True, interval=0.05,

@@ -20,7 +20,7 @@ import os
 import re
 from typing import Mapping
 
-from ..config import StreamerConfig
+from ..config import StreamerConfig, config_fields
 from ..errors import ConfigError
 
 LOAD_FORMAT_ENV = "TGI_LOAD_FORMAT"
@@ -31,7 +31,8 @@ WEIGHTS_URI_ENV = ENV_PREFIX + "WEIGHTS_URI"
 # StreamerConfig fields that may be None: an empty value or "none" in the environment means None.
 _NULLABLE = ("s3_endpoint_url", "s3_region", "s3_profile", "deadline")
 # Fields typed int (annotations are strings here: `from __future__ import annotations` in config.py).
-_INT_FIELDS = {f.name: str(f.type) in ("int", "<class 'int'>") for f in dataclasses.fields(StreamerConfig)}
+def _int_fields() -> dict[str, bool]:
+    return {f.name: str(f.type) in ("int", "<class 'int'>") for f in config_fields()}
 # Keys that are the adapter's own, not StreamerConfig fields.
 _ADAPTER_KEYS = ("weights_uri",)
 
@@ -82,7 +83,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TGIStreamerSe
         text = raw.strip()
         if key in _NULLABLE and text.lower() in ("", "none", "null"):
             values[key] = None
-        elif _INT_FIELDS.get(key) and re.fullmatch(r"[+-]?[0-9]+", text):
+        elif _int_fields().get(key) and re.fullmatch(r"[+-]?[0-9]+", text):
             values[key] = int(text)   # StreamerConfig.from_dict takes integers, not digit strings
         else:
             values[key] = text

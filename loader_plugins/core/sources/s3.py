@@ -10,6 +10,7 @@ read with ``readinto`` straight into the destination: no whole-object copies, no
 botocore's own retries are off: a retry here resumes from the last byte received, with
 exponential backoff and full jitter, and honours cancellation and the load's deadline.
 
+Clients: :mod:`.s3_client`; what a failure means (retry, or which error): :mod:`.s3_errors`.
 boto3 is imported when a storage is created, never at module import.
 """
 
@@ -19,7 +20,6 @@ import dataclasses
 import errno
 import http.client
 import logging
-import os
 import random
 import threading
 import time
@@ -27,28 +27,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ...errors import CancelledError, SourceChangedError, SourceError, SourceNotFoundError
 from .base import BufferPool, Source, Storage
+from .s3_client import shared_client
+from .s3_errors import Transient, classify, explain_missing
 
 if TYPE_CHECKING:
     from ...config import StreamerConfig
 
 log = logging.getLogger(__name__)
 
-_INSTALL_HINT = "install loader-plugins[s3] (boto3) to read s3:// URIs"
-# Error codes worth another attempt (botocore's "standard" retry mode treats these alike).
-_THROTTLE_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
-    "BandwidthLimitExceeded", "LimitExceededException", "ProvisionedThroughputExceededException",
-    "PriorRequestNotComplete", "EC2ThrottledException",
-})
-_TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable"})
-_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
-_AUTH_CODES = frozenset({
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken",
-    "TokenRefreshRequired", "InvalidClientTokenId", "AuthorizationHeaderMalformed", "AllAccessDisabled",
-    "AccountProblem", "403",
-})
-_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
 _READ_STEP = 1 << 20  # bytes per readinto call: the unit of resumption and of cancellation checks
 
 
@@ -77,10 +63,6 @@ class S3Stats:
             self.requests += requests
             self.retries += retries
             self.bytes_read += bytes_read
-
-
-class _Transient(Exception):
-    """An attempt failed in a way another attempt may fix; ``str`` is the reason."""
 
 
 class _Progress:
@@ -143,7 +125,7 @@ class S3Source(Source):
             try:
                 self._get_range(start, view[progress.received:], cancelled, progress)
                 return
-            except _Transient as exc:
+            except Transient as exc:
                 reason = str(exc)
             if attempt == attempts:
                 break
@@ -158,7 +140,7 @@ class S3Source(Source):
 
     def _get_range(self, start: int, view: memoryview, cancelled: threading.Event | None,
                    progress: _Progress) -> None:
-        """One ranged GET filling ``view``; raises _Transient (progress kept) or SourceError."""
+        """One ranged GET filling ``view``; raises Transient (progress kept) or SourceError."""
         storage = self._storage
         length = view.nbytes
         stop = start + length  # exclusive
@@ -184,11 +166,11 @@ class S3Source(Source):
                 try:
                     n = readinto(view[got:got + _READ_STEP])
                 except (OSError, http.client.HTTPException, ValueError) as exc:
-                    raise _Transient(f"{type(exc).__name__} after {got} of {length} body bytes: {exc}") from exc
+                    raise Transient(f"{type(exc).__name__} after {got} of {length} body bytes: {exc}") from exc
                 except Exception as exc:  # noqa: BLE001 - botocore streaming errors on the fallback path
                     raise storage._classify(exc, self.uri, f"GET bytes [{start}, {stop})") from exc
                 if not n:
-                    raise _Transient(f"connection closed after {got} of {length} body bytes")
+                    raise Transient(f"connection closed after {got} of {length} body bytes")
                 got += n
                 progress.received += n
                 storage.stats.add(bytes_read=n)
@@ -222,7 +204,7 @@ class S3Source(Source):
             raise SourceError(errno.EIO, f"{self.uri}: asked for bytes [{start}, {stop}) but the server sent no "
                               f"Content-Range (HTTP {status}); the endpoint does not honour Range requests")
         if int(resp.get("ContentLength", stop - start)) != stop - start:
-            raise _Transient(f"Content-Length {resp.get('ContentLength')} for a {stop - start}-byte range")
+            raise Transient(f"Content-Length {resp.get('ContentLength')} for a {stop - start}-byte range")
 
     def _changed(self, why: str) -> SourceChangedError:
         return SourceChangedError(errno.ESTALE, f"{self.uri}: the object changed while it was being loaded "
@@ -352,9 +334,9 @@ class S3Storage(Storage):
                 return fn(**kwargs)
             except Exception as exc:  # noqa: BLE001 - classified below
                 error = self._classify(exc, uri, what, object_key=what == "HEAD")
-                if not isinstance(error, _Transient):
+                if not isinstance(error, Transient):
                     if what == "HEAD" and getattr(error, "errno", None) == errno.ENOENT:
-                        error = self._explain_missing(uri, error)
+                        error = explain_missing(self.client, parse_s3_uri(uri)[0], uri, error, self.endpoint)
                     raise error from exc
                 reason = str(error)
             if attempt < attempts:
@@ -380,174 +362,10 @@ class S3Storage(Storage):
             time.sleep(delay)
 
     def _classify(self, exc: BaseException, uri: str, what: str, *, object_key: bool = False
-                  ) -> "_Transient | SourceError":
-        """Map a boto3/botocore/socket exception to _Transient (retry) or a final SourceError."""
-        from botocore import exceptions as bex
+                  ) -> "Transient | SourceError":
+        return classify(exc, uri, what, endpoint=self.endpoint, profile=self.config.s3_profile,
+                        object_key=object_key)
 
-        if isinstance(exc, (SourceError, CancelledError)):
-            return exc  # type: ignore[return-value]
-        if isinstance(exc, bex.ClientError):
-            err = exc.response.get("Error", {}) or {}
-            code = str(err.get("Code") or "")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            message = str(err.get("Message") or "").strip()
-            label = (f"HTTP {status}" if not code or code == str(status)
-                     else f"{code} (HTTP {status})" if status else code)
-            if code in ("PreconditionFailed", "412") or status == 412:
-                return SourceChangedError(errno.ESTALE, f"{uri}: the object changed while it was being loaded "
-                                          f"(its ETag no longer matches the one seen at open, {what}); load it "
-                                          f"again once it is no longer being written")
-            if code in _THROTTLE_CODES or code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS:
-                return _Transient(label + (f": {message}" if message else ""))
-            if code in _AUTH_CODES or status == 403:
-                # the server's message is left out on purpose: some servers echo the key id
-                return SourceError(errno.EACCES, f"{uri}: {what} was refused with {label}; check the S3 credentials "
-                                   f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the profile "
-                                   f"{self.config.s3_profile or '(default)'}, or the instance role) and that they "
-                                   f"may read this bucket")
-            if code == "NoSuchBucket":
-                return SourceNotFoundError(errno.ENOENT, self._missing_bucket_message(uri))
-            if code in _MISSING_CODES or status == 404:
-                thing = "object" if object_key else "bucket or prefix"
-                return SourceNotFoundError(errno.ENOENT, f"{uri}: {what} found no such {thing} ({label}) at endpoint "
-                                   f"{self.endpoint}; check the bucket and key")
-            if code == "InvalidRange" or status == 416:
-                return SourceError(errno.EIO, f"{uri}: {what} is outside the object ({label}); the object is "
-                                   f"shorter than expected, it may have been replaced")
-            return SourceError(errno.EIO, f"{uri}: {what} failed with {label}" + (f": {message}" if message else "")
-                               + f" (endpoint {self.endpoint})")
-        if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError, bex.CredentialRetrievalError)):
-            return SourceError(errno.EACCES, f"{uri}: no usable S3 credentials ({type(exc).__name__}); set "
-                               f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile (s3_profile), or run "
-                               f"with an instance role")
-        if isinstance(exc, bex.SSLError):
-            return SourceError(errno.EIO, f"{uri}: {what}: TLS error talking to {self.endpoint} ({exc}); check "
-                               f"the endpoint URL and its certificate")
-        if isinstance(exc, (bex.HTTPClientError, bex.ConnectionError, bex.IncompleteReadError)):
-            return _Transient(f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, (OSError, http.client.HTTPException)):
-            return _Transient(f"{type(exc).__name__}: {exc}")
-        return SourceError(errno.EIO, f"{uri}: {what} failed: {type(exc).__name__}: {exc}")
-
-    def _explain_missing(self, uri: str, error: SourceError) -> SourceError:
-        """A HEAD 404 has no body: ask whether the bucket exists to say which one is missing."""
-        bucket, _ = parse_s3_uri(uri)
-        try:
-            self.client.head_bucket(Bucket=bucket)
-        except Exception as exc:  # noqa: BLE001
-            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-            if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
-                return SourceNotFoundError(errno.ENOENT, self._missing_bucket_message(uri))
-            return error
-        return SourceNotFoundError(errno.ENOENT, f"{uri}: no such object in bucket {bucket!r} (HTTP 404) at endpoint "
-                           f"{self.endpoint}; check the key")
-
-    def _missing_bucket_message(self, uri: str) -> str:
-        bucket, _ = parse_s3_uri(uri)
-        return (f"{uri}: bucket {bucket!r} does not exist (NoSuchBucket) at endpoint {self.endpoint}; check the "
-                f"bucket name, the endpoint (s3_endpoint_url / AWS_ENDPOINT_URL) and the region")
-
-
-# Parsed service models and endpoint rules, shared by every client this process creates.
-# Parsing them is most of what creating a client costs (docs/measurements.md); they are static data files, keyed by the
-# search path (AWS_DATA_PATH). Credentials, profiles and regions stay per session.
-_LOADERS: dict[Any, Any] = {}
-_LOADERS_LOCK = threading.Lock()
-
-
-def _botocore_session(config: "StreamerConfig"):
-    """A fresh botocore session (credentials resolved afresh) with the shared data loader."""
-    import botocore.loaders
-    import botocore.session
-
-    session = botocore.session.Session(profile=config.s3_profile)
-    if config.s3_region:
-        session.set_config_variable("region", config.s3_region)
-    if config.s3_access_key_id or config.s3_secret_access_key:
-        session.set_credentials(config.s3_access_key_id, config.s3_secret_access_key, config.s3_session_token)
-    data_path = session.get_config_variable("data_path")  # reads the profile: may raise ProfileNotFound
-    with _LOADERS_LOCK:
-        loader = _LOADERS.get(data_path)
-        if loader is None:
-            loader = _LOADERS[data_path] = botocore.loaders.create_loader(data_path)
-    session.register_component("data_loader", loader)
-    return session
-
-
-_CLIENTS: dict[tuple, Any] = {}
-_CLIENTS_LOCK = threading.Lock()
-#: environment variables that change which endpoint, region or credentials a new client gets
-_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-               "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-               "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE",
-               "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-               "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_DATA_PATH")
-
-
-def shared_client(config: "StreamerConfig"):
-    """One boto3 client per process, S3 settings and AWS environment, reused across loads.
-
-    A client costs ~50-100 ms of CPU to create and its connections are worth keeping (no new
-    TCP handshakes on the next load). Clients are thread-safe. The key holds a digest of the
-    explicit credentials and the AWS_* variables, never their values, so a changed key, secret,
-    profile or endpoint gets a new client; the pid keeps a forked child off its parent's connections."""
-    import hashlib
-
-    explicit = (config.s3_access_key_id, config.s3_secret_access_key, config.s3_session_token)
-    env = hashlib.sha256("\0".join([*(f"{k}={os.environ.get(k, '')}" for k in _CLIENT_ENV),
-                                     *(v or "" for v in explicit)]).encode()).hexdigest()
-    key = (os.getpid(), env, config.s3_endpoint_url, config.s3_region, config.s3_addressing_style,
-           config.s3_profile, config.request_timeout, config.concurrency)
-    with _CLIENTS_LOCK:
-        client = _CLIENTS.get(key)
-    if client is None:
-        client = _make_client(config)
-        with _CLIENTS_LOCK:
-            client = _CLIENTS.setdefault(key, client)
-    return client
-
-
-def _make_client(config: "StreamerConfig"):
-    try:
-        import boto3  # noqa: F401 - the [s3] extra; botocore comes with it
-        from botocore import exceptions as bex
-        from botocore.config import Config
-    except ImportError as exc:
-        raise SourceError(errno.ENOPKG if hasattr(errno, "ENOPKG") else errno.ENOENT,
-                          f"cannot read s3:// URIs ({exc}); {_INSTALL_HINT}") from exc
-    try:
-        session = _botocore_session(config)
-    except bex.ProfileNotFound as exc:
-        raise SourceError(errno.EINVAL, f"S3 profile {config.s3_profile!r} is not in the shared AWS config "
-                          f"files; check s3_profile or AWS_CONFIG_FILE") from exc
-    options: dict[str, Any] = {
-        "max_pool_connections": config.workers(remote=True) + 4,  # workers + header/metadata requests
-        "connect_timeout": config.request_timeout,
-        "read_timeout": config.request_timeout,
-        # Retries happen in this module, resuming from the last byte received; botocore's
-        # would restart the whole range and hide the attempts from the reader's deadline.
-        "retries": {"total_max_attempts": 1, "mode": "standard"},
-        "tcp_keepalive": True,
-        # Ranged GETs carry no full-object checksum; don't ask for one (botocore 1.36+).
-        "response_checksum_validation": "when_required",
-        "request_checksum_calculation": "when_required",
-    }
-    if config.s3_addressing_style != "auto":
-        options["s3"] = {"addressing_style": config.s3_addressing_style}
-    try:
-        client_config = Config(**options)
-    except TypeError:  # botocore < 1.36 lacks the checksum options
-        options.pop("response_checksum_validation")
-        options.pop("request_checksum_calculation")
-        client_config = Config(**options)
-    try:
-        return session.create_client("s3", endpoint_url=config.s3_endpoint_url, config=client_config)
-    except bex.ProfileNotFound as exc:
-        raise SourceError(errno.EINVAL, f"S3 profile {config.s3_profile!r} is not in the shared AWS config "
-                          f"files; check s3_profile or AWS_CONFIG_FILE") from exc
-    except ValueError as exc:  # e.g. an invalid endpoint URL
-        raise SourceError(errno.EINVAL, f"cannot create an S3 client: {exc}; check s3_endpoint_url") from exc
 
 
 def _dir_prefix(key: str) -> str:
