@@ -77,7 +77,7 @@ def cmd_load(args: argparse.Namespace) -> int:
               "gbps": round(total / seconds / 1e9, 3) if seconds else None,
               "header_seconds": round(stats.get("header_seconds", 0.0), 4), "files": stats.get("files"),
               "concurrency": stats.get("workers"), "direct_io": cfg.direct_io,
-              "setup_seconds": round(setup, 4), "memory": stats.get("memory")}
+              "setup_seconds": round(setup, 4), "memory": stats.get("memory"), "sinks": stats.get("sinks")}
     if args.json:
         print(json.dumps(result))
     else:
@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.serve_bench import add_parser as add_bench_serve
 
     add_bench_serve(sub)
+    from .bench.cuda_bench import add_parser as add_bench_cuda
+
+    add_bench_cuda(sub)
 
     p = sub.add_parser("serve", help="one OpenAI-compatible endpoint in front of vLLM engines started, swapped "
                                      "out and in on demand (see loader_plugins/serve/catalog.py for the config)")

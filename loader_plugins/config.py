@@ -69,6 +69,12 @@ class StreamerConfig:
     """Allocate output tensors in page-locked memory: ``"auto"`` (when CUDA is available),
     ``"on"``, ``"off"``."""
 
+    pinned_ring: str = "keep"
+    """The CUDA sink's ring of page-locked host buffers (at most a quarter of ``memory_limit``):
+    ``"keep"``: after a load it stays allocated for the next load in this process (one ring per
+    device; pinning costs more than copying a small checkpoint through it, and engines reload
+    and restore in the same process); ``"free"``: released after every load."""
+
     progress: str = "auto"
     """Progress bar on stderr: ``"auto"`` (only when stderr is a TTY), ``"on"``, ``"off"``."""
 
@@ -178,6 +184,7 @@ _CHOICES = {
     "hugepages": ("auto", "on", "off"),
     "pin_memory": ("auto", "on", "off"),
     "progress": ("auto", "on", "off"),
+    "pinned_ring": ("keep", "free"),
     "s3_addressing_style": ("auto", "path", "virtual"),
 }
 _HUGEPAGE_WORDS = {"auto": "auto", "on": "on", "true": "on", "1": "on", "yes": "on",

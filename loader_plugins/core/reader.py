@@ -179,6 +179,7 @@ class StreamReader:
         budgeted = not consumer_keeps_all or any(not self._direct.get(s.name, True) for s in specs)
         self._budgeted = budgeted and not consumer_keeps_all
         window_bytes = self.budget.window_bytes(self._limit) if self._budgeted else None
+        self.sink_reports: list[dict] = []   # each sink's report() after the load (CUDA: its stages)
         self.memory = self.budget.report(ring=ring_bytes, staging=staging_bytes, held=self._limit, window=window_bytes)
         self._windows = [_Window(w, sum(self._budget_for(s) for s in w)) for w in split_windows(ordered, window_bytes)]
         self._total_bytes = sum(s.nbytes if s.name not in self._ranges else
@@ -359,6 +360,7 @@ class StreamReader:
                 yield job.spec.name, tensor
             for sink in self._sinks:
                 sink.finish()            # CUDA: the one host synchronisation of the device copies
+            self.sink_reports = [r for r in (sink.report() for sink in self._sinks) if r is not None]
             for job in deferred:
                 yield job.spec.name, job.target
             for src in self._sources.values():

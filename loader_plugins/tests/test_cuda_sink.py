@@ -251,7 +251,7 @@ def test_ring_geometry_stays_within_the_memory_limit():
                                (40960, 4096, 1), (8192, 4096, 4)]:
         count, capacity = ring_geometry(limit, chunk, 4096, conc)
         assert count >= 2 and 4096 <= capacity <= chunk
-        assert count <= conc + 4
+        assert count <= 2 * conc + 4
         if limit >= 2 * (4096 + 2 * 4096):
             assert count * (capacity + 2 * 4096) <= limit
 

@@ -59,6 +59,9 @@ class BytesSink:
     def finish(self) -> None:
         self.finished = True
 
+    def report(self) -> dict:
+        return {"finished": self.finished}
+
     def close(self) -> None:
         self.closed = True
 

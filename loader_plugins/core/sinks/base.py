@@ -56,5 +56,9 @@ class Sink(Protocol):
     def finish(self) -> None:
         """Make every landed byte visible (the one device synchronisation); no-op on the CPU."""
 
+    def report(self) -> dict | None:
+        """Where this load's time went in the sink (CUDA: stage by stage), after :meth:`finish`;
+        None when the sink has nothing to say (the CPU sink: the reader's own numbers say it)."""
+
     def close(self) -> None:
         """Release what :meth:`reserved_bytes` counted."""

@@ -306,6 +306,9 @@ class CpuSink:
     def finish(self) -> None:
         pass
 
+    def report(self) -> None:
+        return None
+
     def close(self) -> None:
         pass
 

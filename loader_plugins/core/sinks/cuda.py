@@ -31,6 +31,7 @@ import ctypes
 import itertools
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Sequence
 
 from ...errors import DestinationError, StreamerError
@@ -60,7 +61,7 @@ from .cuda_plan import (
     plan_chunk,
     ring_geometry,
 )
-from .cuda_ring import CudaBackend, PinnedRing, Slot
+from .cuda_ring import CudaBackend, PinnedRing, Slot, free_idle_rings, give_back_ring, take_ring
 
 if TYPE_CHECKING:
 
@@ -102,7 +103,8 @@ class CudaSink:
         streams = max(2, streams)
         count, capacity = ring_geometry(memory_limit or config.memory_limit, config.chunk_bytes, config.alignment,
                                         workers or config.workers(), streams)
-        self._ring = PinnedRing(self._backend, count, capacity, config.alignment, cancelled)
+        self._ring = take_ring(self._backend, count, capacity, config.alignment, cancelled)
+        self._keep_ring = config.pinned_ring == "keep"
         self._streams = [self._backend.new_stream() for _ in range(streams)]
         self._turn = itertools.count()
         self._min_2d = min_2d_width
@@ -110,6 +112,8 @@ class CudaSink:
         self._started = False
         self._closed = False
         self.bytes_submitted = 0
+        self._times = StageTimes()
+        self._device_at_start = dict(getattr(self._backend, "stats", None) or {})   # a device that counts
 
     @property
     def ring(self) -> PinnedRing:
@@ -185,7 +189,9 @@ class CudaSink:
             if self._started:
                 return
             self._started = True
+        t = self._times.begin()
         self._backend.device_synchronize()
+        self._times.add("start_sync_s", time.perf_counter() - t)
 
     def acquire(self) -> Slot:
         self.start()
@@ -261,9 +267,11 @@ class CudaSink:
         """Read ``length`` bytes at ``file_offset`` of ``source`` (tensor bytes from ``byte_offset``)
         into pinned buffers and queue their copies into ``dest``: the reader's per-chunk call."""
         done = 0
+        times = self._times
         while done < length:
             n = min(self.slot_bytes, length - done)
             slot = self.acquire()
+            t = time.perf_counter()
             try:
                 view = slot.view_for(file_offset + done, n)
                 source.read_into(file_offset + done, view, pool=pool, cancelled=cancelled, slack=True)
@@ -271,7 +279,10 @@ class CudaSink:
             except BaseException:
                 self.release(slot)
                 raise
+            t2 = time.perf_counter()
+            times.read(t, t2)
             self.submit(slot, dest, byte_offset + done, n, src_dtype=src_dtype, block=block)
+            times.add("submit_s", time.perf_counter() - t2)
             done += n
 
     def write(self, dest, byte_offset: int, host_view, *, src_dtype: str | None = None,
@@ -293,16 +304,32 @@ class CudaSink:
 
     def finish(self) -> None:
         """Wait, once, until every queued copy has landed; the destinations are then complete."""
+        t = time.perf_counter()
         for stream in self._streams:
             self._backend.synchronize(stream)
         self._ring.all_done()
+        self._times.end(t)
+
+    def report(self) -> dict:
+        """Where this load's time went, stage by stage (see :class:`StageTimes`)."""
+        ring = self._ring
+        device = getattr(self._backend, "stats", None)
+        if device is not None:      # this load's share of the device's counters
+            device = {k: v - self._device_at_start.get(k, 0) for k, v in device.items()}
+        return self._times.report(ring_alloc_s=ring.alloc_seconds, slot_wait_s=ring.wait_seconds,
+                                  event_waits=ring.event_waits, ring_bytes=ring.allocated_bytes,
+                                  bytes=self.bytes_submitted, streams=len(self._streams), ring_reused=ring.reused,
+                                  device=None if device is None else {
+                                      "link_busy_s": round(device.get("link_busy_ns", 0) / 1e9, 4),
+                                      "link_bytes": device.get("link_bytes", 0),
+                                      "kernel_s": round(device.get("kernel_ns", 0) / 1e9, 4)})
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            self._ring.close()
+            give_back_ring(self._ring, self._keep_ring)   # kept for the next load, or freed
         finally:
             self._backend.close()
 
@@ -311,6 +338,77 @@ class CudaSink:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class StageTimes:
+    """Seconds per stage of one CUDA load, summed over the reader's threads where several run
+    it at once (thread-safe):
+
+    * ``start_sync_s``: the one device synchronisation before the first copy;
+    * ``ring_alloc_s``: allocating and pinning the ring's buffers (first use of each);
+    * ``first_byte_s``: from the start to the first read that landed in a pinned buffer;
+    * ``read_s``: reading (page cache, disk or network) into pinned buffers; ``workers``: the
+      same per thread (each worker's busy time);
+    * ``slot_wait_s``: waiting for a free pinned buffer: the device's copies were behind;
+    * ``submit_s``: queueing the copies and kernels (host side of ``cudaMemcpyAsync``);
+    * ``final_sync_s``: waiting, at the end, for the copies still in flight;
+    * ``device`` (a device that counts: the simulated one): link busy seconds and kernel seconds.
+
+    ``bound`` names the stage that bounded the load: the largest per-worker share among reads,
+    waiting on the device (slot waits and the final sync), submitting, and fixed costs (ring
+    allocation and the first sync).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._t0: float | None = None
+        self._t_end: float | None = None
+        self._first: float | None = None
+        self._sums: dict[str, float] = {"start_sync_s": 0.0, "submit_s": 0.0, "final_sync_s": 0.0, "read_s": 0.0}
+        self._workers: dict[str, float] = {}
+
+    def begin(self) -> float:
+        t = time.perf_counter()
+        with self._lock:
+            if self._t0 is None:
+                self._t0 = t
+        return t
+
+    def add(self, key: str, seconds: float) -> None:
+        with self._lock:
+            self._sums[key] += seconds
+
+    def read(self, t_start: float, t_end: float) -> None:
+        name = threading.current_thread().name
+        with self._lock:
+            self._sums["read_s"] += t_end - t_start
+            self._workers[name] = self._workers.get(name, 0.0) + (t_end - t_start)
+            if self._first is None:
+                self._first = t_end
+
+    def end(self, t_sync: float) -> None:
+        t = time.perf_counter()
+        with self._lock:
+            self._sums["final_sync_s"] += t - t_sync
+            self._t_end = t
+
+    def report(self, *, ring_alloc_s: float, slot_wait_s: float, **extra) -> dict:
+        with self._lock:
+            sums, workers = dict(self._sums), dict(self._workers)
+            t0, t_end, first = self._t0, self._t_end, self._first
+        n = max(1, len(workers))
+        wall = (t_end - t0) if t0 is not None and t_end is not None else 0.0
+        shares = {"reads": sums["read_s"] / n,
+                  "device (copies behind: waits for pinned buffers, final sync)": slot_wait_s / n + sums["final_sync_s"],
+                  "submitting copies": sums["submit_s"] / n,
+                  "fixed costs (ring allocation, first sync)": ring_alloc_s / n + sums["start_sync_s"]}
+        out = {"wall_s": round(wall, 4),
+               "first_byte_s": round(first - t0, 4) if first is not None and t0 is not None else None,
+               "ring_alloc_s": round(ring_alloc_s, 4), "slot_wait_s": round(slot_wait_s, 4),
+               **{k: round(v, 4) for k, v in sums.items()},
+               "workers": {k: round(v, 4) for k, v in sorted(workers.items())},
+               "bound": max(shares, key=shares.__getitem__) if wall else None, **extra}
+        return out
 
 
 def _check_bounds(ops: Sequence[Op], src_size: int, dst_size: int, dest_bytes: int, nbytes: int,
@@ -361,7 +459,8 @@ def cuda_sink_available() -> bool:
 
 __all__ = [
     "COMPACT", "CONVERT_FILE", "DEST", "HOST", "MIN_2D_WIDTH", "NATIVE_DTYPES", "STAGE", "STRIDED_FILE", "Convert",
-    "Copy", "Copy2D", "CudaBackend", "CudaSink", "CupyBackend", "Op", "PinnedRing", "Rect", "Slot", "StridedCopy",
+    "Copy", "Copy2D", "CudaBackend", "CudaSink", "CupyBackend", "Op", "PinnedRing", "Rect", "Slot", "StageTimes", "free_idle_rings",
+    "StridedCopy",
     "column_rects", "convert_kernel", "convert_kernels", "cuda_sink_available", "kernel_source", "native_dir",
     "plan_chunk", "ring_geometry", "sink_for_destinations",
 ]

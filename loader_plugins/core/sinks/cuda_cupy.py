@@ -44,6 +44,9 @@ class CupyBackend(CudaBackend):
     def _ctx(self):
         return self._cp.cuda.Device(self.device)
 
+    def ring_key(self):
+        return ("cuda", self.device)
+
     def owns(self, dest) -> bool:
         return dest.device.type == "cuda" and (dest.device.index or 0) == self.device
 

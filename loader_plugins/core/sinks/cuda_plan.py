@@ -260,10 +260,11 @@ def plan_chunk(offset: int, nbytes: int, src_itemsize: int, dst_itemsize: int, k
 def ring_geometry(memory_limit: int, chunk_bytes: int, alignment: int, concurrency: int,
                   streams: int = 2) -> tuple[int, int]:
     """``(count, capacity)`` of the pinned ring: buffers of ``chunk_bytes`` (plus ``2 * alignment``
-    so O_DIRECT can read in place), as many as ``memory_limit`` holds, at most one per reader
-    thread plus two per stream, and at least two (smaller ones when the limit is tight)."""
+    so O_DIRECT can read in place), as many as ``memory_limit`` holds, at most two per reader
+    thread (one being read while the previous one's copy is in flight) plus two per stream, and
+    at least two (smaller ones when the limit is tight)."""
     per = chunk_bytes + 2 * alignment
-    count = min(memory_limit // per, concurrency + 2 * streams)
+    count = min(memory_limit // per, 2 * concurrency + 2 * streams)
     if count >= 2:
         return count, chunk_bytes
     capacity = max(alignment, (memory_limit // 2 - 2 * alignment) // alignment * alignment)

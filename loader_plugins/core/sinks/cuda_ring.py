@@ -8,6 +8,7 @@ import collections
 import ctypes
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from ...errors import CancelledError
@@ -84,6 +85,11 @@ class CudaBackend:
     def close(self) -> None:
         pass
 
+    def ring_key(self) -> Any:
+        """A key naming this device for process-wide reuse of pinned rings (:func:`take_ring`),
+        or None: every ring of this backend is freed after its load."""
+        return None
+
 
 class Slot:
     """One pinned buffer of the ring (with its event and, when needed, its device staging)."""
@@ -139,7 +145,10 @@ class PinnedRing:
         self._slots: list[Slot] = []
         self._made = 0
         self._closed = False
+        self.reused = False      # taken from the idle rings of an earlier load (take_ring)
         self.event_waits = 0     # times acquire blocked on an event (the device was behind)
+        self.wait_seconds = 0.0  # summed over threads: acquire blocked (device behind, or every buffer lent)
+        self.alloc_seconds = 0.0  # summed over threads: allocating (pinning) buffers
 
     @property
     def allocated_bytes(self) -> int:
@@ -154,25 +163,36 @@ class PinnedRing:
             self._free.append(self._in_flight.popleft())
 
     def acquire(self) -> Slot:
+        waited = 0.0
         while True:
             with self._cond:
                 if self._closed or self.cancelled.is_set():
+                    self.wait_seconds += waited
                     raise CancelledError("pinned ring closed: the load was cancelled")
                 self._reclaim_done()
                 if self._free:
+                    self.wait_seconds += waited
                     return self._free.pop()
                 if self._made < self.count:
                     index = self._made
                     self._made += 1
+                    self.wait_seconds += waited
                     break
                 if self._in_flight:
                     slot = self._in_flight.popleft()
                     self.event_waits += 1
                 else:
+                    t = time.perf_counter()
                     self._cond.wait(0.1)   # every buffer is being filled by another reader
+                    waited += time.perf_counter() - t
                     continue
+            t = time.perf_counter()
             self._backend.wait_event(slot.event)
+            waited += time.perf_counter() - t
+            with self._cond:
+                self.wait_seconds += waited
             return slot
+        t = time.perf_counter()
         try:
             ptr = self._backend.alloc_pinned(self.capacity + 2 * self.alignment)
             slot = Slot(index, ptr, self.capacity, self.alignment, self._backend.new_event())
@@ -183,6 +203,7 @@ class PinnedRing:
             raise
         with self._cond:
             self._slots.append(slot)
+            self.alloc_seconds += time.perf_counter() - t
         return slot
 
     def release(self, slot: Slot, recorded: bool) -> None:
@@ -218,3 +239,84 @@ class PinnedRing:
                     self._backend.free_device(ptr)
             self._backend.free_pinned(slot.ptr)
 
+
+    def park(self) -> None:
+        """Keep the buffers for another load: wait for the copies in flight, free the device
+        staging buffers (device memory belongs to the engine between loads), lend nothing."""
+        with self._cond:
+            in_flight, self._in_flight = list(self._in_flight), collections.deque()
+        for slot in in_flight:
+            self._backend.wait_event(slot.event)
+        with self._cond:
+            for slot in self._slots:
+                for ptr in (slot.stage, slot.compact):
+                    if ptr is not None:
+                        self._backend.free_device(ptr)
+                slot.stage = slot.compact = None
+                slot.data_offset = 0
+            self._free = list(self._slots)
+
+    def reopen(self, cancelled: threading.Event | None) -> None:
+        """Start a new load on a parked ring (its counters start again)."""
+        with self._cond:
+            self.cancelled = cancelled or threading.Event()
+            self.reused = True
+            self.event_waits = 0
+            self.wait_seconds = self.alloc_seconds = 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# pinned rings kept between loads
+# ------------------------------------------------------------------------------------------
+# Allocating and page-locking the ring costs more than copying a small checkpoint through it,
+# and an engine loads (and reloads, and restores) many times in one process: one idle ring per
+# device stays allocated for the next load with the same geometry (StreamerConfig.pinned_ring).
+
+_IDLE: dict[Any, PinnedRing] = {}
+_IDLE_LOCK = threading.Lock()
+
+
+def take_ring(backend: CudaBackend, count: int, capacity: int, alignment: int,
+              cancelled: threading.Event | None) -> PinnedRing:
+    """The idle ring of ``backend``'s device when it has this geometry, else a new ring."""
+    key = backend.ring_key()
+    ring = None
+    if key is not None:
+        with _IDLE_LOCK:
+            ring = _IDLE.pop(key, None)
+    if ring is not None:
+        if (ring.count, ring.capacity, ring.alignment) == (count, capacity, alignment):
+            ring.reopen(cancelled)
+            return ring
+        ring.close()            # another geometry (another memory_limit): free it, make this one
+    return PinnedRing(backend, count, capacity, alignment, cancelled)
+
+
+def give_back_ring(ring: PinnedRing, keep: bool) -> None:
+    """After a load: park ``ring`` as its device's idle ring (``keep``), else free it."""
+    key = ring._backend.ring_key() if keep else None
+    if key is None:
+        ring.close()
+        return
+    try:
+        ring.park()
+    except BaseException:
+        ring.close()
+        raise
+    with _IDLE_LOCK:
+        old = _IDLE.get(key)
+        _IDLE[key] = ring
+    if old is not None and old is not ring:
+        old.close()
+
+
+def free_idle_rings() -> int:
+    """Free every idle ring (e.g. before handing the host memory to something else); returns
+    the bytes of pinned memory released."""
+    with _IDLE_LOCK:
+        rings = list(_IDLE.values())
+        _IDLE.clear()
+    freed = sum(r.allocated_bytes for r in rings)
+    for ring in rings:
+        ring.close()
+    return freed
