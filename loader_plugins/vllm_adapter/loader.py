@@ -17,7 +17,6 @@ every parameter was loaded runs afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Iterator
 
@@ -27,9 +26,9 @@ from vllm.config import ModelConfig
 from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-from ..config import StreamerConfig
 from ..core.checkpoint import expand
-from ..errors import ConfigError, DestinationError
+from ..engine_options import EXTRA_KEYS, LoaderOptions, parse_extra_config  # noqa: F401 - re-exported
+from ..errors import DestinationError
 from ..inplace import load_into_model
 from ..streamer import SafetensorsStreamer
 
@@ -41,48 +40,13 @@ try:  # vLLM's own logger, so our line looks like vLLM's
 except ImportError:  # pragma: no cover
     log = logging.getLogger(__name__)
 
-EXTRA_KEYS = ("weights_uri", "in_place")
-
-# weights_uri -> the model path it was first loaded for. vLLM's reload_weights builds a fresh
-# loader and points model_config.model at the new weights; a model path different from the
-# recorded one means "reload from that path", not from weights_uri.
-_FIRST_MODEL_FOR_URI: dict[str, str] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class LoaderOptions:
-    """``--model-loader-extra-config``, validated."""
-
-    config: StreamerConfig
-    weights_uri: str | None = None
-    in_place: bool = True
-
-
-def parse_extra_config(extra: dict[str, Any] | None) -> LoaderOptions:
-    """Validate ``--model-loader-extra-config`` for the streamer; unknown keys are errors."""
-    values = dict(extra or {})
-    weights_uri = values.pop("weights_uri", None)
-    if weights_uri is not None and (not isinstance(weights_uri, str) or not weights_uri):
-        raise ConfigError(f"--model-loader-extra-config key 'weights_uri' must be a path or s3:// URI, "
-                          f"got {weights_uri!r}")
-    in_place = values.pop("in_place", True)
-    if not isinstance(in_place, bool):
-        raise ConfigError(f"--model-loader-extra-config key 'in_place' must be true or false, got {in_place!r}")
-    try:
-        config = StreamerConfig.from_dict(values, where="--model-loader-extra-config")
-    except ConfigError as exc:
-        if "unknown" in str(exc):
-            raise ConfigError(f"{exc}, {', '.join(EXTRA_KEYS)}") from None
-        raise
-    return LoaderOptions(config, weights_uri, in_place)
-
-
 class StreamerModelLoader(BaseModelLoader):
     """Streams safetensors checkpoints with loader_plugins."""
 
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
         options = parse_extra_config(load_config.model_loader_extra_config)
+        self.options = options
         self.streamer_config = options.config
         self.weights_uri = options.weights_uri
         self.in_place = options.in_place
@@ -90,10 +54,7 @@ class StreamerModelLoader(BaseModelLoader):
 
     # ---- where the weights are -------------------------------------------------------------
     def _location(self, model_config: ModelConfig) -> str:
-        model = str(model_config.model)
-        if self.weights_uri and _FIRST_MODEL_FOR_URI.setdefault(self.weights_uri, model) == model:
-            return self.weights_uri
-        return model
+        return self.options.location(model_config.model)
 
     def download_model(self, model_config: ModelConfig) -> None:
         """Nothing is downloaded: check that the weights are where the configuration says."""
