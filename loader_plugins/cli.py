@@ -67,7 +67,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     setup = t0 - started
     count = total = 0
     with SafetensorsStreamer(cfg) as streamer:
-        streamer.stream_files(args.path)
+        streamer.stream_files(args.path, device=getattr(args, "device", "cpu"))
         for _name, tensor in streamer.get_tensors():
             count += 1
             total += tensor.numel() * tensor.element_size()
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("load", help="stream every tensor and print seconds and GB/s")
     p.add_argument("path", nargs="+", help="file(s), checkpoint directory or s3:// URI")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", help="where the tensors go: cpu, cuda, cuda:N (a CUDA load reports "
+                                                   "its stages: the pinned ring, reads, waits, copies)")
     add_config_flags(p)
     p.set_defaults(func=cmd_load)
 
@@ -204,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cuda_bench import add_parser as add_bench_cuda
 
     add_bench_cuda(sub)
+    from .bench.sglang_load import add_parser as add_bench_sglang
+
+    add_bench_sglang(sub)
 
     p = sub.add_parser("serve", help="one OpenAI-compatible endpoint in front of vLLM engines started, swapped "
                                      "out and in on demand (see loader_plugins/serve/catalog.py for the config)")

@@ -48,3 +48,14 @@ def test_the_sglang_plugin_is_inert_without_sglang():
     assert adapter._registered is False
     assert adapter._is_streamer(" Streamer ") and not adapter._is_streamer("safetensors")
     assert not adapter._is_streamer(object)
+
+
+@pytest.mark.parametrize("name", ["sglang-local.json", "sglang-s3.json", "vllm-local.json", "vllm-s3.json"])
+def test_every_shipped_extra_config_is_valid(name):
+    import json
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "configs" / name).read_text()
+    options = parse_extra_config(json.loads(text))
+    assert options.config.memory_limit > 0
+    assert parse_extra_config(text) == options                     # as SGLang passes it: JSON text

@@ -1,0 +1,148 @@
+"""Load time inside SGLang: ``streamer`` vs SGLang's own ``safetensors`` and ``runai_streamer``.
+
+    model-streamer bench-sglang MODEL_DIR [--formats streamer,safetensors,runai_streamer]
+                                [--cache cold,warm] [--repeat 3] [--json FILE]
+
+Run it with the Python that has SGLang (here ``.venv-sglang/bin/model-streamer``). Each run is a
+fresh process that sets SGLang up as its scheduler does (one rank; ``inprocess.py``), then times
+``get_model_loader(LoadConfig(load_format=F)).load_model(...)``: the model built and its weights
+loaded, the same work for every format. Cold runs evict the checkpoint from the page cache
+(``posix_fadvise(DONTNEED)``) right before; warm runs read it right before. The formats run in
+a new order each round; each cell is the median. Without CUDA the CPU engine is used (and, in a
+source checkout, the tests' stand-in ``sgl_kernel`` when the real one is not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FORMATS = ("streamer", "safetensors", "runai_streamer")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench-sglang", help="weight-load time inside SGLang: streamer vs SGLang's loaders",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="local model directory (config.json + safetensors)")
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--cache", default="cold,warm")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when torch sees one)")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds of quiet before each run")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.set_defaults(func=run)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    import importlib.util
+
+    if importlib.util.find_spec("sgl_kernel") is None:
+        standin = Path(__file__).resolve().parents[2] / "integration_tests" / "sgl_kernel_standin"
+        if standin.is_dir():
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(standin), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _child(fmt: str, model: str, cold: bool, device: str) -> dict:
+    if device == "cpu":
+        os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    from .peers import evict
+    from .runner import _warm as warm
+
+    files = sorted(str(p) for p in Path(model).glob("*.safetensors"))
+    from ..sglang_adapter.inprocess import init_single_process, load_once
+
+    init_single_process(model, device)                 # set-up outside the clock
+    (evict if cold else warm)(files)
+    model_obj, loader, seconds = load_once(model, fmt, device=device)
+    stats = getattr(loader, "last_stats", None) or {}
+    keep = ("in_place", "in_place_bytes", "via_model", "via_model_bytes", "probe_seconds")
+    return {"seconds": seconds, "bytes": sum(Path(f).stat().st_size for f in files),
+            "stats": {k: stats[k] for k in keep if k in stats}}
+
+
+def run(args: argparse.Namespace) -> int:
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    caches = [c.strip() for c in args.cache.split(",") if c.strip()]
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    results: dict[str, dict[str, list]] = {f: {c: [] for c in caches} for f in formats}
+    stats: dict[str, dict] = {}
+    size = 0
+    for rnd in range(args.repeat):
+        order = formats[rnd % len(formats):] + formats[:rnd % len(formats)]
+        for cache in caches:
+            for fmt in order:
+                time.sleep(args.settle)
+                cmd = [sys.executable, "-m", "loader_plugins.bench.sglang_load", "--one", fmt, args.model,
+                       "--cold" if cache == "cold" else "--warm", "--device", device]
+                proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+                lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if not lines:
+                    print(f"bench-sglang: {fmt} ({cache}) failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
+                          file=sys.stderr)
+                    results[fmt][cache].append(None)
+                    continue
+                row = json.loads(lines[-1][7:])
+                size = row["bytes"]
+                results[fmt][cache].append(row["seconds"])
+                if row["stats"]:
+                    stats[fmt] = row["stats"]
+                print(f"  round {rnd + 1} {cache:<4} {fmt:<15} {row['seconds']:.3f} s", file=sys.stderr, flush=True)
+    med = {f: {c: statistics.median([x for x in v if x is not None]) if any(x is not None for x in v) else None
+               for c, v in per.items()} for f, per in results.items()}
+    _table(med, size, caches, device, args.repeat, stats)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "bytes": size, "runs": results, "median": med,
+                                               "stats": stats}, indent=1))
+    return 0
+
+
+def _table(med: dict, size: int, caches: list[str], device: str, repeat: int, stats: dict) -> None:
+    print(f"bench-sglang: {size / 1e9:.2f} GB, device {device}, SGLang's load_model (model built + weights "
+          f"loaded), median of {repeat}")
+    head = "| format |" + "".join(f" {c} s | {c} GB/s | streamer ÷ it |" for c in caches)
+    print(head)
+    print("|---|" + "---|---|---|" * len(caches))
+    ours = med.get("streamer", {})
+    for fmt, per in med.items():
+        cells = ""
+        for c in caches:
+            s = per.get(c)
+            if s is None:
+                cells += " failed | | |"
+                continue
+            ratio = f"{ours[c] / s:.2f}x" if ours.get(c) else ""
+            cells += f" {s:.2f} | {size / s / 1e9:.2f} | {ratio} |"
+        print(f"| {fmt} |{cells}")
+    st = stats.get("streamer")
+    if st:
+        print(f"streamer: {st.get('in_place')} tensors ({st.get('in_place_bytes', 0) / 1e9:.3f} GB) in place, "
+              f"{st.get('via_model')} through load_weights; dry run of load_weights {st.get('probe_seconds', 0):.2f} s")
+
+
+def _main_one(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--one", required=True)
+    p.add_argument("model")
+    p.add_argument("--cold", action="store_true")
+    p.add_argument("--warm", action="store_true")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    print("RESULT " + json.dumps(_child(a.one, a.model, a.cold, a.device)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main_one(sys.argv[1:]))
