@@ -173,6 +173,26 @@ def test_load_file_to_cuda_bit_exact(checkpoint_file):
         assert got[name].is_cuda and as_bytes(got[name]) == as_bytes(ref), name
 
 
+def test_cuda_loads_report_stages_and_reuse_the_pinned_ring(cuda_mod, checkpoint_file):
+    from loader_plugins import SafetensorsStreamer
+    from loader_plugins.core.sinks.cuda import free_idle_rings
+
+    path, tensors = checkpoint_file
+    reports = []
+    for _ in range(2):
+        with SafetensorsStreamer(progress="off") as streamer:
+            streamer.stream_file(str(path), device="cuda")
+            got = dict(streamer.get_tensors())
+            reports.append(streamer.stats["sinks"][0])
+        for name, ref in tensors.items():
+            assert as_bytes(got[name]) == as_bytes(ref), name
+    first, second = reports
+    assert first["ring_reused"] is False and second["ring_reused"] is True
+    assert second["bytes"] == first["bytes"] > 0 and second["bound"] is not None
+    assert sum(second["workers"].values()) == pytest.approx(second["read_s"], abs=1e-3)
+    assert free_idle_rings() == second["ring_bytes"]
+
+
 # ---- kernels against torch ------------------------------------------------------------------
 
 def _kernel_inputs(src: str, n_random: int = 1 << 20) -> torch.Tensor:
