@@ -35,6 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when torch sees one)")
     p.add_argument("--settle", type=float, default=3.0, help="seconds of quiet before each run")
+    p.add_argument("--extra", default="{}", help="--model-loader-extra-config for the streamer runs (JSON)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(func=run)
 
@@ -51,7 +52,7 @@ def _env() -> dict:
     return env
 
 
-def _child(fmt: str, model: str, cold: bool, device: str) -> dict:
+def _child(fmt: str, model: str, cold: bool, device: str, extra: dict) -> dict:
     if device == "cpu":
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
     from .peers import evict
@@ -62,7 +63,7 @@ def _child(fmt: str, model: str, cold: bool, device: str) -> dict:
 
     init_single_process(model, device)                 # set-up outside the clock
     (evict if cold else warm)(files)
-    model_obj, loader, seconds = load_once(model, fmt, device=device)
+    model_obj, loader, seconds = load_once(model, fmt, extra, device=device)
     stats = getattr(loader, "last_stats", None) or {}
     keep = ("in_place", "in_place_bytes", "via_model", "via_model_bytes", "probe_seconds")
     return {"seconds": seconds, "bytes": sum(Path(f).stat().st_size for f in files),
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
             for fmt in order:
                 time.sleep(args.settle)
                 cmd = [sys.executable, "-m", "loader_plugins.bench.sglang_load", "--one", fmt, args.model,
-                       "--cold" if cache == "cold" else "--warm", "--device", device]
+                       "--cold" if cache == "cold" else "--warm", "--device", device,
+                       "--extra", args.extra if fmt == "streamer" else "{}"]
                 proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
                 lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
                 if not lines:
@@ -139,8 +141,9 @@ def _main_one(argv: list[str]) -> int:
     p.add_argument("--cold", action="store_true")
     p.add_argument("--warm", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--extra", default="{}")
     a = p.parse_args(argv)
-    print("RESULT " + json.dumps(_child(a.one, a.model, a.cold, a.device)), flush=True)
+    print("RESULT " + json.dumps(_child(a.one, a.model, a.cold, a.device, json.loads(a.extra))), flush=True)
     return 0
 
 

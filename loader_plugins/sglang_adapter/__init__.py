@@ -68,8 +68,8 @@ def register() -> None:
             return
         if LOAD_FORMAT not in LOAD_FORMAT_CHOICES:
             add_load_format_choices([LOAD_FORMAT])
-        HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND, source="loader-plugins")
-        HookRegistry.register(CHECK_ARGS_TARGET, _check_server_args, HookType.BEFORE, source="loader-plugins")
+        HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND)
+        HookRegistry.register(CHECK_ARGS_TARGET, _check_server_args, HookType.BEFORE)
         _registered = True
         log.debug("registered SGLang load format %r", LOAD_FORMAT)
 

@@ -42,6 +42,7 @@ def init_single_process(model_path: str, device: str = "cpu") -> None:
     initialize_model_parallel()
     initialize_dp_attention(args)
     init_dp_gathered_buffer(ModelConfig(model_path, dtype="auto"))
+    import sglang.srt.models.registry  # noqa: F401 - imports every model class (seconds): set-up, not loading
     _READY.add(device)
 
 
