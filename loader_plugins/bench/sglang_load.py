@@ -7,8 +7,8 @@ Run it with the Python that has SGLang (here ``.venv-sglang/bin/model-streamer``
 fresh process that sets SGLang up as its scheduler does (one rank; ``inprocess.py``), then times
 ``get_model_loader(LoadConfig(load_format=F)).load_model(...)``: the model built and its weights
 loaded, the same work for every format. Cold runs evict the checkpoint from the page cache
-(``posix_fadvise(DONTNEED)``) right before; warm runs read it right before. The formats run in
-a new order each round; each cell is the median. Without CUDA the CPU engine is used (and, in a
+(``posix_fadvise(DONTNEED)``) right before; warm runs read it right before. Rounds and table as
+``bench-vllm`` (``engine_table.py``); each cell is the median. Without CUDA the CPU engine is used (and, in a
 source checkout, the tests' stand-in ``sgl_kernel`` when the real one is not installed).
 """
 
@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from .engine_table import medians, print_table, run_rounds, safetensors_files
 
 FORMATS = ("streamer", "safetensors", "runai_streamer")
 
@@ -58,7 +58,7 @@ def _child(fmt: str, model: str, cold: bool, device: str, extra: dict) -> dict:
     from .peers import evict
     from .runner import _warm as warm
 
-    files = sorted(str(p) for p in Path(model).glob("*.safetensors"))
+    files = safetensors_files(model)
     from ..sglang_adapter.inprocess import init_single_process, load_once
 
     init_single_process(model, device)                 # set-up outside the clock
@@ -78,60 +78,35 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    results: dict[str, dict[str, list]] = {f: {c: [] for c in caches} for f in formats}
+    size = sum(os.path.getsize(f) for f in safetensors_files(args.model))
     stats: dict[str, dict] = {}
-    size = 0
-    for rnd in range(args.repeat):
-        order = formats[rnd % len(formats):] + formats[:rnd % len(formats)]
-        for cache in caches:
-            for fmt in order:
-                time.sleep(args.settle)
-                cmd = [sys.executable, "-m", "loader_plugins.bench.sglang_load", "--one", fmt, args.model,
-                       "--cold" if cache == "cold" else "--warm", "--device", device,
-                       "--extra", args.extra if fmt == "streamer" else "{}"]
-                proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-                lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if not lines:
-                    print(f"bench-sglang: {fmt} ({cache}) failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
-                          file=sys.stderr)
-                    results[fmt][cache].append(None)
-                    continue
-                row = json.loads(lines[-1][7:])
-                size = row["bytes"]
-                results[fmt][cache].append(row["seconds"])
-                if row["stats"]:
-                    stats[fmt] = row["stats"]
-                print(f"  round {rnd + 1} {cache:<4} {fmt:<15} {row['seconds']:.3f} s", file=sys.stderr, flush=True)
-    med = {f: {c: statistics.median([x for x in v if x is not None]) if any(x is not None for x in v) else None
-               for c, v in per.items()} for f, per in results.items()}
-    _table(med, size, caches, device, args.repeat, stats)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "bytes": size, "runs": results, "median": med,
-                                               "stats": stats}, indent=1))
-    return 0
 
+    def run_one(fmt: str, cache: str) -> float | None:
+        cmd = [sys.executable, "-m", "loader_plugins.bench.sglang_load", "--one", fmt, args.model,
+               "--cold" if cache == "cold" else "--warm", "--device", device,
+               "--extra", args.extra if fmt == "streamer" else "{}"]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if not lines:
+            print(f"bench-sglang: {fmt} ({cache}) failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
+                  file=sys.stderr)
+            return None
+        row = json.loads(lines[-1][len("RESULT "):])
+        if row["stats"]:
+            stats[fmt] = row["stats"]
+        return row["seconds"]
 
-def _table(med: dict, size: int, caches: list[str], device: str, repeat: int, stats: dict) -> None:
-    print(f"bench-sglang: {size / 1e9:.2f} GB, device {device}, SGLang's load_model (model built + weights "
-          f"loaded), median of {repeat}")
-    head = "| format |" + "".join(f" {c} s | {c} GB/s | streamer ÷ it |" for c in caches)
-    print(head)
-    print("|---|" + "---|---|---|" * len(caches))
-    ours = med.get("streamer", {})
-    for fmt, per in med.items():
-        cells = ""
-        for c in caches:
-            s = per.get(c)
-            if s is None:
-                cells += " failed | | |"
-                continue
-            ratio = f"{ours[c] / s:.2f}x" if ours.get(c) else ""
-            cells += f" {s:.2f} | {size / s / 1e9:.2f} | {ratio} |"
-        print(f"| {fmt} |{cells}")
+    results = run_rounds(formats, caches, args.repeat, args.settle, run_one, "load_model")
+    print_table(f"bench-sglang: {size / 1e9:.2f} GB, device {device}, SGLang's load_model (model built + weights "
+                f"loaded), median of {args.repeat}", results, size, caches)
     st = stats.get("streamer")
     if st:
         print(f"streamer: {st.get('in_place')} tensors ({st.get('in_place_bytes', 0) / 1e9:.3f} GB) in place, "
               f"{st.get('via_model')} through load_weights; dry run of load_weights {st.get('probe_seconds', 0):.2f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "bytes": size, "runs": results,
+                                               "median": medians(results), "stats": stats}, indent=1))
+    return 0
 
 
 def _main_one(argv: list[str]) -> int:

@@ -15,7 +15,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
+
+from .engine_table import print_table, run_rounds, safetensors_files
 
 _CHILD = r"""
 import json, os, sys, time
@@ -63,17 +64,13 @@ if __name__ == "__main__":
 """
 
 
-def _files(model: str) -> list[str]:
-    return sorted(os.path.join(model, f) for f in os.listdir(model) if f.endswith(".safetensors"))
-
-
 def run_once(model: str, fmt: str, *, cold: bool, dtype: str, extra: dict | None = None,
              timeout: float = 900, stats: list | None = None) -> float:
     """Seconds ``load_weights`` took in a fresh engine; the streamer's in-place counts are
     appended to ``stats`` when given."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
            "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    spec = {"model": model, "format": fmt, "cold": cold, "files": _files(model), "dtype": dtype, "extra": extra}
+    spec = {"model": model, "format": fmt, "cold": cold, "files": safetensors_files(model), "dtype": dtype, "extra": extra}
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], env=env, capture_output=True, text=True,
                           timeout=timeout)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("VLLM_LOAD ")]
@@ -89,33 +86,14 @@ def run_once(model: str, fmt: str, *, cold: bool, dtype: str, extra: dict | None
 
 
 def run(args) -> int:
-    from .runner import round_order
-
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
-    size = sum(os.path.getsize(f) for f in _files(args.model))
-    results: dict[str, dict[str, list[float]]] = {f: {c: [] for c in caches} for f in formats}
+    size = sum(os.path.getsize(f) for f in safetensors_files(args.model))
     placed: list[dict] = []
-    for cache in caches:
-        for rep in range(args.repeat):
-            # interleaved so drift hits every format alike, in a new order each round so
-            # that no format always follows the same one
-            for fmt in round_order(formats, rep):
-                time.sleep(args.settle)
-                t = run_once(args.model, fmt, cold=cache == "cold", dtype=args.dtype, stats=placed)
-                results[fmt][cache].append(t)
-                print(f"  {fmt:<16} {cache} run {rep + 1}: load_weights {t:.2f} s", file=sys.stderr, flush=True)
-    print(f"\nvLLM load_weights, {args.model} ({size / 1e9:.2f} GB), median of {args.repeat}")
-    head = "| format | " + " | ".join(f"{c} s | {c} GB/s | streamer ÷ it" for c in caches) + " |"
-    print(head)
-    print("|" + "---|" * (1 + 3 * len(caches)))
-    for fmt in formats:
-        cells = []
-        for c in caches:
-            med = statistics.median(results[fmt][c])
-            ours = statistics.median(results["streamer"][c]) if "streamer" in results else None
-            cells += [f"{med:.2f}", f"{size / med / 1e9:.2f}", f"{ours / med:.2f}x" if ours else "-"]
-        print(f"| {fmt} | " + " | ".join(cells) + " |")
+    results = run_rounds(formats, caches, args.repeat, args.settle, lambda fmt, cache: run_once(
+        args.model, fmt, cold=cache == "cold", dtype=args.dtype, stats=placed), "load_weights")
+    print_table(f"\nvLLM load_weights, {args.model} ({size / 1e9:.2f} GB), median of {args.repeat}", results, size,
+                caches)
     if placed:
         last = placed[-1]
         print(f"\nstreamer: {last['in_place']} tensors ({last['in_place_bytes'] / 1e9:.3f} GB) streamed in place, "
