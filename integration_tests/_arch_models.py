@@ -67,15 +67,16 @@ OTHER_ARCHITECTURES: dict[str, tuple[str, dict]] = {
 
 
 def make_arch_checkpoint(arch: str, dir: str | os.PathLike[str], *, seed: int = 0, std: float = 0.2,
-                         dtype: str = "float32", max_shard_size: str = "300KB") -> Path:
-    """Write a tiny random checkpoint of ``arch`` (a key of :data:`ARCHITECTURES`) into ``dir``."""
+                         dtype: str = "float32", max_shard_size: str = "300KB", **overrides) -> Path:
+    """Write a tiny random checkpoint of ``arch`` (a key of :data:`ARCHITECTURES`) into ``dir``;
+    ``overrides`` replace config fields (a larger model: ``hidden_size=256``, ...)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from _tiny_models import _write_tokenizer
 
     model_type, fields = {**ARCHITECTURES, **OTHER_ARCHITECTURES}[arch]
-    fields = dict(fields)
+    fields = dict(fields, **overrides)
     architectures = fields.pop("architectures", None)
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,14 @@
     ``get_model_loader(LoadConfig(load_format="streamer"))`` and ``(load_format="safetensors")``
     load it, and every parameter and buffer is compared bit for bit. Also: the loader's stats
     (tensors in place), the error a truncated shard (``DIR``) gives, and a bad extra-config key.
-``engine MODEL...``
+``tp MODEL...``
+    Two processes, the two ranks of a tensor-parallel group (gloo), as SGLang's schedulers at
+    ``--tp 2``: each loads every model with SGLang's ``safetensors`` loader and with ours (twice:
+    the second load is measured) and compares its own shard of every parameter and buffer bit for
+    bit. The bytes each rank really read are counted by the kernel (``/proc/self/io`` ``rchar``,
+    the bytes of every read call) around the second streamer load: a rank reads its own shards,
+    not the whole checkpoint.
+``engine MODEL... [--tp N]``
     For each model, one ``sglang.Engine(load_format="streamer")``: greedy ids and logprobs of a few
     prompts; then ``update_weights_from_disk`` to the same architecture with other weights
     (SGLang's loader: the answers must change, so a reload takes effect), then back to the model's
@@ -78,6 +85,70 @@ def unit_errors(model: str, truncated: str) -> dict:
     return out
 
 
+# ---- tp: each rank of a tensor-parallel group loads its own shards ----------------------------------
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def _tp_rank(rank: int, world: int, init_method: str, models: list[str], queue) -> None:
+    try:
+        import torch
+
+        from loader_plugins.sglang_adapter.inprocess import init_process
+
+        init_process(models[0], "cpu", tp_size=world, tp_rank=rank, init_method=init_method)
+        out = {}
+        for path in models:
+            theirs, _, _ = _load(path, "safetensors")
+            _load(path, "streamer", {"concurrency": 2})        # not measured: imports, first-touch costs
+            before = _rchar()
+            ours, loader, _ = _load(path, "streamer", {"concurrency": 2})
+            read = _rchar() - before
+            mine, ref = _state(ours), _state(theirs)
+            differ = sorted(n for n in ref if n not in mine or mine[n].shape != ref[n].shape
+                            or not torch.equal(mine[n].detach().reshape(-1).view(torch.uint8),
+                                               ref[n].detach().reshape(-1).view(torch.uint8)))
+            stats = loader.last_stats
+            out[os.path.basename(path)] = {
+                "differ": differ[:10], "tensors": len(ref), "extra": sorted(set(mine) - set(ref)),
+                "rchar": read, "checkpoint_bytes": stats["checkpoint_bytes"],
+                "param_bytes": sum(t.nbytes for t in ref.values()),
+                **{k: stats[k] for k in ("in_place", "in_place_bytes", "in_place_shards", "via_model",
+                                         "via_model_bytes", "through", "read_bytes")}}
+        queue.put((rank, out))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test with it
+        queue.put((rank, {"error": traceback.format_exc()}))
+
+
+def tp(models: list[str], world: int = 2) -> dict:
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_tp_rank, args=(r, world, init_method, models, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    ranks = {}
+    try:
+        for _ in procs:
+            rank, result = queue.get(timeout=600)
+            if "error" in result:
+                raise RuntimeError(f"rank {rank}:\n{result['error']}")
+            ranks[rank] = result
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    return {"ranks": [ranks[r] for r in range(world)]}
+
+
 # ---- engine: greedy ids and logprobs, streamer vs SGLang's safetensors -------------------------------
 
 def _answers(engine) -> list[dict]:
@@ -87,7 +158,7 @@ def _answers(engine) -> list[dict]:
             for o in outs]
 
 
-def engine(pairs: list[str]) -> dict:
+def engine(pairs: list[str], tp_size: int = 1) -> dict:
     import sglang
 
     out: dict = {"models": {}}
@@ -97,7 +168,7 @@ def engine(pairs: list[str]) -> dict:
         eng = sglang.Engine(model_path=path, load_format="streamer", device="cpu", attention_backend="torch_native",
                             sampling_backend="pytorch", max_total_tokens=2048, dtype="float32",
                             model_loader_extra_config=json.dumps({"concurrency": 4}), log_level="warning",
-                            random_seed=0, disable_radix_cache=True)
+                            random_seed=0, disable_radix_cache=True, tp_size=tp_size)
         start_s = time.perf_counter() - t
         try:
             streamer = _answers(eng)
@@ -120,8 +191,14 @@ def main() -> int:
             cut = args.index("--truncated")
             result = unit(args[:cut])
             result["errors"] = unit_errors(args[0], args[cut + 1])
+        elif mode == "tp":
+            result = tp(args)
         elif mode == "engine":
-            result = engine(args)
+            tp_size = 1
+            if "--tp" in args:
+                cut = args.index("--tp")
+                tp_size, args = int(args[cut + 1]), args[:cut] + args[cut + 2:]
+            result = engine(args, tp_size)
         else:
             raise SystemExit(f"unknown mode {mode}")
     except Exception:  # noqa: BLE001 - reported to the test, which fails with it

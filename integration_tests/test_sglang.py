@@ -12,7 +12,16 @@ stand-in ``sgl_kernel`` (``sgl_kernel_standin/``) whose every function fails the
   logprobs equal them to float32 rounding (the same engine, its weights reloaded with
   ``safetensors``) on Llama, Qwen2 and Qwen3-MoE;
 * ``python -m sglang.launch_server --load-format streamer`` over HTTP on 127.0.0.1, and a bad
-  extra-config key failing at start.
+  extra-config key failing at start;
+* tensor parallelism 2 (``_sglang_job.py tp``: two ranks over gloo, as SGLang's schedulers): each
+  rank's parameters equal SGLang's loader's bit for bit, and each rank reads only its own shards:
+  the stream's ``read_bytes`` equal the bytes that land in the rank's parameters, and the kernel's
+  count of the rank's reads (``/proc/self/io``) is far below the checkpoint; and
+  ``sglang.Engine(tp_size=2, load_format="streamer")`` answers as with SGLang's loader.
+
+SGLang's venv has torch's CUDA wheel, which brings NCCL; with it SGLang 0.5.23 sets up a NCCL
+communicator at TP 2 even on the CPU engine and fails (``torch.cuda.device("cpu")``). A CPU-only
+torch has no NCCL: ``SGLANG_NCCL_SO_PATH`` (SGLang's own setting) names no library here, as there.
 """
 
 from __future__ import annotations
@@ -39,6 +48,16 @@ SGLANG_PY = ROOT / ".venv-sglang" / "bin" / "python"
 JOB = HERE / "_sglang_job.py"
 UNIT_ARCHS = ["llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"]
 ENGINE_ARCHS = ["llama", "qwen2", "qwen3_moe"]
+TP_ARCHS = ["llama", "qwen2_moe"]            # the loader at TP 2, per rank
+#: the engine at TP 2: Qwen2-MoE's shared-expert gate runs a Triton kernel there, which SGLang's
+#: CPU engine cannot run (in the forward pass, whatever the loader), so the MoE here is Qwen3-MoE
+TP_ENGINE_ARCHS = ["llama", "qwen3_moe"]
+#: wider than the unit models: the row-parallel weights' rows (o_proj: 32 heads of 32, down_proj:
+#: 1024, float32) are 4 KiB, so the default ``gather_min_row_bytes`` reads them row by row; and
+#: larger (25 and 46 MB), so that the kernel's count of a rank's reads is mostly checkpoint bytes
+TP_SIZE = dict(hidden_size=1024, num_attention_heads=32, intermediate_size=1024, num_hidden_layers=1,
+               num_experts=2, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
+               max_shard_size="8MB")
 
 pytestmark = pytest.mark.sglang
 
@@ -52,7 +71,11 @@ if not SGLANG_PY.exists():
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("sglang-models")
     out = {a: str(make_arch_checkpoint(a, root / a)) for a in UNIT_ARCHS}
-    out.update({f"{a}-other": str(make_arch_checkpoint(a, root / f"{a}-other", seed=1)) for a in ENGINE_ARCHS})
+    out.update({f"{a}-other": str(make_arch_checkpoint(a, root / f"{a}-other", seed=1))
+                for a in ENGINE_ARCHS})
+    for arch in TP_ARCHS:
+        size = {k: v for k, v in TP_SIZE.items() if arch.endswith("moe") or "moe" not in k and "expert" not in k}
+        out[f"{arch}-tp"] = str(make_arch_checkpoint(arch, root / f"{arch}-tp", **size))
     return out
 
 
@@ -66,7 +89,8 @@ def standin_log(tmp_path_factory):
 def _env(standin_log: Path) -> dict:
     env = dict(os.environ)
     env.update(SGLANG_USE_CPU_ENGINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               LP_SGL_KERNEL_STANDIN_LOG=str(standin_log),
+               LP_SGL_KERNEL_STANDIN_LOG=str(standin_log), SGLANG_NCCL_SO_PATH=str(HERE / "no-nccl-here.so"),
+               SGLANG_CPU_OMP_THREADS_BIND="0|1",    # TP 2: a core per rank (SGLang's CPU engine asks)
                PYTHONPATH=os.pathsep.join([str(HERE / "sgl_kernel_standin"), str(HERE)]))
     env.pop("VIRTUAL_ENV", None)
     return env
@@ -128,6 +152,38 @@ def test_engine_greedy_ids_and_logprobs_equal_sglangs_loader(models, standin_log
             # differ by a unit in the last place from one run to the next (seen: 4.8e-7 at -4.68).
             assert ours["logprobs"] == pytest.approx(theirs["logprobs"], rel=1e-5, abs=1e-6), arch
             assert len(ours["ids"]) > 0
+    _assert_standin_unused(standin_log)
+
+
+def test_tensor_parallel_2_ranks_load_their_own_shards(models, standin_log):
+    result = _job(standin_log, "tp", *(models[f"{a}-tp"] for a in TP_ARCHS))
+    assert len(result["ranks"]) == 2
+    for rank, per_model in enumerate(result["ranks"]):
+        for arch in TP_ARCHS:
+            got = per_model[f"{arch}-tp"]
+            assert got["differ"] == [] and got["extra"] == [], (rank, arch, got["differ"])
+            assert got["through"] == {} and got["in_place_shards"] > 0, (rank, arch, got["through"])
+            # the rank read exactly the bytes that landed in its parameters: its dim-0 shards, the
+            # rows of its dim-1 shards, the replicated tensors; no whole tensor it only cuts
+            assert got["read_bytes"] == got["in_place_bytes"] + got["via_model_bytes"], (rank, arch, got)
+            assert 0 < got["in_place_bytes"] <= got["param_bytes"], (rank, arch, got)   # (+ rotary caches)
+            # and the kernel agrees: every read call of the process during the load (seen: 0.52 of
+            # the checkpoint, headers and config files included; 0.68 when row-parallel weights
+            # were read whole) is about half of it
+            assert got["read_bytes"] <= got["rchar"] < 0.6 * got["checkpoint_bytes"], (rank, arch, got)
+    _assert_standin_unused(standin_log)
+
+
+def test_engine_at_tensor_parallel_2_answers_as_with_sglangs_loader(models, standin_log):
+    result = _job(standin_log, "engine", *(f"{models[a]},{models[a + '-other']}" for a in TP_ENGINE_ARCHS),
+                  "--tp", "2")
+    for arch in TP_ENGINE_ARCHS:
+        got = result["models"][arch]
+        assert all(ok for ok, _ in got["reloads"]), got["reloads"]
+        assert got["other_weights"] != got["streamer"], f"{arch}: a reload to other weights changed nothing"
+        for ours, theirs in zip(got["streamer"], got["safetensors"]):
+            assert ours["ids"] == theirs["ids"] and len(ours["ids"]) > 0, arch
+            assert ours["logprobs"] == pytest.approx(theirs["logprobs"], rel=1e-5, abs=1e-6), arch
     _assert_standin_unused(standin_log)
 
 

@@ -86,18 +86,18 @@ def results(tmp_path_factory) -> dict[tuple[str, int], dict[str, dict]]:
 
 def _report(table, paths) -> str:
     lines = ["| architecture | TP | identical (tokens, logprobs, parameters) | in place: tensors / bytes | "
-             "through load_weights: tensors / bytes | dry run s |", "|---|---|---|---|---|---|"]
+             "through load_weights: tensors / bytes | read by rank 0 | dry run s |", "|---|---|---|---|---|---|---|"]
     for (arch, tp), pair in sorted(table.items(), key=lambda kv: (kv[0][1], list(ARCHITECTURES).index(kv[0][0]))):
         ref, ours = pair.get("safetensors", {}), pair.get("streamer", {})
         if "error" in ref or "error" in ours or not ref or not ours:
-            lines.append(f"| {arch} | {tp} | error: {(ours.get('error') or ref.get('error') or 'missing')[:80]} | | | |")
+            lines.append(f"| {arch} | {tp} | error: {(ours.get('error') or ref.get('error') or 'missing')[:80]} | | | | |")
             continue
         same = _differences(ref, ours) == []
         st = ours["ranks"][0]["stats"]
         total = st["in_place_bytes"] + st["via_model_bytes"]
         lines.append(f"| {arch} | {tp} | {'yes' if same else 'NO'} | {st['in_place']} / {st['in_place_bytes']:,} "
                      f"({st['in_place_bytes'] / max(total, 1):.0%}) | {st['via_model']} / {st['via_model_bytes']:,} | "
-                     f"{st['probe_seconds']:.3f} |")
+                     f"{st.get('read_bytes') or 0:,} of {st['checkpoint_bytes']:,} | {st['probe_seconds']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +146,8 @@ def test_tensor_parallel_2_loads_like_vllm(results, arch):
     for rank, report in enumerate(ours["ranks"]):
         stats = report["stats"]
         assert stats["through"] == {}, f"rank {rank}: {stats['through']}"
-        # each rank read only its rows of the column-parallel weights (dim-0 shards, in place)
+        # each rank read only its shards: the rows of the column-parallel weights (dim 0), the
+        # columns of the row-parallel ones (dim 1: row by row), in place; no whole tensor it cuts
         assert stats["in_place_shards"] > 0
         assert stats["in_place_bytes"] + stats["via_model_bytes"] < stats["checkpoint_bytes"]
+        assert stats["read_bytes"] == stats["in_place_bytes"] + stats["via_model_bytes"], f"rank {rank}"

@@ -59,9 +59,9 @@ def _child(fmt: str, model: str, cold: bool, device: str, extra: dict) -> dict:
     from .runner import _warm as warm
 
     files = safetensors_files(model)
-    from ..sglang_adapter.inprocess import init_single_process, load_once
+    from ..sglang_adapter.inprocess import init_process, load_once
 
-    init_single_process(model, device)                 # set-up outside the clock
+    init_process(model, device)                 # set-up outside the clock
     (evict if cold else warm)(files)
     model_obj, loader, seconds = load_once(model, fmt, extra, device=device)
     stats = getattr(loader, "last_stats", None) or {}

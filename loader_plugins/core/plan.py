@@ -10,25 +10,40 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from .header import TensorSpec
+
+if TYPE_CHECKING:
+    from .tp import ColumnBlock
 
 T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
 class ReadItem:
-    """Read ``length`` bytes at ``file_offset`` of ``file`` into byte ``dest_offset`` of ``tensor``."""
+    """Read ``length`` bytes at ``file_offset`` of ``file`` into byte ``dest_offset`` of ``tensor``.
+
+    A gather item (``row_stride`` > 0) reads ``length // row_width`` rows of ``row_width`` bytes,
+    row ``r`` from ``file_offset + r * row_stride``, landing one after the other from
+    ``dest_offset``: a band of a strided tensor-parallel shard (:func:`gather_tensor`)."""
 
     tensor: str
     file: str
     file_offset: int
     length: int
     dest_offset: int
+    row_stride: int = 0
+    row_width: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.length // self.row_width if self.row_stride else 1
 
     @property
     def file_end(self) -> int:
+        if self.row_stride:
+            return self.file_offset + (self.rows - 1) * self.row_stride + self.row_width
         return self.file_offset + self.length
 
 
@@ -70,22 +85,46 @@ def chunk_tensor(spec: TensorSpec, chunk_bytes: int, *, start: int = 0, end: int
     return items
 
 
+def gather_tensor(spec: TensorSpec, block: "ColumnBlock", chunk_bytes: int) -> list[ReadItem]:
+    """The rows of a strided shard (``block``: bytes ``[start, start + width)`` of each row) as
+    gather items of about ``chunk_bytes`` each (at least one row): the shard lands contiguous,
+    row after row, which is its own row-major layout; the bytes between rows are not read."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    if block.rows * block.row_bytes != spec.nbytes or not 0 <= block.start <= block.start + block.width <= block.row_bytes:
+        raise ValueError(f"column block {block} does not fit tensor {spec.name!r} of {spec.nbytes} bytes")
+    if block.width == 0:
+        return []
+    band = max(1, chunk_bytes // block.width)
+    items = []
+    for first in range(0, block.rows, band):
+        n = min(band, block.rows - first)
+        items.append(ReadItem(spec.name, spec.file, spec.offset + first * block.row_bytes + block.start,
+                              n * block.width, first * block.width, block.row_bytes, block.width))
+    return items
+
+
 def plan_reads(specs: Sequence[TensorSpec], workers: int, chunk_bytes: int,
                ranges: dict[str, tuple[int, int]] | None = None,
-               file_chunks: Mapping[str, int] | None = None) -> ReadPlan:
+               file_chunks: Mapping[str, int] | None = None,
+               gathers: Mapping[str, "ColumnBlock"] | None = None) -> ReadPlan:
     """Balance the bytes of ``specs`` across ``workers``.
 
     ``ranges`` optionally restricts a tensor to bytes ``[start, end)`` of itself (a
-    tensor-parallel rank reading only its contiguous shard). ``file_chunks`` gives some files
-    another chunk size than ``chunk_bytes`` (S3 objects: larger ranged GETs); the heaviest
-    worker then carries at most ``total / workers`` plus the largest chunk size.
+    tensor-parallel rank reading only its contiguous shard); ``gathers`` to the rows of a
+    strided shard (:func:`gather_tensor`). ``file_chunks`` gives some files another chunk size
+    than ``chunk_bytes`` (S3 objects: larger ranged GETs); the heaviest worker then carries at
+    most ``total / workers`` plus the largest chunk size.
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
     items: list[ReadItem] = []
     for spec in specs:
-        start, end = (ranges or {}).get(spec.name, (0, spec.nbytes))
         chunk = file_chunks.get(spec.file, chunk_bytes) if file_chunks else chunk_bytes
+        if gathers and spec.name in gathers:
+            items.extend(gather_tensor(spec, gathers[spec.name], chunk))
+            continue
+        start, end = (ranges or {}).get(spec.name, (0, spec.nbytes))
         items.extend(chunk_tensor(spec, chunk, start=start, end=end))
     assigned = balance(items, workers, size=lambda i: i.length, order=lambda i: (i.file, i.file_offset))
     return ReadPlan(tuple(tuple(lst) for lst in assigned))

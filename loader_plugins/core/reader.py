@@ -28,7 +28,7 @@ from .header import TensorSpec
 from .budget import MemoryBudget
 from .plan import ReadItem, ReadPlan, plan_reads, split_windows
 from .sinks.base import Sink
-from .sinks.cpu import Allocation, CpuSink
+from .sinks.cpu import Allocation, CpuSink, reads_straight_into
 from .sources.base import BufferPool, Source, staging_bytes_for
 from .tp import ColumnBlock
 
@@ -51,7 +51,7 @@ class _Job:
                  "base", "sink")
 
     def __init__(self, spec: TensorSpec, target, dest, budget: int, alloc: Allocation | None, sink: Sink, *,
-                 block: ColumnBlock | None = None):
+                 block: ColumnBlock | None = None, gather: bool = False):
         self.spec = spec
         self.sink = sink              # where its bytes land
         self.alloc = alloc            # memory the sink allocated or wrapped
@@ -60,7 +60,11 @@ class _Job:
         self.buffer = sink.buffer_for(self.target)   # None: the sink addresses the tensor itself
         self.slack = bool(alloc and alloc.slack)
         self.block = block            # the destination holds only this tensor-parallel shard
-        start, end = block.byte_range() if block is not None and block.contiguous else (0, spec.nbytes)
+        if gather:                    # its rows are read one after the other: the shard, already cut
+            start, end = 0, block.nbytes
+            self.block = None
+        else:
+            start, end = block.byte_range() if block is not None and block.contiguous else (0, spec.nbytes)
         self.base = start             # tensor byte at buffer[0] (a dim-0 shard starts later)
         self.remaining = end - start
         self.budget = budget          # bytes counted against memory_limit until handed out
@@ -161,6 +165,19 @@ class StreamReader:
             self._direct[name] = sink.check(spec, dest, block)
             self._sink_of[name] = sink if self._direct[name] else self._host
         self._ranges = {n: b.byte_range() for n, b in self._shards.items() if b.contiguous}
+        # Strided shards (split along a later dim) the CPU sink lands, from a source where short
+        # reads are cheap, with rows of at least gather_min_row_bytes: only their rows are read,
+        # straight into the destination when it is a contiguous CPU tensor of the checkpoint's
+        # dtype (else into a shard-sized staging tensor). Elsewhere (S3, a device sink, short
+        # rows) the tensor is read whole and cut.
+        self._gather: dict[str, ColumnBlock] = {}
+        for name, block in self._shards.items():
+            spec = by_name[name]
+            if (block.contiguous or self._sink_of[name] is not self._host or not self._sources[spec.file].gathers
+                    or block.row_bytes < config.gather_min_row_bytes):
+                continue
+            self._gather[name] = block
+            self._direct[name] = reads_straight_into(spec, self._destinations[name])
         fresh = sum(s.nbytes for s in specs if s.name not in self._destinations or not self._direct[s.name])
         self.hugepages = self._host.choose_pages(fresh)   # "on", "off" or "auto" for the tensors it allocates
 
@@ -182,7 +199,8 @@ class StreamReader:
         self.sink_reports: list[dict] = []   # each sink's report() after the load (CUDA: its stages)
         self.memory = self.budget.report(ring=ring_bytes, staging=staging_bytes, held=self._limit, window=window_bytes)
         self._windows = [_Window(w, sum(self._budget_for(s) for s in w)) for w in split_windows(ordered, window_bytes)]
-        self._total_bytes = sum(s.nbytes if s.name not in self._ranges else
+        self._total_bytes = sum(self._gather[s.name].nbytes if s.name in self._gather else
+                                s.nbytes if s.name not in self._ranges else
                                 self._ranges[s.name][1] - self._ranges[s.name][0] for s in specs)
         self._count = len(specs)
 
@@ -232,18 +250,20 @@ class StreamReader:
         for spec in window.specs:
             dest = self._destinations.get(spec.name)
             block = self._shards.get(spec.name)
+            gather = spec.name in self._gather
             if dest is not None and self._direct[spec.name]:     # straight into the caller's tensor
                 sink = self._sink_of[spec.name]
-                job = _Job(spec, dest, None, 0, sink.wrap(dest), sink, block=block)
+                job = _Job(spec, dest, None, 0, sink.wrap(dest), sink, block=block, gather=gather)
             elif dest is not None:                               # staged, then one copy (cast, cut) into it
-                job = _Job(spec, None, dest, spec.nbytes, host.allocate(_staged_part(spec, block)), host, block=block)
+                part = _staged_part(spec, block, gather)
+                job = _Job(spec, None, dest, spec.nbytes, host.allocate(part), host, block=block, gather=gather)
             else:                                                # a tensor the reader allocates
                 job = _Job(spec, None, None, spec.nbytes, host.allocate(spec), host)
             window.jobs[spec.name] = job
             if job.remaining == 0:
                 self._finish(job)
         window.plan = plan_reads(window.specs, self.workers, self._config.chunk_bytes, self._ranges,
-                                 self._file_chunks)
+                                 self._file_chunks, gathers=self._gather)
         window.queues = WorkQueues(window.plan)
 
     # ---- workers --------------------------------------------------------------------------
@@ -404,9 +424,12 @@ class StreamReader:
         self.close()
 
 
-def _staged_part(spec: TensorSpec, block: ColumnBlock | None) -> TensorSpec:
+def _staged_part(spec: TensorSpec, block: ColumnBlock | None, gather: bool = False) -> TensorSpec:
     """The bytes a staged destination's read lands in: the shard's byte range when it is one,
-    else the whole tensor (a strided shard is cut out of it once complete)."""
+    the shard's rows when they are gathered, else the whole tensor (a strided shard is cut out
+    of it once complete)."""
+    if block is not None and gather:
+        return dataclasses.replace(spec, shape=(block.nbytes // spec.itemsize,), nbytes=block.nbytes)
     if block is None or not block.contiguous:
         return spec
     start, end = block.byte_range()

@@ -3,8 +3,9 @@
 A shard along dim ``d`` of a row-major tensor is the column block of a matrix with
 ``prod(shape[:d])`` rows: contiguous in the file when that product is 1 (always for ``d == 0``),
 a strided block otherwise. Contiguous shards become byte ranges for :func:`plan.plan_reads`, so a
-rank reads only its own bytes; strided ones are read whole and cut on the device
-(:class:`ColumnBlock` describes the cut for the CUDA sink). Shards follow the ceil-block rule of
+rank reads only its own bytes; strided ones are read row by row (:func:`plan.gather_tensor`) when
+the CPU sink lands them from a source where short reads are cheap (a local file), and whole, then
+cut, elsewhere (S3; the CUDA sink, for which :class:`ColumnBlock` describes the cut). Shards follow the ceil-block rule of
 :func:`plan.dim0_shard_range`: block = ceil(size / world), rank r holds ``[r*block, (r+1)*block)``
 clipped to the size (the last ranks may hold fewer, or no, rows).
 """

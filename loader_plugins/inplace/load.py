@@ -71,13 +71,15 @@ def load_into_model(load_weights: LoadWeights, model: torch.nn.Module,
             mode.finish()
         finally:
             stream.close()
-    report = LoadReport(result, _stats(str(location), specs, prediction, mode, time.perf_counter() - t0))
+    report = LoadReport(result, _stats(str(location), specs, prediction, mode, time.perf_counter() - t0,
+                                       streamer.stats.get("bytes_read")))
     if all(scheme_of(f) == "file" for f in checkpoint.files):   # tiered S3 loads record themselves
         record_load(config, "local", report.stats["bytes"], report.stats["seconds"])
     return report
 
 
-def _stats(location: str, specs, prediction: Prediction, mode: ReplayMode, seconds: float) -> dict[str, Any]:
+def _stats(location: str, specs, prediction: Prediction, mode: ReplayMode, seconds: float,
+           read_bytes: int | None) -> dict[str, Any]:
     placed = prediction.placements
     in_place_bytes = sum(p.nbytes for p in placed.values())
     unused = prediction.unused - mode.materialized
@@ -90,6 +92,8 @@ def _stats(location: str, specs, prediction: Prediction, mode: ReplayMode, secon
         "checkpoint_bytes": sum(spec.nbytes for spec in specs.values()),
         "gbps": total / seconds / 1e9 if seconds else 0.0,
         "in_place": len(placed), "in_place_bytes": in_place_bytes,
+        # bytes the stream read from storage: a tensor-parallel rank, its shards' bytes only
+        "read_bytes": read_bytes,
         "in_place_shards": sum(1 for p in placed.values() for piece in p.pieces if not piece.whole),
         "via_model": len(through), "via_model_bytes": through_bytes,
         "unused": len(unused), "unused_bytes": sum(specs[n].nbytes for n in unused),

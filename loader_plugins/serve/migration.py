@@ -66,6 +66,30 @@ class Flight:
         self.target: Engine | None = None
         self.moved = asyncio.Event()        # set when the stream switched (or the move was given up)
         self.report: dict[str, Any] | None = None
+        self._first: tuple[float, int] | None = None    # (time, tokens) at its first generated token
+        self._last: tuple[float, int] | None = None     # and at its latest
+
+    def generated(self, ids: list[int]) -> None:
+        """Tokens came from the engine serving it: keep them, and when, for its decode rate."""
+        self.out_ids += ids
+        if ids:
+            mark = (time.monotonic(), len(self.out_ids))
+            self._first = self._first or mark
+            self._last = mark
+
+    @property
+    def tokens(self) -> int:
+        """What a move sends the destination to prefill: the prompt and every token so far."""
+        return len(self.prompt_ids or ()) + len(self.out_ids)
+
+    def remaining_seconds(self) -> float | None:
+        """Time to its end at its own decode rate so far (tokens left of ``max_tokens``); None
+        before it has a rate (two tokens apart in time)."""
+        if self._first is None or self._last is None or self._last[0] <= self._first[0]:
+            return None
+        rate = (self._last[1] - self._first[1]) / (self._last[0] - self._first[0])
+        left = (self.body.get("max_tokens") or DEFAULT_MAX_TOKENS) - len(self.out_ids)
+        return max(0, left) / rate if rate > 0 else None
 
     def move(self, target: "Engine") -> None:
         self.target = target
@@ -160,7 +184,7 @@ async def relay(flight: Flight, client: httpx.AsyncClient, upstream: httpx.Respo
             choices = chunk.get("choices") or ()
             if choices and flight.prompt_ids is None and choices[0].get("prompt_token_ids") is not None:
                 flight.prompt_ids = list(choices[0]["prompt_token_ids"])
-            flight.out_ids += _ids(chunk)
+            flight.generated(_ids(chunk))
             yield flight.outgoing(chunk, source=True)
             if "error" in chunk or (choices and choices[0].get("finish_reason")):
                 continue      # the end (usage chunk, [DONE]) follows
@@ -212,7 +236,7 @@ async def relay(flight: Flight, client: httpx.AsyncClient, upstream: httpx.Respo
             if n == len(ids):
                 choices[0]["text"] = ""
             ids = ids[n:]
-        flight.out_ids += ids
+        flight.generated(ids)
         yield flight.outgoing(item, source=False)
         item = await dest_queue.get()
     if mismatch:

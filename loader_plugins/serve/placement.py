@@ -12,8 +12,12 @@ For each server (ServerlessLLM's load-time-aware allocation)::
   bandwidths learned from that host's loads) plus the engine's own start-up (process, model
   construction, KV cache), learned from that server's earlier cold starts;
 * **free**: swap-outs of the least recently used idle models that make room under the server's
-  budget, estimated as swap-ins are; models busy with requests cannot be swapped out:
-  each costs :data:`BUSY_PENALTY_S` (the router would wait for them);
+  budget, estimated as swap-ins are. A model busy with requests is swapped out once it is idle:
+  the router moves its streams to its engine on another server (estimated as the tokens they
+  carry over the prefill rate that model's earlier moves measured) or waits for them to end
+  (the slowest stream's tokens left over its own decode rate); the router's ``busy`` callable
+  gives that estimate. Requests it cannot see the progress of (not streamed) have none: such a
+  model costs :data:`BUSY_PENALTY_S`;
 * **queue**: what remains of start-ups and swaps already under way on that server.
 
 Swap and engine samples are kept per server in the router's history file
@@ -27,7 +31,7 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..cache.estimate import LoadHistory, bandwidth
 
@@ -38,7 +42,8 @@ if TYPE_CHECKING:
 DEFAULT_SWAP_IN_GBPS = 2.0
 DEFAULT_SWAP_OUT_GBPS = 2.0
 DEFAULT_ENGINE_S = 30.0
-#: what a model that must be swapped out but is busy with requests adds to an estimate
+#: what a model that must be swapped out but is busy with requests nobody can estimate the end of
+#: adds (the router waits up to ``ROOM_WAIT_S``, also 300 s, for them)
 BUSY_PENALTY_S = 300.0
 #: samples of engine start-up in the median
 RECENT = 5
@@ -142,10 +147,12 @@ class ServerHistory:
 
 
 def estimate_server(server: str, target: "Engine", engines: Sequence["Engine"], budget: int, history: ServerHistory,
-                    *, load: dict | None, queue_s: float, now: float | None = None) -> Estimate:
+                    *, load: dict | None, queue_s: float, now: float | None = None,
+                    busy: "Callable[[Engine], tuple[float, str] | None] | None" = None) -> Estimate:
     """``target``'s startup on ``server`` whose engines are ``engines`` (``target`` among them).
     ``load`` is :func:`~loader_plugins.cache.estimate.estimate` for the server's tiers (needed
-    for a cold start only)."""
+    for a cold start only). ``busy(engine)``: seconds until a busy engine is idle, and why (None:
+    not known)."""
     from .engine import RUNNING, SWAPPED
 
     now = time.monotonic() if now is None else now
@@ -165,7 +172,7 @@ def estimate_server(server: str, target: "Engine", engines: Sequence["Engine"], 
         bring_up = load["seconds"] + engine_s
         basis.append(f"load {load['bytes']} bytes from {tier} in {load['seconds']:.3f} s ({load['basis']})")
         basis.append(f"engine {engine_s:.2f} s ({why})")
-    free, evict = _free_seconds(server, target, engines, budget, history, basis)
+    free, evict = _free_seconds(server, target, engines, budget, history, basis, busy)
     if queue_s > 0:
         basis.append(f"{queue_s:.2f} s of start-ups and swaps under way there")
     return Estimate(server, how, tier, {"bring_up": bring_up, "free": free, "queue": max(0.0, queue_s)}, basis, evict)
@@ -191,16 +198,22 @@ def victims(target: "Engine", engines: Sequence["Engine"], budget: int) -> tuple
 
 
 def _free_seconds(server: str, target: "Engine", engines: Sequence["Engine"], budget: int, history: ServerHistory,
-                  basis: list[str]) -> tuple[float, list[str]]:
+                  basis: list[str], busy_estimate=None) -> tuple[float, list[str]]:
     idle, busy = victims(target, engines, budget)
     seconds = 0.0
-    for e in idle:
+    for e in idle + busy:
         s, why = history.swap_seconds(server, "swap_out", e.spec.name, e.resident_bytes, DEFAULT_SWAP_OUT_GBPS)
         seconds += s
         basis.append(f"swap out {e.spec.name} ({e.resident_bytes} bytes) {s:.3f} s ({why})")
     for e in busy:
-        seconds += BUSY_PENALTY_S
-        basis.append(f"{e.spec.name} is busy ({e.inflight} request(s), {e.state}): +{BUSY_PENALTY_S:.0f} s")
+        known = busy_estimate(e) if busy_estimate is not None else None
+        if known is None:
+            seconds += BUSY_PENALTY_S
+            basis.append(f"{e.spec.name} is busy ({e.inflight} request(s), {e.state}), with no estimate of their "
+                         f"end: +{BUSY_PENALTY_S:.0f} s")
+        else:
+            seconds += known[0]
+            basis.append(f"{e.spec.name} is busy ({e.inflight} request(s)): idle in {known[0]:.2f} s ({known[1]})")
     return seconds, [e.spec.name for e in idle + busy]
 
 

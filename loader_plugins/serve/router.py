@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: how long a request waits for memory held by busy models before it is refused (503)
 ROOM_WAIT_S = 300.0
+#: the latest moves of a model whose prefill rate estimates the next
+RECENT_MOVES = 5
 #: an engine that neither answers nor dies is given up on after this long (no request hangs forever)
 READ_TIMEOUT_S = 600.0
 
@@ -250,6 +252,34 @@ class Router:
 
     # ---- live migration ----
 
+    def busy_estimate(self, engine: Engine) -> tuple[float, str] | None:
+        """Seconds until busy ``engine`` is idle, as :meth:`_make_room` would get it there: its
+        streams moved to the model's engine on another server (when every request is a stream that
+        can move, and a move of this model has been measured), else waited for (each stream's
+        tokens left at its own decode rate). None when some request's end cannot be estimated."""
+        flights = [f for f in self.flights.get(id(engine), set()) if f.target is None]
+        if not flights or len(flights) != engine.inflight:
+            return None
+        target = self._running(engine.spec.name, exclude=engine)
+        rate = self._catch_up_rate(engine.spec.name)
+        if target is not None and rate is not None:
+            tokens = sum(f.tokens for f in flights)
+            return (tokens / rate[0], f"move {len(flights)} stream(s), {tokens} tokens, to {target.server.name} at "
+                                      f"{rate[0]:.0f} tokens/s of prefill ({rate[1]} earlier move(s) of it)")
+        left = [f.remaining_seconds() for f in flights]
+        if any(s is None for s in left):
+            return None
+        return max(left), f"wait for {len(flights)} stream(s) to end at their own decode rates"
+
+    def _catch_up_rate(self, model: str) -> tuple[float, int] | None:
+        """Tokens per second the destinations of this model's latest moves prefilled (tokens sent
+        over the time to the destination's first token), and how many moves that is."""
+        moves = [m for m in self.migrations if m["model"] == model and m.get("catch_up_seconds")][-RECENT_MOVES:]
+        seconds = sum(m["catch_up_seconds"] for m in moves)
+        if not moves or seconds <= 0:
+            return None
+        return sum(m["prompt_tokens"] + m["tokens_moved"] for m in moves) / seconds, len(moves)
+
     def finish(self, flight: Flight | None, engine: Engine) -> None:
         """A request ended: release the engine that served it last."""
         if flight is None:
@@ -341,7 +371,8 @@ class Router:
                     engine.resident_bytes = load["bytes"]   # the checkpoint's size until a swap measures it
             estimates.append(estimate_server(server.spec.name, engine, list(server.engines.values()),
                                              server.spec.budget, self.history, load=load,
-                                             queue_s=server.queue_seconds(now), now=now))
+                                             queue_s=server.queue_seconds(now), now=now,
+                                             busy=self.busy_estimate))
         if not estimates:
             left_out = sorted(exclude) + [f"{s} (its agent does not answer)" for s in unreachable]
             raise ServeError(503 if unreachable else 409, f"no server but {', '.join(left_out)} can run {name}",

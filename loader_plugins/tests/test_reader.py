@@ -142,6 +142,122 @@ def test_shards_into_cpu_destinations(tmp_path, rank, dst_dtype):
         assert torch.equal(dests[name], expected.to(dst_dtype)), name
 
 
+GATHER_CASES = [   # (dtype, shape, dim, world): strided shards (dim >= 1 of a tensor with more than one row)
+    (torch.float32, (7, 10), 1, 3),
+    (torch.bfloat16, (5, 33), 1, 4),
+    (torch.float16, (3, 6, 5), 2, 2),
+    (torch.float64, (4, 9, 6), 1, 4),
+    (torch.int8, (129, 257), 1, 8),
+    (torch.uint8, (2, 3, 4, 5), 3, 3),
+    (torch.bool, (6, 7), 1, 2),
+    (torch.float8_e4m3fn, (16, 100), 1, 3),
+    (torch.int64, (3, 2), 1, 4),        # world larger than the dim: the last ranks hold nothing
+]
+
+
+@pytest.mark.parametrize("direct_io", ["auto", "on"])
+@pytest.mark.parametrize("case", range(len(GATHER_CASES)))
+def test_strided_shards_read_only_their_rows(tmp_path, case, direct_io):
+    """A strided shard (split along dim >= 1) from a local file, for the CPU sink: only its rows
+    are read (one short pread each, in bands of about chunk_bytes), straight into a contiguous
+    destination of the checkpoint's dtype, through a shard-sized staging tensor otherwise
+    (a cast, a strided destination). Every rank's shard equals torch's narrow, bit for bit;
+    ``bytes_read`` is the shard's bytes. direct_io="on" reads the tensor whole and cuts it."""
+    from loader_plugins.core.tp import shard_block, shard_shape
+
+    dtype, shape, dim, world = GATHER_CASES[case]
+    g = torch.Generator().manual_seed(case)
+    w = (torch.randn(shape, generator=g) * 50).to(dtype) if dtype.is_floating_point or dtype == torch.bool else \
+        torch.randint(0, 100, shape, generator=g).to(dtype)
+    path = tmp_path / "w.safetensors"
+    save_file({"w": w, "pad": torch.arange(3, dtype=torch.int16)}, path)
+    with SafetensorsStreamer(chunk_bytes=4096, direct_io=direct_io, gather_min_row_bytes=0) as streamer:
+        spec = streamer.open(path).tensors["w"]
+        for rank in range(world):
+            block = shard_block(spec, rank, world, dim)
+            want = w.narrow(dim, *_narrow_args(shape[dim], rank, world))
+            assert tuple(want.shape) == shard_shape(spec, rank, world, dim)
+            dests = {"straight": torch.empty(want.shape, dtype=dtype),
+                     "strided": torch.empty(tuple(reversed(want.shape)), dtype=dtype).permute(
+                         *reversed(range(len(shape))))}
+            if dtype.is_floating_point and dtype != torch.float8_e4m3fn:
+                dests["cast"] = torch.empty(want.shape, dtype=torch.float32)
+            for kind, dest in dests.items():
+                streamer.stream_file(path, destinations={"w": dest}, shards={"w": block})
+                got = dict(streamer.get_tensors())
+                assert got["w"] is dest
+                expected = want.to(dest.dtype)
+                assert torch.equal(dest.contiguous().reshape(-1).view(torch.uint8), expected.contiguous().reshape(-1).view(torch.uint8)), \
+                    (kind, rank)
+                read = streamer.stats["bytes_read"] - 6          # the "pad" tensor is read too
+                whole = direct_io == "on" and not block.contiguous    # (an empty shard reads nothing)
+                assert read == (spec.nbytes if whole else block.nbytes), (kind, rank, read)
+
+
+@pytest.mark.parametrize("row_bytes", [1024, 4096])
+def test_rows_shorter_than_gather_min_row_bytes_are_read_whole(tmp_path, row_bytes):
+    """The default (4 KiB): a tensor whose rows are shorter is read whole and cut (a pread per
+    row would cost more than the bytes it skips); from 4 KiB on, row by row."""
+    from loader_plugins.core.tp import shard_block
+
+    w = torch.randn(64, row_bytes // 4)
+    path = tmp_path / "w.safetensors"
+    save_file({"w": w}, path)
+    with SafetensorsStreamer() as streamer:
+        spec = streamer.open(path).tensors["w"]
+        block = shard_block(spec, 1, 2, 1)
+        dest = torch.empty(64, row_bytes // 8)
+        streamer.stream_file(path, destinations={"w": dest}, shards={"w": block})
+        list(streamer.get_tensors())
+        assert torch.equal(dest, w[:, row_bytes // 8:])
+        assert streamer.stats["bytes_read"] == (spec.nbytes if row_bytes < 4096 else block.nbytes)
+
+
+def _narrow_args(size: int, rank: int, world: int) -> tuple[int, int]:
+    block = -(-size // world)
+    start = min(rank * block, size)
+    return start, min(block, size - start)
+
+
+def test_a_strided_shard_reads_a_fraction_of_the_file(tmp_path):
+    """Counted by the kernel (``/proc/self/io`` rchar: the bytes of every read call of this
+    process): a rank's dim-1 shard of a 16 MB tensor at TP 8 reads about an eighth of it."""
+    from loader_plugins.core.tp import shard_block
+
+    path = tmp_path / "big.safetensors"
+    save_file({"down_proj": torch.randn(1024, 4096)}, path)
+
+    def rchar() -> int:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+    with SafetensorsStreamer() as streamer:
+        spec = streamer.open(path).tensors["down_proj"]
+        block = shard_block(spec, 5, 8, 1)
+        dest = torch.empty(1024, 512)
+        before = rchar()
+        streamer.stream_file(path, destinations={"down_proj": dest}, shards={"down_proj": block})
+        list(streamer.get_tensors())
+        read = rchar() - before
+    assert torch.equal(dest, st_load_file(path)["down_proj"][:, 5 * 512:6 * 512])
+    assert block.nbytes <= read < block.nbytes + (1 << 20), (read, block.nbytes, spec.nbytes)
+
+
+def test_a_truncated_file_under_a_strided_shard_is_named(tmp_path):
+    from loader_plugins.core.tp import shard_block
+
+    path = tmp_path / "cut.safetensors"
+    save_file({"w": torch.randn(64, 256)}, path)
+    with SafetensorsStreamer() as streamer:
+        spec = streamer.open(path).tensors["w"]
+        os.truncate(path, os.path.getsize(path) - 5000)     # after the header was read: the rows' reads find it
+        with pytest.raises(StreamerError) as info:
+            streamer.stream_file(path, destinations={"w": torch.empty(64, 128)},
+                                 shards={"w": shard_block(spec, 1, 2, 1)})
+            list(streamer.get_tensors())
+    assert "cut.safetensors" in str(info.value) and "truncated" in str(info.value)
+
+
 def test_shard_destination_of_the_wrong_size_is_an_error(tmp_path):
     from loader_plugins.core.header import TensorSpec
     from loader_plugins.core.tp import shard_block

@@ -139,9 +139,51 @@ def test_making_room_swaps_out_idle_models_least_recently_used_first(tmp_path, p
     idle, busy = victims(target, engines, 7 * GB)
     assert idle == [] and [e.spec.name for e in busy] == ["old"]
     est = estimate_server("s", target, engines, 7 * GB, history, load=_load("local", 1.0), queue_s=0)
-    assert est.parts["free"] == placement.BUSY_PENALTY_S and "busy" in est.basis[-1]
+    # swapped out once idle (1.5 s), and nothing says when that is: the router waits up to 300 s
+    assert est.parts["free"] == pytest.approx(1.5 + placement.BUSY_PENALTY_S) and "no estimate" in est.basis[-1]
+    est = estimate_server("s", target, engines, 7 * GB, history, load=_load("local", 1.0), queue_s=0,
+                          busy=lambda e: (12.0, f"{e.spec.name} ends soon"))
+    assert est.parts["free"] == pytest.approx(1.5 + 12.0) and "old ends soon" in est.basis[-1]
     alone = _engine(tmp_path, "huge", "s", resident=100 * GB)
     assert victims(alone, [alone], 7 * GB) == ([], [])   # a model alone always fits
+
+
+def test_a_busy_model_is_idle_after_its_streams_move_or_end(tmp_path, procs):
+    """The router's estimate of when a busy model is idle: its streams moved to its engine on
+    another server at the prefill rate earlier moves of that model measured; else the slowest
+    stream's tokens left at its own decode rate; else (a request it cannot follow) unknown."""
+    from loader_plugins.serve.catalog import parse_catalog
+    from loader_plugins.serve.migration import Flight
+    from loader_plugins.serve.router import Router
+
+    catalog = parse_catalog({"servers": {"a": {"budget": GB}, "b": {"budget": GB}},
+                             "models": {"m": {"checkpoint": str(tmp_path / "m")}}})
+    router = Router(catalog, tmp_path / "logs")
+    busy, other = router.servers["a"].engines["m"], router.servers["b"].engines["m"]
+    busy.state, busy.proc = RUNNING, procs()
+    flights = [Flight({"prompt": "x", "max_tokens": 40}, busy), Flight({"prompt": "y", "max_tokens": 10}, busy)]
+    for f, prompt in zip(flights, ([1] * 30, [2] * 10)):
+        f.prompt_ids = prompt
+        f.generated([7])
+    time.sleep(0.02)
+    flights[0].generated([7, 7, 7])        # 4 of 40 tokens
+    flights[1].generated([7])              # 2 of 10
+    router.flights[id(busy)] = set(flights)
+    busy.inflight = 2
+
+    seconds, why = router.busy_estimate(busy)       # nowhere to move them: wait for the slower one
+    slow = flights[0]
+    rate = (slow._last[1] - slow._first[1]) / (slow._last[0] - slow._first[0])
+    assert seconds == pytest.approx(max(36 / rate, flights[1].remaining_seconds())) and "wait" in why
+
+    other.state, other.proc = RUNNING, procs()      # the model runs on b too, but no move measured yet
+    assert "wait" in router.busy_estimate(busy)[1]
+    router.migrations.append({"model": "m", "prompt_tokens": 100, "tokens_moved": 100, "catch_up_seconds": 0.5})
+    seconds, why = router.busy_estimate(busy)       # 400 tokens/s: 34 + 12 tokens to prefill on b
+    assert seconds == pytest.approx(46 / 400) and "to b" in why
+
+    busy.inflight = 3                                 # a request the router does not follow (not streamed)
+    assert router.busy_estimate(busy) is None
 
 
 def test_choose_prefers_the_first_listed_on_a_tie_and_describes_itself():

@@ -294,6 +294,10 @@ class CpuSink:
     def land(self, job, item, source, *, pool, cancelled) -> None:
         at = item.dest_offset - job.base
         view = job.buffer[at:at + item.length]
+        if item.row_stride:     # the rows of a strided shard (a short buffered read each)
+            self.fill(view, job.alloc, lambda fresh: source.read_rows(
+                item.file_offset, item.row_stride, item.row_width, view, cancelled=cancelled))
+            return
         self.fill(view, job.alloc, lambda fresh: source.read_into(
             item.file_offset, view, pool=pool, cancelled=cancelled, slack=job.slack, fresh=fresh))
 
@@ -332,6 +336,14 @@ class CpuSink:
                 and not dest.is_quantized)
 
 
+def reads_straight_into(spec: TensorSpec, dest) -> bool:
+    """True when a shard's bytes, in the checkpoint's row-major order, can be read straight into
+    ``dest`` (already checked to hold the shard): a contiguous, unquantized CPU tensor of the
+    checkpoint's dtype."""
+    return (dest.device.type == "cpu" and dest.is_contiguous() and dest.dtype == spec.torch_dtype()
+            and not dest.is_quantized)
+
+
 def check_shard_destination(spec: TensorSpec, dest, block: "ColumnBlock") -> bool:
     """A destination for a tensor-parallel shard, filled without a device sink: True when its
     bytes can be read straight into it (a contiguous CPU tensor of the checkpoint's dtype and a
@@ -346,5 +358,4 @@ def check_shard_destination(spec: TensorSpec, dest, block: "ColumnBlock") -> boo
     if dest.dtype != src_dtype and not (dest.dtype.is_floating_point and src_dtype.is_floating_point):
         raise DestinationError(f"destination for a shard of {spec.describe()} is {dest.dtype} but the checkpoint "
                                f"holds {src_dtype}; only casts between floating-point types are done on load")
-    return (block.contiguous and dest.device.type == "cpu" and dest.is_contiguous() and dest.dtype == src_dtype
-            and not dest.is_quantized)
+    return block.contiguous and reads_straight_into(spec, dest)

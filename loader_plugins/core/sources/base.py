@@ -41,6 +41,10 @@ class Source:
     #: every read fails if the object changed since open (S3 GETs pinned to the ETag seen at
     #: open): the reader then skips the end-of-load :meth:`check_unchanged`
     reads_pinned = False
+    #: many short reads at evenly spaced offsets (the rows of a strided tensor-parallel shard)
+    #: are cheap here: one pread each on a local file. A remote source says False (a request
+    #: per row); the reader then reads such a shard whole and cuts it.
+    gathers = False
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -59,6 +63,15 @@ class Source:
         is faster through a staging buffer on huge pages than in place.
         """
         raise NotImplementedError
+
+    def read_rows(self, offset: int, stride: int, width: int, dest: memoryview, *,
+                  cancelled: threading.Event | None = None) -> None:
+        """Fill ``dest`` with ``len(dest) // width`` rows of ``width`` bytes, row ``r`` read from
+        ``offset + r * stride`` (a band of a strided shard), or raise SourceError."""
+        for row in range(len(dest) // width):
+            if cancelled is not None and cancelled.is_set():
+                return
+            self.read_into(offset + row * stride, dest[row * width:(row + 1) * width], cancelled=cancelled)
 
     def read_bytes(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -94,6 +107,7 @@ class BorrowedSource(Source):
         self.remote = inner.remote
         self.wants_staging = inner.wants_staging
         self.reads_pinned = inner.reads_pinned
+        self.gathers = inner.gathers
 
     @property
     def deadline_at(self) -> float | None:   # type: ignore[override]
@@ -109,6 +123,10 @@ class BorrowedSource(Source):
     def read_into(self, offset: int, dest: memoryview, *, pool: BufferPool | None = None,
                   cancelled: threading.Event | None = None, slack: bool = False, fresh: bool = False) -> None:
         self.inner.read_into(offset, dest, pool=pool, cancelled=cancelled, slack=slack, fresh=fresh)
+
+    def read_rows(self, offset: int, stride: int, width: int, dest: memoryview, *,
+                  cancelled: threading.Event | None = None) -> None:
+        self.inner.read_rows(offset, stride, width, dest, cancelled=cancelled)
 
     def check_unchanged(self) -> None:
         self.inner.check_unchanged()

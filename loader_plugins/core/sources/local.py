@@ -46,7 +46,10 @@ def _addr(view: memoryview) -> int:
 
 
 class LocalSource(Source):
-    header_prefetch = 1 << 20
+    #: most shard headers fit (tens of KB); a longer one costs a second pread, which is cheap on a
+    #: local file, while every byte read here past the header is read again with the data (and a
+    #: tensor-parallel rank may not need it at all)
+    header_prefetch = 64 << 10
 
     def __init__(self, uri: str, *, direct_io: str = "auto", alignment: int = 4096):
         super().__init__(uri)
@@ -68,6 +71,11 @@ class LocalSource(Source):
     @property
     def wants_staging(self) -> bool:
         return self._direct_mode != "off"
+
+    @property
+    def gathers(self) -> bool:
+        """Rows are read with buffered preads: not when the user asked for O_DIRECT only."""
+        return self._direct_mode != "on"
 
     def size(self) -> int:
         return self._size
@@ -136,6 +144,33 @@ class LocalSource(Source):
                 raise
             raise SourceError(exc.errno, f"{self.path}: read of bytes [{offset}, {offset + length}) "
                               f"failed: {exc.strerror or exc}") from exc
+
+    def read_rows(self, offset: int, stride: int, width: int, dest: memoryview, *,
+                  cancelled: threading.Event | None = None) -> None:
+        """One buffered pread per row (the page cache serves them; rows are too short and
+        unaligned for O_DIRECT)."""
+        rows = len(dest) // width if width else 0
+        if rows == 0:
+            return
+        end = offset + (rows - 1) * stride + width
+        if end > self._size:
+            raise SourceError(
+                errno.EIO, f"{self.path}: bytes [{offset}, {end}) lie past the end of the "
+                f"{self._size}-byte file; the file is truncated")
+        fd, preadv = self._fd, os.preadv
+        try:
+            for row in range(rows):
+                at = offset + row * stride
+                piece = dest[row * width:(row + 1) * width]
+                if preadv(fd, [piece], at) != width:
+                    self._read_buffered(at, piece)        # a short read: finish it (or name the truncation)
+                if cancelled is not None and not row % 1024 and cancelled.is_set():
+                    return
+        except OSError as exc:
+            if isinstance(exc, SourceError):
+                raise
+            raise SourceError(exc.errno, f"{self.path}: read of {rows} rows of {width} bytes every {stride} "
+                              f"bytes from byte {offset} failed: {exc.strerror or exc}") from exc
 
     def _read_buffered(self, offset: int, dest: memoryview) -> None:
         pos, length = 0, len(dest)
