@@ -7,7 +7,8 @@ and every engine load of local files (tier ``local``, recorded by the engine ada
 ``$LOADER_PLUGINS_HISTORY_DIR/load-history.json``, by default
 ``~/.cache/loader-plugins/load-history.json``). An estimate locates each shard
 (DRAM, disk, S3 or a local file), and for each tier takes the median GB/s of this host's recent
-loads of a similar size (within 4x; any size when there are none), or a conservative default
+loads of a similar size (within 4x), else of larger ones, else of smaller ones only where their GB/s
+beats a conservative default (a small load's time is mostly per-load overhead), or that default
 when the host has no history for the tier. The measured seconds of a load run from its first
 object open (HEAD) to its last byte, so they include per-object overheads: loads of a similar
 size predict each other best, which is why samples of a similar size are preferred. What comes
@@ -118,16 +119,27 @@ class LoadHistory:
 
 def bandwidth(tier: str, nbytes: int, history: LoadHistory | None, *, host: str | None = None
               ) -> tuple[float, str, int]:
-    """(GB/s, basis, samples used) for loading ``nbytes`` from ``tier`` on ``host``."""
+    """(GB/s, basis, samples used) for loading ``nbytes`` from ``tier`` on ``host``.
+
+    Loads of a similar size predict best. Without them, larger loads are next (their GB/s is, if
+    anything, a little high for a smaller load). Loads only much smaller than this one say little
+    about bandwidth: their time is mostly per-load overhead (a 2 MB load in 50 ms is "0.04 GB/s"),
+    so their GB/s is taken only where it beats the tier's conservative default."""
     samples = history.samples(tier, host=host) if history is not None else []
-    if samples:
-        similar = [r for r in samples if nbytes / SIMILAR <= r["bytes"] <= nbytes * SIMILAR] if nbytes else []
-        chosen = (similar or samples)[-RECENT:]
-        gbps = statistics.median(r["bytes"] / r["seconds"] / 1e9 for r in chosen)
-        kind = "similar-size" if similar else "any-size"
-        return gbps, f"history: median of the last {len(chosen)} {kind} {tier} load(s) on this host", len(chosen)
-    gbps = DEFAULT_GBPS.get(tier, min(DEFAULT_GBPS.values()))
-    return gbps, f"default: no recorded {tier} loads on this host", 0
+    default = DEFAULT_GBPS.get(tier, min(DEFAULT_GBPS.values()))
+    if not samples:
+        return default, f"default: no recorded {tier} loads on this host", 0
+    similar = [r for r in samples if nbytes / SIMILAR <= r["bytes"] <= nbytes * SIMILAR] if nbytes else samples
+    larger = [r for r in samples if r["bytes"] > nbytes]
+    chosen, kind = (similar, "similar-size") if similar else (larger, "larger") if larger else (samples, "smaller")
+    chosen = chosen[-RECENT:]
+    gbps = statistics.median(r["bytes"] / r["seconds"] / 1e9 for r in chosen)
+    basis = f"history: median of the last {len(chosen)} {kind} {tier} load(s) on this host"
+    if kind == "smaller" and gbps < default:
+        largest = max(r["bytes"] for r in chosen)
+        return default, (f"default: this host's {tier} loads are all under 1/{SIMILAR:g} of this one (the largest "
+                         f"{largest / 1e6:.1f} MB, {gbps:.3f} GB/s, mostly per-load overhead)"), 0
+    return gbps, basis, len(chosen)
 
 
 def predict(tiers: dict[str, int], history: LoadHistory | None, *, host: str | None = None,
