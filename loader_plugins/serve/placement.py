@@ -33,7 +33,7 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ..cache.estimate import LoadHistory, bandwidth
+from ..cache.estimate import LoadHistory
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 DEFAULT_SWAP_IN_GBPS = 2.0
 DEFAULT_SWAP_OUT_GBPS = 2.0
 DEFAULT_ENGINE_S = 30.0
+#: the fixed part of a swap assumed before a server has measured any (the RPC to the engine's
+#: workers, pausing and resuming it): 0.09-0.17 s of the 0.12-0.27 s swap-ins of 141-347 MB on
+#: the 2-core VM (6 December), where bytes at the default bandwidth alone said 0.07 s for 0.16 s
+DEFAULT_SWAP_OVERHEAD_S = 0.1
 #: what a model that must be swapped out but is busy with requests nobody can estimate the end of
 #: adds (the router waits up to ``ROOM_WAIT_S``, also 300 s, for them)
 BUSY_PENALTY_S = 300.0
@@ -112,19 +116,13 @@ class ServerHistory:
             if model is not None:
                 self.history.record(f"{kind}:{model}", nbytes, seconds, host=server)
 
-    def seconds_for(self, server: str, kind: str, nbytes: int, default_gbps: float) -> tuple[float, str]:
-        """``nbytes`` at the server's learned bandwidth for ``kind`` (or ``default_gbps``)."""
-        gbps, basis, n = bandwidth(kind, nbytes, self.history, host=server)
-        if n == 0:
-            gbps, basis = default_gbps, f"default {default_gbps} GB/s: no {kind} measured on {server}"
-        return nbytes / (gbps * 1e9), basis
-
     def swap_seconds(self, server: str, kind: str, model: str, nbytes: int, default_gbps: float
                      ) -> tuple[float, str]:
         """A swap's seconds, from the best evidence there is: the same model's recent swaps of
         the same size on that server (their median); else a fit ``overhead + bytes / bandwidth``
         over the server's recent swaps of different sizes (a swap has fixed costs besides its
-        bytes: pausing, RPCs, waking); else bytes at the server's bandwidth or the default."""
+        bytes: pausing, RPCs, waking); else, from swaps of one size, bytes at their bandwidth or
+        the default, whichever is higher, plus what that leaves of their time; else the defaults."""
         own = [r for r in self.history.samples(f"{kind}:{model}", host=server)
                if nbytes / SAME_SIZE <= r["bytes"] <= nbytes * SAME_SIZE][-RECENT:]
         if own:
@@ -136,7 +134,17 @@ class ServerHistory:
             gbps = f"{1e-9 / seconds_per_byte:.2f} GB/s" if seconds_per_byte > 0 else "no size dependence"
             return (overhead + nbytes * seconds_per_byte,
                     f"fit of the last {n} {kind} on {server}: {overhead:.3f} s + bytes at {gbps}")
-        return self.seconds_for(server, kind, nbytes, default_gbps)
+        samples = self.history.samples(kind, host=server)[-RECENT:]
+        if not samples:
+            return (DEFAULT_SWAP_OVERHEAD_S + nbytes / (default_gbps * 1e9),
+                    f"default {DEFAULT_SWAP_OVERHEAD_S} s + bytes at {default_gbps} GB/s: no {kind} measured on {server}")
+        # swaps of one size cannot tell fixed costs from bandwidth: bytes at the bandwidth they
+        # showed or the default, whichever is higher, and what that leaves of their time as fixed
+        shown = sum(r["bytes"] for r in samples) / sum(r["seconds"] for r in samples) / 1e9
+        gbps = max(shown, default_gbps)
+        overhead = statistics.median(max(0.0, r["seconds"] - r["bytes"] / (gbps * 1e9)) for r in samples)
+        return (overhead + nbytes / (gbps * 1e9),
+                f"{len(samples)} {kind} of one size on {server}: {overhead:.3f} s + bytes at {gbps:.2f} GB/s")
 
     def engine_seconds(self, server: str) -> tuple[float, str]:
         samples = self.history.samples("engine", host=server)[-RECENT:]

@@ -63,7 +63,7 @@ def test_a_host_snapshot_beats_a_cold_start(tmp_path, procs):
     swapped = _engine(tmp_path, "m", "b", state=SWAPPED, resident=4 * GB, proc=procs())
     restore = estimate_server("b", swapped, [swapped], 10 * GB, history, load=None, queue_s=0)
     assert (restore.how, restore.tier) == ("swap_in", "host")
-    assert restore.seconds == pytest.approx(4 / placement.DEFAULT_SWAP_IN_GBPS)
+    assert restore.seconds == pytest.approx(placement.DEFAULT_SWAP_OVERHEAD_S + 4 / placement.DEFAULT_SWAP_IN_GBPS)
     cold = estimate_server("a", _engine(tmp_path, "m", "a"), [], 10 * GB, history, load=_load("dram", 0.5),
                            queue_s=0)
     assert choose([cold, restore]) is restore
@@ -81,7 +81,7 @@ def test_bandwidths_and_engine_start_up_are_learned_per_server(tmp_path, procs):
         history.record("b", "engine", GB, seconds)
     swapped = _engine(tmp_path, "m", "b", state=SWAPPED, resident=4 * GB, proc=procs())
     est = estimate_server("b", swapped, [swapped], 10 * GB, history, load=None, queue_s=0)
-    assert est.seconds == pytest.approx(0.5) and "history" in est.basis[0]
+    assert est.seconds == pytest.approx(0.5) and "1 host of one size on b" in est.basis[0]
     swapped_a = _engine(tmp_path, "m", "a", state=SWAPPED, resident=4 * GB, proc=procs())
     assert estimate_server("a", swapped_a, [swapped_a], 10 * GB, history, load=None, queue_s=0).seconds == \
         pytest.approx(4.0)
@@ -113,10 +113,19 @@ def test_swap_estimates_prefer_the_models_own_swaps_then_a_fit_with_fixed_costs(
         flat.record("a", "swap_out", nbytes, s)
     seconds, basis = flat.swap_seconds("a", "swap_out", "m", 4 * GB, 2.0)
     assert seconds == pytest.approx(0.35) and "no size dependence" in basis
-    # one size only: no fit, bytes at the measured bandwidth
+    # one size only: no fit; bytes at the bandwidth shown when it beats the default (a GPU's
+    # link), else at the default with the rest of their time as fixed cost (a CPU swap's RPCs)
     one = ServerHistory(LoadHistory(tmp_path / "one.json"))
-    one.record("a", "host", 2 * GB, 1.0)
-    assert one.swap_seconds("a", "host", "m", 4 * GB, 2.0)[0] == pytest.approx(2.0)
+    one.record("a", "host", 2 * GB, 0.1)                           # 20 GB/s
+    assert one.swap_seconds("a", "host", "m", 4 * GB, 2.0)[0] == pytest.approx(0.2)
+    slow = ServerHistory(LoadHistory(tmp_path / "slow.json"))
+    for s in (0.16, 0.12, 0.17):                                   # 141 MB: 0.07 s at 2 GB/s, the rest fixed
+        slow.record("a", "host", 141 * 10**6, s)
+    seconds, basis = slow.swap_seconds("a", "host", "m", 347 * 10**6, 2.0)
+    assert seconds == pytest.approx(0.16 - 0.0705 + 0.1735) and "of one size" in basis
+    # nothing measured: the default fixed cost and bandwidth
+    seconds, basis = ServerHistory(LoadHistory(tmp_path / "none.json")).swap_seconds("a", "host", "m", GB, 2.0)
+    assert seconds == pytest.approx(placement.DEFAULT_SWAP_OVERHEAD_S + 0.5) and basis.startswith("default")
 
 
 def test_making_room_swaps_out_idle_models_least_recently_used_first(tmp_path, procs):
