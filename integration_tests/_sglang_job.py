@@ -48,18 +48,22 @@ def _state(model) -> dict:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
-def unit(models: list[str]) -> dict:
+def _differ(mine: dict, ref: dict) -> list[str]:
+    """Names of ``ref``'s tensors that ``mine`` lacks or holds with another dtype, shape or bytes."""
     import torch
 
+    return sorted(n for n in ref if n not in mine or mine[n].dtype != ref[n].dtype or mine[n].shape != ref[n].shape
+                  or not torch.equal(mine[n].detach().reshape(-1).view(torch.uint8),
+                                     ref[n].detach().reshape(-1).view(torch.uint8)))
+
+
+def unit(models: list[str]) -> dict:
     out: dict = {"models": {}}
     for path in models:
         ours, loader, seconds = _load(path, "streamer", {"concurrency": 4})
         theirs, _, their_seconds = _load(path, "safetensors")
         mine, ref = _state(ours), _state(theirs)
-        differ = sorted(n for n in ref if n not in mine or mine[n].dtype != ref[n].dtype
-                        or mine[n].shape != ref[n].shape
-                        or not torch.equal(mine[n].detach().reshape(-1).view(torch.uint8),
-                                           ref[n].detach().reshape(-1).view(torch.uint8)))
+        differ = _differ(mine, ref)
         stats = loader.last_stats
         out["models"][os.path.basename(path)] = {
             "loader": type(loader).__name__, "tensors": len(ref), "differ": differ[:10], "extra": sorted(set(mine) - set(ref)),
@@ -94,8 +98,6 @@ def _rchar() -> int:
 
 def _tp_rank(rank: int, world: int, init_method: str, models: list[str], queue) -> None:
     try:
-        import torch
-
         from loader_plugins.sglang_adapter.inprocess import init_process
 
         init_process(models[0], "cpu", tp_size=world, tp_rank=rank, init_method=init_method)
@@ -107,9 +109,7 @@ def _tp_rank(rank: int, world: int, init_method: str, models: list[str], queue) 
             ours, loader, _ = _load(path, "streamer", {"concurrency": 2})
             read = _rchar() - before
             mine, ref = _state(ours), _state(theirs)
-            differ = sorted(n for n in ref if n not in mine or mine[n].shape != ref[n].shape
-                            or not torch.equal(mine[n].detach().reshape(-1).view(torch.uint8),
-                                               ref[n].detach().reshape(-1).view(torch.uint8)))
+            differ = _differ(mine, ref)
             stats = loader.last_stats
             out[os.path.basename(path)] = {
                 "differ": differ[:10], "tensors": len(ref), "extra": sorted(set(mine) - set(ref)),

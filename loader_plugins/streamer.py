@@ -404,7 +404,7 @@ class SafetensorsStreamer:
         self.stats = {"bytes": total, "seconds": seconds, "header_seconds": header_s, "workers": reader.workers,
                       "gbps": total / seconds / 1e9 if seconds > 0 else 0.0, "files": len(checkpoint.files),
                       "tensors": count, "memory": reader.memory,
-                      "bytes_read": reader.bytes_read}     # from storage: shards' bytes only, for a TP rank
+                      "bytes_read": reader.bytes_read}     # asked of the sources: a TP rank, its shards' bytes
         if reader.sink_reports:
             self.stats["sinks"] = reader.sink_reports   # a CUDA load: its stages (CudaSink.report)
         log.info("Streamed %d tensors (%.2f GB) from %d file(s) in %.2f s (%.2f GB/s)", count, total / 1e9,

@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 
 def init_process(model_path: str, device: str = "cpu", *, tp_size: int = 1, tp_rank: int = 0,
-                        init_method: str | None = None) -> None:
+                 init_method: str | None = None) -> None:
     """SGLang's plugins, server args, parallel groups and MoE/DP state, once per process. With
     ``tp_size`` > 1 every rank's process calls this with its ``tp_rank`` and the same
     ``init_method`` (``tcp://127.0.0.1:PORT``), as SGLang's schedulers do."""
