@@ -190,16 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_cache_commands(sub)   # cache serve|status|warm|evict, estimate
 
-    p = sub.add_parser("bench-vllm", help="weight-load time in a real vLLM engine: streamer vs vLLM's loaders")
-    p.add_argument("model", help="local model directory (config.json + safetensors)")
-    p.add_argument("--formats", default="streamer,safetensors,runai_streamer")
-    p.add_argument("--cache", default="cold,warm")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--settle", type=float, default=3.0,
-                   help="seconds of quiet before each run (the previous engine's memory is handed back)")
-    p.add_argument("--json", metavar="FILE")
-    p.set_defaults(func=lambda a: __import__("loader_plugins.bench.vllm_load", fromlist=["run"]).run(a))
+    from .bench.vllm_load import add_parser as add_bench_vllm
+
+    add_bench_vllm(sub)
 
     from .bench.serve_bench import add_parser as add_bench_serve
 
@@ -208,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_cuda(sub)
     from .bench.sglang_load import add_parser as add_bench_sglang
+    from .bench.tensors import add_parser as add_bench_tensors
+
+    add_bench_tensors(sub)
+    from .bench.s3_fresh import add_parser as add_bench_s3_fresh
+
+    add_bench_s3_fresh(sub)
 
     add_bench_sglang(sub)
 

@@ -79,6 +79,7 @@ class SeaweedS3:
         self.region = REGION
         self.endpoint_url = ""
         self.s3_port = 0
+        self.metrics_url = ""
         self.log_path = self.workdir / "weed.log"
         self._proc: subprocess.Popen | None = None
         self._log = None
@@ -113,15 +114,16 @@ class SeaweedS3:
 
     def _launch(self, weed: str, identities: Path, data: Path) -> None:
         data.mkdir(parents=True, exist_ok=True)
-        master, volume, filer, s3 = self._ports = pick_ports(4)
+        master, volume, filer, s3, metrics = self._ports = pick_ports(5)
         self.s3_port = s3
+        self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
         self.endpoint_url = f"http://127.0.0.1:{s3}"
         args = [
             weed, "-logtostderr", "server",
             f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
             "-s3", f"-s3.port={s3}", f"-s3.config={identities}",
-            "-master.volumeSizeLimitMB=256", "-volume.max=50",
+            "-master.volumeSizeLimitMB=256", "-volume.max=50", f"-metricsPort={metrics}",
             # no outside network here; keep optional listeners with fixed default ports off
             "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]
@@ -218,6 +220,18 @@ class SeaweedS3:
                           read_timeout=read_timeout, retries={"total_max_attempts": 1},
                           max_pool_connections=max_pool_connections),
         )
+
+    def request_counts(self) -> dict[str, int]:
+        """S3 requests the server has answered so far, by type (GET, HEAD, PUT, LIST...), from its
+        Prometheus metrics: what clients really sent, whichever client it was."""
+        import re
+        import urllib.request
+
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        counts: dict[str, int] = {}
+        for m in re.finditer(r'^SeaweedFS_s3_request_seconds_count\{[^}]*type="([A-Z]+)"[^}]*\} (\S+)$', text, re.M):
+            counts[m.group(1)] = counts.get(m.group(1), 0) + int(float(m.group(2)))
+        return counts
 
     def log_tail(self, lines: int = 30) -> str:
         try:

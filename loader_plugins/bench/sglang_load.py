@@ -1,6 +1,6 @@
 """Load time inside SGLang: ``streamer`` vs SGLang's own ``safetensors`` and ``runai_streamer``.
 
-    model-streamer bench-sglang MODEL_DIR [--formats streamer,safetensors,runai_streamer]
+    model-streamer bench-sglang [MODEL_DIR] [--moe DIR] [--formats streamer,safetensors,runai_streamer]
                                 [--cache cold,warm] [--repeat 3] [--json FILE]
 
 Run it with the Python that has SGLang (here ``.venv-sglang/bin/model-streamer``). Each run is a
@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .engine_table import medians, print_table, run_rounds, safetensors_files
+from .engine_table import (add_model_args, medians, models_to_bench, print_recipes, print_table, recipe_store, run_rounds,
+                           safetensors_files, tensor_count)
 
 FORMATS = ("streamer", "safetensors", "runai_streamer")
 
@@ -29,7 +30,7 @@ FORMATS = ("streamer", "safetensors", "runai_streamer")
 def add_parser(sub) -> None:
     p = sub.add_parser("bench-sglang", help="weight-load time inside SGLang: streamer vs SGLang's loaders",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="local model directory (config.json + safetensors)")
+    add_model_args(p)
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--cache", default="cold,warm")
     p.add_argument("--repeat", type=int, default=3)
@@ -65,27 +66,36 @@ def _child(fmt: str, model: str, cold: bool, device: str, extra: dict) -> dict:
     (evict if cold else warm)(files)
     model_obj, loader, seconds = load_once(model, fmt, extra, device=device)
     stats = getattr(loader, "last_stats", None) or {}
-    keep = ("in_place", "in_place_bytes", "via_model", "via_model_bytes", "probe_seconds")
+    keep = ("in_place", "in_place_bytes", "via_model", "via_model_bytes", "probe_seconds", "recipe")
     return {"seconds": seconds, "bytes": sum(Path(f).stat().st_size for f in files),
             "stats": {k: stats[k] for k in keep if k in stats}}
 
 
 def run(args: argparse.Namespace) -> int:
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    caches = [c.strip() for c in args.cache.split(",") if c.strip()]
     device = args.device
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = sum(os.path.getsize(f) for f in safetensors_files(args.model))
+    out = [_run_model(args, label, model, device) for label, model in models_to_bench(args)]
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def _run_model(args: argparse.Namespace, label: str, model: str, device: str) -> dict:
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    caches = [c.strip() for c in args.cache.split(",") if c.strip()]
+    size = sum(os.path.getsize(f) for f in safetensors_files(model))
+    tensors = tensor_count(model)
     stats: dict[str, dict] = {}
+    recipes: list = []
 
     def run_one(fmt: str, cache: str) -> float | None:
-        cmd = [sys.executable, "-m", "loader_plugins.bench.sglang_load", "--one", fmt, args.model,
+        cmd = [sys.executable, "-m", "loader_plugins.bench.sglang_load", "--one", fmt, model,
                "--cold" if cache == "cold" else "--warm", "--device", device,
                "--extra", args.extra if fmt == "streamer" else "{}"]
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+        proc = subprocess.run(cmd, env={**_env(), **store}, capture_output=True, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if not lines:
             print(f"bench-sglang: {fmt} ({cache}) failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
@@ -94,19 +104,21 @@ def run(args: argparse.Namespace) -> int:
         row = json.loads(lines[-1][len("RESULT "):])
         if row["stats"]:
             stats[fmt] = row["stats"]
+        if fmt == "streamer":
+            recipes.append(row["stats"].get("recipe"))
         return row["seconds"]
 
-    results = run_rounds(formats, caches, args.repeat, args.settle, run_one, "load_model")
-    print_table(f"bench-sglang: {size / 1e9:.2f} GB, device {device}, SGLang's load_model (model built + weights "
-                f"loaded), median of {args.repeat}", results, size, caches)
+    with recipe_store() as store:   # empty: the first streamer run records its placements, the next ones reuse them
+        results = run_rounds(formats, caches, args.repeat, args.settle, run_one, "load_model")
+    print_table(f"\nbench-sglang: {label} ({size / 1e9:.2f} GB, {tensors} tensors), device {device}, SGLang's "
+                f"load_model (model built + weights loaded), median of {args.repeat}", results, size, caches, tensors)
+    print_recipes(results, recipes, caches, args.repeat)
     st = stats.get("streamer")
     if st:
         print(f"streamer: {st.get('in_place')} tensors ({st.get('in_place_bytes', 0) / 1e9:.3f} GB) in place, "
               f"{st.get('via_model')} through load_weights; dry run of load_weights {st.get('probe_seconds', 0):.2f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "bytes": size, "runs": results,
-                                               "median": medians(results), "stats": stats}, indent=1))
-    return 0
+    return {"model": model, "label": label, "device": device, "bytes": size, "tensors": tensors, "runs": results,
+            "median": medians(results), "stats": stats}
 
 
 def _main_one(argv: list[str]) -> int:

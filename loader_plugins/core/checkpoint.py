@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Sequence, Union
 
 from ..errors import HeaderError, IndexFileError, SourceError, SourceNotFoundError
+from .gcpause import paused_gc
 from .header import HEADER_LENGTH_BYTES, FileHeader, TensorSpec, header_length, parse_header
 from .sources.base import Source, Storage, scheme_of, storage_for
 
@@ -248,8 +249,10 @@ def open_headers(paths: PathLike | Sequence[PathLike], config: "StreamerConfig",
         if scheme not in storages:
             storages[scheme] = storage_for(uri, config)
     try:
-        if len(files) == 1:
-            headers = [parse(files[0])]
+        if len(files) == 1 or all(scheme_of(f) == "file" for f in files):
+            # parsing is Python work, and a local read is short: threads would only take turns
+            with paused_gc():
+                headers = [parse(f) for f in files]
         else:
             with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
                 headers = list(pool.map(parse, files))
@@ -275,19 +278,23 @@ def merge_headers(files: list[str], headers: list[FileHeader], weight_map: dict 
     ``model.safetensors.index.json`` maps it."""
     tensors: dict[str, TensorSpec] = {}
     for header in headers:
-        for spec in header.tensors:
-            other = tensors.get(spec.name)
-            if other is not None:
-                raise HeaderError(f"tensor {spec.name!r} appears in both {other.file} and {spec.file}; a checkpoint "
-                                  f"must hold each tensor once (remove the stale shard)")
-            tensors[spec.name] = spec
+        before = len(tensors)
+        tensors.update((spec.name, spec) for spec in header.tensors)
+        if len(tensors) != before + len(header.tensors):   # a name seen before: say which, and where
+            firsts = {}
+            for spec in (s for h in headers for s in h.tensors):
+                other = firsts.setdefault(spec.name, spec)
+                if other is not spec:
+                    raise HeaderError(f"tensor {spec.name!r} appears in both {other.file} and {spec.file}; a "
+                                      f"checkpoint must hold each tensor once (remove the stale shard)")
     if weight_map is not None:
-        for name, uri in weight_map.items():
+        wrong = [n for n, uri in weight_map.items() if (s := tensors.get(n)) is None or s.file != uri]
+        if wrong:
+            name, uri = wrong[0], weight_map[wrong[0]]
             spec = tensors.get(name)
-            if spec is None or spec.file != uri:
-                where = f"but it is not in {uri}" if spec is None else f"but it is in {spec.file}"
-                raise IndexFileError(f"{INDEX_NAME} maps tensor {name!r} to {uri} {where}; the index and the "
-                                     f"shards disagree, re-download the checkpoint")
+            where = f"but it is not in {uri}" if spec is None else f"but it is in {spec.file}"
+            raise IndexFileError(f"{INDEX_NAME} maps tensor {name!r} to {uri} {where}; the index and the "
+                                 f"shards disagree, re-download the checkpoint")
         extra = [n for n in tensors if n not in weight_map]
         if extra:
             log.warning("%d tensor(s) in the shards are not listed in %s (e.g. %r); loading them too",

@@ -173,6 +173,29 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _loads(text: str, where: str) -> dict:
+    """The header's JSON object; a key repeated in any object of it is an error.
+
+    Parsed without a Python hook first (91,000 entries in a DeepSeek-size checkpoint): the
+    objects then hold one pair per ``:`` in the text unless a key was repeated (a repeat
+    leaves fewer pairs) or a string holds a colon; only then is it parsed again, pair by pair,
+    to find the repeat."""
+    try:
+        raw = json.loads(text)
+        if isinstance(raw, dict):
+            pairs = len(raw) + sum(len(v) for v in raw.values() if isinstance(v, dict))
+            if pairs == text.count(":"):
+                return raw
+        raw = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except HeaderError as exc:
+        raise HeaderError(f"{where}: {exc}; the file is corrupt") from None
+    except (ValueError, RecursionError) as exc:
+        raise HeaderError(f"{where} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
+    if not isinstance(raw, dict):
+        raise HeaderError(f"{where} must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def parse_header(header_json: bytes, *, file: str, file_size: int) -> FileHeader:
     """Parse and validate the JSON part of a safetensors header, with safetensors' own rules.
 
@@ -192,14 +215,7 @@ def parse_header(header_json: bytes, *, file: str, file_size: int) -> FileHeader
         raise HeaderError(f"{where} is not valid UTF-8 ({exc}); the file is corrupt or not safetensors") from exc
     if not text.lstrip().startswith("{"):
         raise HeaderError(f"{where} does not start with a JSON object; the file is corrupt or not safetensors")
-    try:
-        raw = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except HeaderError as exc:
-        raise HeaderError(f"{where}: {exc}; the file is corrupt") from None
-    except (ValueError, RecursionError) as exc:
-        raise HeaderError(f"{where} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
-    if not isinstance(raw, dict):
-        raise HeaderError(f"{where} must be a JSON object, got {type(raw).__name__}")
+    raw = _loads(text, where)
 
     metadata = raw.pop("__metadata__", None)
     if metadata is not None:
@@ -208,16 +224,32 @@ def parse_header(header_json: bytes, *, file: str, file_size: int) -> FileHeader
         ):
             raise HeaderError(f"{where}: __metadata__ must map strings to strings")
 
+    plain = "true" not in text and "false" not in text    # no JSON booleans to pass for integers
     specs: list[TensorSpec] = []
     for name, entry in raw.items():
-        specs.append(_parse_entry(name, entry, file=file, data_offset=data_offset, data_size=data_size))
+        specs.append(_parse_entry(name, entry, file=file, data_offset=data_offset, data_size=data_size, plain=plain))
     specs.sort(key=lambda s: (s.offset, s.nbytes))   # stable: equal offsets keep the header's order
     _check_tiling(specs, file, data_offset, data_size)
     return FileHeader(file=file, file_size=file_size, data_offset=data_offset, tensors=tuple(specs),
                       metadata=metadata)
 
 
-def _parse_entry(name: str, entry: Any, *, file: str, data_offset: int, data_size: int) -> TensorSpec:
+def _parse_entry(name: str, entry: Any, *, file: str, data_offset: int, data_size: int,
+                 plain: bool = False) -> TensorSpec:
+    # The common, valid entry in a few operations (a DeepSeek-size checkpoint has ~91,000);
+    # anything unusual takes the full checks below, which name what is wrong. ``plain``: the
+    # JSON holds no booleans, so a number that is an int is no bool.
+    if plain:
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            bits, _, per_element = _DTYPES[dtype]
+            count = math.prod(shape)
+        except (TypeError, KeyError, ValueError):
+            per_element = 0
+        if (per_element == 1 and type(count) is int and type(begin) is int and type(end) is int
+                and 0 <= begin <= end <= data_size and count * bits == (end - begin) * 8
+                and type(shape) is list and (not shape or min(shape) >= 0)):
+            return TensorSpec(name, dtype, tuple(shape), file, data_offset + begin, end - begin)
     where = f"{file}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise HeaderError(f"{where}: entry must be an object with dtype, shape, data_offsets")

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from .header import TensorSpec
 
-if TYPE_CHECKING:
-    from .tp import ColumnBlock
+from .tp import ColumnBlock
 
 T = TypeVar("T")
 
@@ -62,6 +61,64 @@ class ReadPlan:
     def items(self) -> Iterable[ReadItem]:
         for items in self.workers:
             yield from items
+
+
+#: Tensors of at most this many bytes are read together with their neighbours in the file
+#: (:func:`batch_neighbours`): one read and one allocation for many, as safetensors' one mmap
+#: serves every tensor of a file. Per-expert MoE checkpoints hold tens of thousands of them.
+BATCH_TENSOR_BYTES = 1 << 20
+
+#: Names of batch specs start with this (a NUL: never the start of a tensor name in a header).
+BATCH_PREFIX = "\0batch:"
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Neighbouring tensors of one file read as one: ``spec`` is their bytes as one flat U8
+    tensor (read, allocated and completed as one), ``members`` the tensors inside it, in file
+    order, back to back."""
+
+    spec: TensorSpec
+    members: tuple[TensorSpec, ...]
+
+
+def batch_neighbours(specs: Sequence[TensorSpec], eligible: Callable[[TensorSpec], bool], *,
+                     max_bytes: int | Callable[[str], int], max_tensor: int = BATCH_TENSOR_BYTES
+                     ) -> tuple[list[TensorSpec], list[Batch]]:
+    """Group runs of adjacent small tensors (``specs`` in file order; each at most
+    ``max_tensor`` bytes, ``eligible``, the next starting where the last ends) into batches of at
+    most ``max_bytes`` (per file when a callable). Returns the specs left alone and the batches
+    (of two members or more)."""
+    singles: list[TensorSpec] = []
+    batches: list[Batch] = []
+    run: list[TensorSpec] = []
+
+    def close() -> None:
+        if len(run) > 1:
+            first = run[0]
+            nbytes = run[-1].end - first.offset
+            spec = TensorSpec(f"{BATCH_PREFIX}{first.file}:{first.offset}", "U8", (nbytes,), first.file,
+                              first.offset, nbytes)
+            batches.append(Batch(spec, tuple(run)))
+        else:
+            singles.extend(run)
+        run.clear()
+
+    limit = max_bytes if callable(max_bytes) else (lambda _f: max_bytes)
+    for spec in specs:
+        if spec.nbytes == 0:          # holds no bytes: complete at once, and it breaks no run
+            singles.append(spec)
+            continue
+        if spec.nbytes > max_tensor or not eligible(spec):
+            close()
+            singles.append(spec)
+            continue
+        if run and (run[-1].file != spec.file or run[-1].end != spec.offset
+                    or spec.end - run[0].offset > limit(spec.file)):
+            close()
+        run.append(spec)
+    close()
+    return singles, batches
 
 
 def chunk_tensor(spec: TensorSpec, chunk_bytes: int, *, start: int = 0, end: int | None = None) -> list[ReadItem]:
@@ -148,17 +205,6 @@ def balance(items: Sequence[T], workers: int, *, size: Callable[[T], int], order
     return assigned
 
 
-def ceil_block(size: int, rank: int, world: int, *, clamp: bool = True) -> tuple[int, int]:
-    """Rank ``rank``'s block of ``size`` units under the ceil-block rule of tensor parallelism:
-    ``block = ceil(size / world)``, rank r holds ``[r*block, (r+1)*block)``, clamped to ``size``
-    (``clamp=False``: as TGI computes it, the stop may run past ``size`` and slicing clamps it)."""
-    block = -(-size // world)
-    if not clamp:
-        return rank * block, (rank + 1) * block
-    first = min(rank * block, size)
-    return first, min(first + block, size)
-
-
 def split_windows(specs: Sequence[TensorSpec], window_bytes: int | None) -> list[list[TensorSpec]]:
     """Group consecutive specs into windows of at most ``window_bytes`` (a larger tensor alone).
 
@@ -178,17 +224,3 @@ def split_windows(specs: Sequence[TensorSpec], window_bytes: int | None) -> list
     if current:
         windows.append(current)
     return windows
-
-
-def dim0_shard_range(spec: TensorSpec, rank: int, world: int) -> tuple[int, int]:
-    """Byte range of rank ``rank``'s ceil-block shard along dim 0 (contiguous in row-major order).
-
-    Matches the common tensor-parallel split: block = ceil(rows / world); rank r holds rows
-    ``[r*block, min((r+1)*block, rows))``.
-    """
-    if not spec.shape:
-        return (0, spec.nbytes)
-    rows = spec.shape[0]
-    row_bytes = spec.nbytes // rows if rows else 0
-    first, last = ceil_block(rows, rank, world)
-    return (first * row_bytes, last * row_bytes)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import logging
 import queue
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 from ..errors import CancelledError, DestinationError, InternalError, SourceError, StreamerError
 from .header import TensorSpec
 from .budget import MemoryBudget
-from .plan import ReadItem, ReadPlan, plan_reads, split_windows
+from .plan import BATCH_TENSOR_BYTES, Batch, ReadItem, ReadPlan, batch_neighbours, plan_reads, split_windows
 from .sinks.base import Sink
 from .sinks.cpu import Allocation, CpuSink, reads_straight_into
 from .sources.base import BufferPool, Source, staging_bytes_for
@@ -48,7 +49,7 @@ COPY_BEHIND = True
 
 class _Job:
     __slots__ = ("spec", "target", "dest", "buffer", "remaining", "budget", "lock", "alloc", "slack", "block",
-                 "base", "sink")
+                 "base", "sink", "members")
 
     def __init__(self, spec: TensorSpec, target, dest, budget: int, alloc: Allocation | None, sink: Sink, *,
                  block: ColumnBlock | None = None, gather: bool = False):
@@ -69,6 +70,7 @@ class _Job:
         self.remaining = end - start
         self.budget = budget          # bytes counted against memory_limit until handed out
         self.lock = threading.Lock()
+        self.members: list | None = None   # a batch: its tensors' specs, then (name, tensor) once complete
 
 
 class WorkQueues:
@@ -143,6 +145,9 @@ class StreamReader:
             sinks = default_sinks(config, self._destinations, ring_bytes=self.budget.ring_bytes, workers=self.workers)
         self._sinks = list(sinks)
         self._host = next((s for s in self._sinks if s.allocates), None)
+        import torch
+
+        self._torch = torch
         if self._host is None:
             raise InternalError("the reader needs a sink that allocates tensors (a CpuSink)")
         for sink in self._sinks:
@@ -205,6 +210,7 @@ class StreamReader:
         self._count = len(specs)
 
         self._cond = threading.Condition()
+        self._unbatching = threading.Lock()   # Python work: threads taking turns at it only fight for the GIL
         self._error: BaseException | None = None
         self._held = 0
         self._admitted = 0
@@ -224,9 +230,15 @@ class StreamReader:
 
     # ---- accounting -----------------------------------------------------------------------
     def _budget_for(self, spec: TensorSpec) -> int:
-        if spec.name in self._destinations and self._direct[spec.name]:
+        if spec.name in self._destinations and self._direct[spec.name] and not self._batches(spec):
             return 0
         return spec.nbytes
+
+    def _batches(self, spec: TensorSpec) -> bool:
+        """Whether ``spec`` may be read in a batch with its neighbours (:func:`plan.batch_neighbours`):
+        a small whole tensor the CPU sink lands (allocated, or copied into its destination)."""
+        return (0 < spec.nbytes <= BATCH_TENSOR_BYTES and spec.name not in self._shards
+                and self._sink_of.get(spec.name, self._host) is self._host)
 
     def _admit(self) -> None:
         """Admit windows in order while they fit in the memory limit (called under no lock)."""
@@ -247,7 +259,13 @@ class StreamReader:
 
     def _prepare(self, window: _Window) -> None:
         host = self._host
-        for spec in window.specs:
+        singles, batches = batch_neighbours(window.specs, self._batches, max_bytes=self._file_chunks.__getitem__)
+        for batch in batches:
+            job = _Job(batch.spec, None, None, sum(self._budget_for(m) for m in batch.members),
+                       host.allocate(batch.spec), host)
+            job.members = list(batch.members)
+            window.jobs[batch.spec.name] = job
+        for spec in singles:
             dest = self._destinations.get(spec.name)
             block = self._shards.get(spec.name)
             gather = spec.name in self._gather
@@ -262,7 +280,7 @@ class StreamReader:
             window.jobs[spec.name] = job
             if job.remaining == 0:
                 self._finish(job)
-        window.plan = plan_reads(window.specs, self.workers, self._config.chunk_bytes, self._ranges,
+        window.plan = plan_reads(singles + [b.spec for b in batches], self.workers, self._config.chunk_bytes, self._ranges,
                                  self._file_chunks, gathers=self._gather)
         window.queues = WorkQueues(window.plan)
 
@@ -312,13 +330,52 @@ class StreamReader:
 
     @staticmethod
     def _describe(job: _Job, item: ReadItem, exc: BaseException) -> str:
-        return (f"reading tensor {job.spec.name!r} ({job.spec.dtype} {list(job.spec.shape)}): bytes "
-                f"[{item.file_offset}, {item.file_end}) of {item.file} failed: {exc}")
+        if job.members is not None:   # a batch: the tensors whose bytes the read covers
+            inside = [m for m in job.members if m.offset < item.file_end and item.file_offset < m.end]
+            what = (f"tensor {inside[0].name!r}" if len(inside) == 1 else
+                    f"{len(inside)} tensors {inside[0].name!r} .. {inside[-1].name!r} (read together)")
+        else:
+            what = f"tensor {job.spec.name!r} ({job.spec.dtype} {list(job.spec.shape)})"
+        return f"reading {what}: bytes [{item.file_offset}, {item.file_end}) of {item.file} failed: {exc}"
 
     def _finish(self, job: _Job) -> None:
-        if job.dest is not None:
+        if job.members is not None:
+            with self._unbatching:   # on a worker (the consumer may run under a dispatch mode), one at a time
+                job.members = self._unbatch(job)
+        elif job.dest is not None:
             _deliver(job.spec, job.target, job.dest, job.block)   # the one copy (cast, cut) into it
         self._out.put(job)
+
+    def _unbatch(self, job: _Job) -> list[tuple[str, "torch.Tensor"]]:
+        """A complete batch's tensors: views of its memory (one ``as_strided`` each, on a view of
+        the whole storage per dtype), or copied into their destinations."""
+        block, start = job.target, job.spec.offset
+        base = block.data_ptr()
+        first = block.storage_offset()   # bytes: the batch's storage is uint8
+        storage = block.untyped_storage()
+        typed: dict = {}
+        out = []
+        for spec in job.members:
+            at = spec.offset - start
+            dest = self._destinations.get(spec.name)
+            if dest is not None and self._direct[spec.name]:
+                ctypes.memmove(dest.data_ptr(), base + at, spec.nbytes)
+                out.append((spec.name, dest))
+                continue
+            dtype = spec.torch_dtype()
+            isz = spec.itemsize
+            whole = typed.get(dtype)
+            if whole is None:
+                whole = typed[dtype] = self._torch.empty(0, dtype=dtype).set_(storage, 0, (storage.nbytes() // isz,))
+            if (first + at) % isz == 0:
+                value = whole.as_strided(spec.shape, _strides(spec.shape), (first + at) // isz)
+            else:                     # its offset in the batch is not a multiple of its item size
+                value = block[at:at + spec.nbytes].clone().view(dtype).reshape(spec.shape)
+            if dest is not None:
+                _deliver(spec, value, dest, None)
+                value = dest
+            out.append((spec.name, value))
+        return out
 
     def _fail(self, exc: BaseException) -> None:
         with self._cond:
@@ -367,6 +424,16 @@ class StreamReader:
                     finished += 1
                     continue
                 job: _Job = got
+                if job.members is not None:
+                    handed += len(job.members)
+                    members, job.members = job.members, None
+                    job.target = job.buffer = job.alloc = None
+                    if job.budget:
+                        with self._cond:
+                            self._held -= job.budget
+                        self._admit()
+                    yield from members
+                    continue
                 handed += 1
                 if job.sink.deferred:
                     deferred.append(job)
@@ -422,6 +489,21 @@ class StreamReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides of ``shape`` (cached: a checkpoint repeats a few shapes many times)."""
+    strides = _STRIDES.get(shape)
+    if strides is None:
+        acc, out = 1, []
+        for d in reversed(shape):
+            out.append(acc)
+            acc *= max(d, 1)
+        strides = _STRIDES[shape] = tuple(reversed(out))
+    return strides
 
 
 def _staged_part(spec: TensorSpec, block: ColumnBlock | None, gather: bool = False) -> TensorSpec:

@@ -17,8 +17,6 @@ import math
 from typing import Callable, Iterable
 
 from .header import TensorSpec
-from .plan import ceil_block as _bounds
-from .plan import dim0_shard_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +60,7 @@ def shard_shape(spec: TensorSpec, rank: int, world: int, dim: int | None) -> tup
     if dim is None or not spec.shape:
         return tuple(spec.shape)
     dim = _dim(spec, dim)
-    first, last = _bounds(spec.shape[dim], rank, world)
+    first, last = ceil_block(spec.shape[dim], rank, world)
     return tuple(spec.shape[:dim]) + (last - first,) + tuple(spec.shape[dim + 1:])
 
 
@@ -74,7 +72,7 @@ def shard_block(spec: TensorSpec, rank: int, world: int, dim: int) -> ColumnBloc
     dim = _dim(spec, dim)
     rows = math.prod(spec.shape[:dim])
     inner = math.prod(spec.shape[dim + 1:]) * spec.itemsize
-    first, last = _bounds(spec.shape[dim], rank, world)
+    first, last = ceil_block(spec.shape[dim], rank, world)
     return ColumnBlock(rows, spec.shape[dim] * inner, first * inner, (last - first) * inner)
 
 
@@ -108,3 +106,28 @@ def shard_ranges(specs: Iterable[TensorSpec], rank: int, world: int,
         if block.contiguous:
             out[spec.name] = block.byte_range()
     return out
+
+
+def ceil_block(size: int, rank: int, world: int, *, clamp: bool = True) -> tuple[int, int]:
+    """Rank ``rank``'s block of ``size`` units under the ceil-block rule of tensor parallelism:
+    ``block = ceil(size / world)``, rank r holds ``[r*block, (r+1)*block)``, clamped to ``size``
+    (``clamp=False``: as TGI computes it, the stop may run past ``size`` and slicing clamps it)."""
+    block = -(-size // world)
+    if not clamp:
+        return rank * block, (rank + 1) * block
+    first = min(rank * block, size)
+    return first, min(first + block, size)
+
+
+def dim0_shard_range(spec: TensorSpec, rank: int, world: int) -> tuple[int, int]:
+    """Byte range of rank ``rank``'s ceil-block shard along dim 0 (contiguous in row-major order).
+
+    Matches the common tensor-parallel split: block = ceil(rows / world); rank r holds rows
+    ``[r*block, min((r+1)*block, rows))``.
+    """
+    if not spec.shape:
+        return (0, spec.nbytes)
+    rows = spec.shape[0]
+    row_bytes = spec.nbytes // rows if rows else 0
+    first, last = ceil_block(rows, rank, world)
+    return (first * row_bytes, last * row_bytes)

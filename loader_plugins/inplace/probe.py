@@ -355,7 +355,7 @@ def predict(load_weights: Callable[[Iterator], object], model: torch.nn.Module, 
             log.info("in-place prediction off for this load: %s", note)
             del error
             return _timed(Prediction.nothing(names, note), t0, attempt)
-        prediction = _classify(mode, specs, names, loaded, alive)
+        prediction = classify(mode, specs, names, loaded, alive)
         return _timed(prediction, t0, attempt)
     note = f"the dry run needed real values {MAX_ATTEMPTS} times"
     return _timed(Prediction.nothing(names, note), t0, MAX_ATTEMPTS)
@@ -376,7 +376,10 @@ def _timed(p: Prediction, t0: float, attempts: int) -> Prediction:
     return p
 
 
-def _classify(mode: ProbeMode, specs, names, loaded, alive) -> Prediction:
+def classify(mode, specs, names, loaded, alive) -> Prediction:
+    """Each tensor's fate from what a run recorded (``mode``: its ``copies``, ``other`` uses
+    and byte ``spans``; :class:`ProbeMode` or :class:`~.recipe.RecordMode`): in place, unused
+    or through the loader (with the reason)."""
     conflicts = _overlapping(mode.spans)
     placements: dict[str, Placement] = {}
     unused: set[str] = set()

@@ -293,12 +293,15 @@ def written_args(func, args, kwargs) -> list:
 def byte_span(t: torch.Tensor) -> tuple[int, int, int] | None:
     """(storage address, first byte, end byte) that tensor ``t`` covers, or None when it covers
     nothing (no elements, no memory)."""
-    if t.numel() == 0 or t.device.type == "meta" or isinstance(t, StandIn):
+    numel = t.numel()
+    if numel == 0 or t.is_meta or isinstance(t, StandIn):
         return None
     size = t.element_size()
     offset = t.storage_offset() * size
     ptr = t.data_ptr() - offset
     if not ptr:
         return None
+    if t.is_contiguous():
+        return ptr, offset, offset + numel * size
     extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
     return ptr, offset, offset + extent * size

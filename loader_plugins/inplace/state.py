@@ -38,6 +38,15 @@ class ModelState:
         inner = {k: (v, type(v)(v)) for k, v in attrs.items() if type(v) in _CONTAINERS}
         self._objects.append((obj, attrs, inner))
 
+    def changed(self) -> bool:
+        """Whether anything :meth:`restore` would put back differs now."""
+        for obj, attrs, inner in self._objects:
+            if not _same(obj.__dict__, attrs):
+                return True
+            if any(not _same(container, saved) for container, saved in inner.values()):
+                return True
+        return any(_where(t) != where for t, _, where in self._tensors)
+
     def restore(self) -> None:
         for obj, attrs, inner in self._objects:
             if not _same(obj.__dict__, attrs):

@@ -50,7 +50,8 @@ def stream_targets(prediction: Prediction, checkpoint: Checkpoint, order: Iterab
             names.append(key)
             origin_of[key] = name
             if piece.whole:
-                destinations[key] = piece.dest.view(spec.shape)
+                dest = piece.dest
+                destinations[key] = dest if tuple(dest.shape) == spec.shape else dest.view(spec.shape)
             else:
                 destinations[key], shards[key] = piece.dest, piece.block
     return StreamTargets(dataclasses.replace(checkpoint, tensors=tensors), names, destinations, shards, origin_of)

@@ -155,8 +155,8 @@ def _loader(where: str, value: Any) -> dict[str, Any]:
     if "weights_uri" in value:
         raise ConfigError(f"{where}.loader sets weights_uri: use the model's 'weights' key")
     rest = {k: v for k, v in value.items() if k != "in_place"}
-    if not isinstance(value.get("in_place", True), bool):
-        raise ConfigError(f"{where}.loader.in_place must be true or false, got {value['in_place']!r}")
+    if not isinstance(value.get("in_place", True), bool) and value.get("in_place") != "auto":
+        raise ConfigError(f"{where}.loader.in_place must be true, false or \"auto\", got {value['in_place']!r}")
     StreamerConfig.from_dict(rest, where=f"{where}.loader")   # the engine would refuse what this refuses
     return dict(value)
 

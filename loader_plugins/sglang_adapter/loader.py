@@ -25,7 +25,7 @@ from sglang.srt.model_loader.utils import set_default_torch_dtype
 from torch import nn
 
 from ..core.checkpoint import expand
-from ..engine_options import parse_extra_config
+from ..engine_options import engine_key, parse_extra_config
 from ..inplace import load_into_model
 from ..streamer import SafetensorsStreamer
 
@@ -66,7 +66,8 @@ class StreamerSGLangLoader(DefaultModelLoader):
                 return DefaultModelLoader.load_weights_only(model, weights, target_device)
 
             report = load_into_model(load_weights, model, location, self.streamer_config,
-                                     in_place=self.options.in_place)
+                                     in_place=self.options.in_place,
+                                     engine_key=_engine_key(model_config) if self.options.placement_cache else None)
             self.last_stats = report.stats
             log.info("Streamer loaded %s", report.summary())
             if report.stats["reasons"]:
@@ -74,6 +75,7 @@ class StreamerSGLangLoader(DefaultModelLoader):
             for source in getattr(model, "secondary_weights", ()) or ():
                 DefaultModelLoader.load_weights_only(model, self._get_weights_iterator(source), target_device)
             DefaultModelLoader.postprocess_weights(model, target_device)
+            report.remember()
         return model.eval()
 
     def _get_weights_iterator(self, source, **_: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -85,3 +87,17 @@ class StreamerSGLangLoader(DefaultModelLoader):
             streamer.stream_files(location)
             for name, tensor in streamer.get_tensors():
                 yield prefix + name, tensor
+
+
+
+def _engine_key(model_config) -> str:
+    import sglang
+
+    try:
+        from sglang.srt.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        rank = (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+    except (ImportError, AssertionError, RuntimeError):   # no parallel state: one rank
+        rank = (0, 1)
+    return engine_key("sglang", getattr(sglang, "__version__", "?"), getattr(model_config, "hf_config", None),
+                      getattr(model_config, "dtype", None), getattr(model_config, "quantization", None), rank)

@@ -23,7 +23,7 @@ def test_json_text_and_mappings_give_the_same_options():
     ("[1, 2]", "must be a JSON object"),
     ({"concurency": 1}, r"unknown --model-loader-extra-config key\(s\) 'concurency'; allowed keys are: .*, "
                         r"weights_uri, in_place"),
-    ({"in_place": "yes"}, "'in_place' must be true or false"),
+    ({"in_place": "yes"}, "'in_place' must be true, false or \"auto\""),
     ({"weights_uri": ""}, "'weights_uri' must be a path or s3:// URI"),
 ])
 def test_bad_extra_config_is_refused_with_what_to_do(bad, match):

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loader_plugins.core.header import TensorSpec
-from loader_plugins.core.plan import chunk_tensor, dim0_shard_range, plan_reads, split_windows
+from loader_plugins.core.plan import chunk_tensor, plan_reads, split_windows
+from loader_plugins.core.tp import dim0_shard_range
 
 
 def _specs(sizes, files=2):

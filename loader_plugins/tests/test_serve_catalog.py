@@ -42,7 +42,7 @@ def test_engine_defaults_are_merged_under_each_model():
     ({"models": {"a": {"checkpoint": "/m", "loader": {"concurency": 4}}}}, "unknown"),
     ({"models": {"a": {"checkpoint": "/m", "loader": {"cache_dir": "/c"}}}}, "belong to a server"),
     ({"models": {"a": {"checkpoint": "/m", "loader": {"weights_uri": "s3://b/k"}}}}, "use the model's 'weights'"),
-    ({"models": {"a": {"checkpoint": "/m", "loader": {"in_place": "no"}}}}, "true or false"),
+    ({"models": {"a": {"checkpoint": "/m", "loader": {"in_place": "no"}}}}, "true, false or"),
     ({"models": {"a": {"checkpoint": "/m", "weights": 3}}}, "weights must be"),
     ({"models": {"a": "/m"}, "servers": {}}, "at least one server"),
     ({"models": {"a": "/m"}, "servers": {"x/y": {}}}, "without '/'"),

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loader_plugins.core.header import TensorSpec
-from loader_plugins.core.plan import dim0_shard_range, plan_reads
+from loader_plugins.core.plan import plan_reads
+from loader_plugins.core.tp import dim0_shard_range
 from loader_plugins.core.tp import ColumnBlock, shard_block, shard_ranges, shard_shape
 
 ITEMSIZE = {"F32": 4, "BF16": 2, "U8": 1, "F64": 8}

@@ -12,7 +12,7 @@ from loader_plugins.vllm_adapter.loader import parse_extra_config  # noqa: E402
 
 def test_defaults():
     options = parse_extra_config(None)
-    assert options.config == StreamerConfig() and options.weights_uri is None and options.in_place is True
+    assert options.config == StreamerConfig() and options.weights_uri is None and options.in_place == "auto"
 
 
 def test_every_streamer_key_and_the_adapter_keys():
@@ -31,7 +31,7 @@ def test_unknown_key_names_the_allowed_ones():
 
 
 @pytest.mark.parametrize("extra, words", [
-    ({"in_place": "yes"}, "'in_place' must be true or false"),
+    ({"in_place": "yes"}, "'in_place' must be true, false or \"auto\""),
     ({"weights_uri": ""}, "'weights_uri' must be a path or s3:// URI"),
     ({"weights_uri": 3}, "'weights_uri' must be a path or s3:// URI"),
     ({"direct_io": "maybe"}, "must be one of auto, on, off"),

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from ..config import StreamerConfig
-from ..core.plan import ceil_block
+from ..core.tp import ceil_block
 from ..core.sources.base import scheme_of
 from ..errors import CancelledError, InternalError, UsageError
 from .settings import TGIStreamerSettings, settings_from_env

@@ -11,8 +11,10 @@ real bytes, as vLLM's default loader does; tensors it ignores are not read. vLLM
 every parameter was loaded runs afterwards.
 
 ``--model-loader-extra-config`` takes every :class:`~loader_plugins.StreamerConfig` key plus
-``weights_uri`` (weights stored somewhere other than the model directory, e.g. ``s3://...``) and
-``in_place`` (``false``: every tensor through ``load_weights``).
+``weights_uri`` (weights stored somewhere other than the model directory, e.g. ``s3://...``),
+``in_place`` (``false``: every tensor through ``load_weights``; default ``"auto"``) and
+``placement_cache`` (default true: placements recorded by one load are reused by the next load of
+the same model, :mod:`loader_plugins.inplace.recipe`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from ..core.checkpoint import expand
-from ..engine_options import EXTRA_KEYS, LoaderOptions, parse_extra_config  # noqa: F401 - re-exported
+from ..engine_options import EXTRA_KEYS, LoaderOptions, engine_key, parse_extra_config  # noqa: F401 - re-exported
 from ..errors import DestinationError
 from ..inplace import load_into_model
 from ..streamer import SafetensorsStreamer
@@ -64,19 +66,34 @@ class StreamerModelLoader(BaseModelLoader):
     # ---- loading ---------------------------------------------------------------------------
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         location = self._location(model_config)
-        report = load_into_model(model.load_weights, model, location, self.streamer_config, in_place=self.in_place)
+        report = load_into_model(model.load_weights, model, location, self.streamer_config, in_place=self.in_place,
+                                 engine_key=_engine_key(model_config) if self.options.placement_cache else None)
         self.last_stats = report.stats
         log.info("Streamer loaded %s", report.summary())
         if report.stats["reasons"]:
             log.info("Streamer: through load_weights because %s", report.reasons())
         if model_config.quantization is None and report.result is not None:
             _check_loaded(model, set(report.result), location)
+        report.remember()
 
     def get_all_weights(self, model_config: ModelConfig, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """All checkpoint tensors as (name, tensor), into buffers (vLLM's ``reload_weights``)."""
         with SafetensorsStreamer(self.streamer_config) as streamer:
             streamer.stream_files(self._location(model_config))
             yield from streamer.get_tensors()
+
+
+def _engine_key(model_config: ModelConfig) -> str:
+    import vllm
+
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        rank = (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+    except (ImportError, AssertionError, RuntimeError):   # no parallel state: one rank
+        rank = (0, 1)
+    return engine_key("vllm", vllm.__version__, model_config.hf_config, model_config.dtype, model_config.quantization,
+                      rank)
 
 
 def _check_loaded(model: nn.Module, loaded: set[str], location: str) -> None:
