@@ -3,7 +3,8 @@ other in this process, and print what each produced (for test_vllm_matrix.py).
 
     python integration_tests/_vllm_matrix_job.py '{"models": [{"arch": A, "path": DIR}, ...], "tp": 1}'
 
-Per model and load format, one ``RESULT {...}`` line: the greedy tokens of PROMPT with the top-5
+Per model and load format (a model's own ``formats`` may list one twice: the second is reported
+as ``FORMAT#2``), one ``RESULT {...}`` line: the greedy tokens of PROMPT with the top-5
 logprobs of every generated and prompt position, a SHA-256 of every parameter and buffer right
 after ``load_weights`` (before vLLM's ``process_weights_after_loading`` repacks them) and again
 after it, and for the streamer its ``last_stats`` (tensors and bytes in place / through
@@ -115,8 +116,10 @@ def main(spec: dict) -> None:
 
     tp = int(spec.get("tp", 1))
     for item in spec["models"]:
-        for load_format in spec.get("formats", ["safetensors", "streamer"]):
-            record = {"arch": item["arch"], "format": load_format, "tp": tp}
+        formats = item.get("formats") or spec.get("formats", ["safetensors", "streamer"])
+        for n, load_format in enumerate(formats):
+            before = formats[:n].count(load_format)   # a format run again: "streamer#2" (a second load)
+            record = {"arch": item["arch"], "format": load_format + (f"#{before + 1}" if before else ""), "tp": tp}
             try:
                 record.update(run_one(item["path"], load_format, tp))
             except Exception as exc:  # noqa: BLE001 - reported per model; the test fails on it

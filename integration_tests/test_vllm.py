@@ -168,7 +168,7 @@ def test_bad_extra_config_values_are_refused_by_the_loader_vllm_creates():
     lines = [x for x in proc.stdout.splitlines() if x.startswith(("ACCEPTED", "REFUSED"))]
     assert len(lines) == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert lines[0].startswith("REFUSED ConfigError") and "'direct_io'" in lines[0] and "auto, on, off" in lines[0]
-    assert lines[1].startswith("REFUSED ConfigError") and "'in_place' must be true or false" in lines[1]
+    assert lines[1].startswith("REFUSED ConfigError") and "'in_place' must be true, false or \"auto\"" in lines[1]
     assert lines[2].startswith("ACCEPTED")
 
 

@@ -46,6 +46,7 @@ THROUGH_LOAD_WEIGHTS = {
     "gpt_oss": r"\.experts\.(gate_up_proj|down_proj)$",            # 3D experts, permuted
     "phi": r"^lm_head\.bias$",                                     # Transformers backend: via a temporary
 }
+PER_EXPERT = "qwen3_moe_per_expert"
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "llama4", "gpt_oss", "granitemoe"}
 
 
@@ -63,16 +64,34 @@ def _collect(proc: subprocess.Popen) -> list[dict]:
     return rows
 
 
+def make_per_expert_moe(out: Path) -> Path:
+    """A Qwen3-MoE checkpoint as the Hub lays it out (one tensor per expert and projection), with
+    enough of them (1,558) that ``in_place: auto`` gives them all to vLLM's loader and records
+    the placements (``bench/moe.py``; the tokenizer as the other models')."""
+    from _tiny_models import _write_tokenizer
+
+    from loader_plugins.bench.moe import make_moe
+
+    make_moe(out, layout="per-expert", layers=2, experts=256, hidden=128, intermediate=32, vocab=512, shards=3)
+    _write_tokenizer(out, 512, 512)
+    return out
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[tuple[str, int], dict[str, dict]]:
     root = tmp_path_factory.mktemp("arch-matrix")
     models = [{"arch": a, "path": str(make_arch_checkpoint(a, root / a))} for a in ARCHITECTURES]
+    # a second streamer load of the per-expert MoE replays what the first recorded
+    moe = {"arch": PER_EXPERT, "path": str(make_per_expert_moe(root / PER_EXPERT)),
+           "formats": ["safetensors", "streamer", "streamer"]}
+    history = {"LOADER_PLUGINS_HISTORY_DIR": str(root / "history")}   # recipes of this run only
     # every job at once: an engine start is mostly one core's Python and waiting, so the single-rank
     # halves and the TP 2 job (whose engine core stays in its process, its two workers one core
     # each; collective_rpc sends the report function by pickle) overlap well on 2 cores
     tp = [m for m in models if m["arch"] in TP_ARCHS]
-    procs = [_run({"models": half, "tp": 1}, INPROCESS_ENV) for half in (models[0::2], models[1::2])]
-    procs.append(_run({"models": tp, "tp": 2}, {**INPROCESS_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+    procs = [_run({"models": half, "tp": 1}, {**INPROCESS_ENV, **history})
+             for half in (models[0::2], models[1::2] + [moe])]
+    procs.append(_run({"models": tp, "tp": 2}, {**INPROCESS_ENV, **history, "VLLM_CPU_OMP_THREADS_BIND": "0|1",
                                                  "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}))
     rows = [row for proc in procs for row in _collect(proc)]
     table: dict[tuple[str, int], dict[str, dict]] = {}
@@ -87,17 +106,22 @@ def results(tmp_path_factory) -> dict[tuple[str, int], dict[str, dict]]:
 def _report(table, paths) -> str:
     lines = ["| architecture | TP | identical (tokens, logprobs, parameters) | in place: tensors / bytes | "
              "through load_weights: tensors / bytes | read by rank 0 | dry run s |", "|---|---|---|---|---|---|---|"]
-    for (arch, tp), pair in sorted(table.items(), key=lambda kv: (kv[0][1], list(ARCHITECTURES).index(kv[0][0]))):
-        ref, ours = pair.get("safetensors", {}), pair.get("streamer", {})
-        if "error" in ref or "error" in ours or not ref or not ours:
-            lines.append(f"| {arch} | {tp} | error: {(ours.get('error') or ref.get('error') or 'missing')[:80]} | | | | |")
-            continue
-        same = _differences(ref, ours) == []
-        st = ours["ranks"][0]["stats"]
-        total = st["in_place_bytes"] + st["via_model_bytes"]
-        lines.append(f"| {arch} | {tp} | {'yes' if same else 'NO'} | {st['in_place']} / {st['in_place_bytes']:,} "
-                     f"({st['in_place_bytes'] / max(total, 1):.0%}) | {st['via_model']} / {st['via_model_bytes']:,} | "
-                     f"{st.get('read_bytes') or 0:,} of {st['checkpoint_bytes']:,} | {st['probe_seconds']:.3f} |")
+    order = list(ARCHITECTURES)
+    for (arch, tp), pair in sorted(table.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]) if kv[0][0] in order
+                                                                   else len(order))):
+        ref = pair.get("safetensors", {})
+        for label in sorted(f for f in pair if f.startswith("streamer")):
+            ours = pair[label]
+            name = arch if label == "streamer" else f"{arch} ({label}: {ours.get('ranks', [{}])[0].get('stats', {}).get('recipe')})"
+            if "error" in ref or "error" in ours or not ref:
+                lines.append(f"| {name} | {tp} | error: {(ours.get('error') or ref.get('error') or 'missing')[:80]} | | | | |")
+                continue
+            same = _differences(ref, ours) == []
+            st = ours["ranks"][0]["stats"]
+            total = st["in_place_bytes"] + st["via_model_bytes"]
+            lines.append(f"| {name} | {tp} | {'yes' if same else 'NO'} | {st['in_place']} / {st['in_place_bytes']:,} "
+                         f"({st['in_place_bytes'] / max(total, 1):.0%}) | {st['via_model']} / {st['via_model_bytes']:,} | "
+                         f"{st.get('read_bytes') or 0:,} of {st['checkpoint_bytes']:,} | {st['probe_seconds']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +160,21 @@ def test_architecture_loads_like_vllm(results, arch):
         assert stats["through"], f"{arch}: the tensors its load_weights transforms went in place"
     if arch in MOE and arch not in THROUGH_LOAD_WEIGHTS:
         assert stats["via_model"] == 0 and stats["in_place"] > 0
+
+
+def test_per_expert_moe_records_its_placements_and_the_next_load_uses_them(results):
+    """Hub-style MoE: the first load gives every tensor to vLLM's loader and records it, the
+    second streams the experts straight into the fused expert weights; both load exactly as
+    vLLM's own loader (tokens, logprobs, every parameter)."""
+    pair = results.get((PER_EXPERT, 1), {})
+    ref, first, second = pair.get("safetensors"), pair.get("streamer"), pair.get("streamer#2")
+    for name, row in (("safetensors", ref), ("first streamer load", first), ("second streamer load", second)):
+        assert row is not None and "error" not in row, f"{name}: {row and row.get('error')}\n{row and row.get('traceback')}"
+    assert _differences(ref, first) == [] and _differences(ref, second) == []
+    recorded, used = first["ranks"][0]["stats"], second["ranks"][0]["stats"]
+    assert recorded["recipe"] == "recorded" and recorded["in_place"] == 0 and recorded["probe_seconds"] == 0
+    assert recorded["via_model"] == 3 * 2 * 256 + 21
+    assert used["recipe"] == "used" and used["in_place"] >= 3 * 2 * 256 and used["probe_seconds"] == 0
 
 
 @pytest.mark.parametrize("arch", TP_ARCHS)

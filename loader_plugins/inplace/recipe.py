@@ -305,6 +305,8 @@ class RecordMode(_Watch):
         if target is None or target[0] in self.temps or self._inside(target):
             self.other.setdefault(name, "copied into a temporary" if target is not None else
                                   f"copied into a tensor without memory (on {dst.device.type})")
+            for region in self._inside(target) if target is not None else ():
+                self.other.setdefault(region[2], "written into by the loader")
             return True
         rel = (src.storage_offset() * src.element_size() - start) // spec.itemsize
         value = Geometry(tuple(src.shape), tuple(src.stride()), rel)
@@ -393,6 +395,7 @@ class GuardMode(_Watch):
         for ptr, start, end, name in recipe.regions:      # as Recipe.prediction() laid them out
             self._placed.setdefault(ptr, []).append((start, end, name))
         self._writes = {n: [tuple(r) for r in ranges] for n, ranges in recipe.writes.items()}
+        self._written: set[tuple[str, int, int]] = set()    # what this run's loader wrote, as recorded
         self._temps: set[int] = set()
         self._state = ModelState(model)
 
@@ -410,9 +413,10 @@ class GuardMode(_Watch):
         if written:
             owner = self._owner.get(span[0])
             ranges = self._writes.get(owner, ()) if owner is not None else ()
-            if not any(a <= span[1] and span[2] <= b for a, b in ranges):
+            if (span[1], span[2]) not in ranges:
                 self._stop(f"{what} writes {owner or 'model memory'} bytes [{span[1]}, {span[2]}), which the recorded "
                            f"load did not")
+            self._written.add((owner, span[1], span[2]))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -444,6 +448,14 @@ class GuardMode(_Watch):
         self._stop(".data assignment, which the recorded load did not make")
 
     def finish(self) -> None:
+        """After the loader returned: it changed no attribute and wrote everything the recorded
+        load wrote (a write it left out, e.g. one that depended on seeing a tensor the recipe
+        does not give it, would leave memory as allocated)."""
         if self._state.changed():
             self._state.restore()
             self._stop("the loader changed attributes of the model, which the recorded load did not")
+        missing = [(n, a, b) for n, ranges in self._writes.items() for a, b in ranges if (n, a, b) not in self._written]
+        if missing:
+            n, a, b = missing[0]
+            self._stop(f"the loader did not write {n} bytes [{a}, {b}) ({len(missing)} region(s)), which the recorded "
+                       f"load wrote")
