@@ -66,7 +66,8 @@ def _child(fmt: str, model: str, cold: bool, device: str, extra: dict) -> dict:
     (evict if cold else warm)(files)
     model_obj, loader, seconds = load_once(model, fmt, extra, device=device)
     stats = getattr(loader, "last_stats", None) or {}
-    keep = ("in_place", "in_place_bytes", "via_model", "via_model_bytes", "probe_seconds", "recipe")
+    keep = ("in_place", "in_place_bytes", "via_model", "via_model_bytes", "unused", "unused_bytes", "probe_seconds",
+            "recipe")
     return {"seconds": seconds, "bytes": sum(Path(f).stat().st_size for f in files),
             "stats": {k: stats[k] for k in keep if k in stats}}
 
@@ -117,6 +118,9 @@ def _run_model(args: argparse.Namespace, label: str, model: str, device: str) ->
     if st:
         print(f"streamer: {st.get('in_place')} tensors ({st.get('in_place_bytes', 0) / 1e9:.3f} GB) in place, "
               f"{st.get('via_model')} through load_weights; dry run of load_weights {st.get('probe_seconds', 0):.2f} s")
+        if st.get("unused"):   # e.g. transformers 5's fused expert tensors, which SGLang's Qwen3-MoE skips
+            print(f"note: SGLang's load_weights took none of {st['unused']} tensors ({st.get('unused_bytes', 0) / 1e9:.3f} "
+                  f"GB) of this checkpoint: the times above are without them, for every format")
     return {"model": model, "label": label, "device": device, "bytes": size, "tensors": tensors, "runs": results,
             "median": medians(results), "stats": stats}
 

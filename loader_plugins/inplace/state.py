@@ -4,6 +4,8 @@ bypasses dispatch (``tensor.data = other``)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import threading
 from collections import OrderedDict
 
@@ -39,9 +41,11 @@ class ModelState:
         self._objects.append((obj, attrs, inner))
 
     def changed(self) -> bool:
-        """Whether anything :meth:`restore` would put back differs now."""
+        """Whether anything :meth:`restore` would put back differs now, leaving out values a
+        ``functools.cached_property`` computed meanwhile (SGLang's ``FusedMoE.use_padded_loading``:
+        derived from the module, and computed again on a fresh model)."""
         for obj, attrs, inner in self._objects:
-            if not _same(obj.__dict__, attrs):
+            if not _same(obj.__dict__, attrs) and not _same(_without_cached(obj, attrs), attrs):
                 return True
             if any(not _same(container, saved) for container, saved in inner.values()):
                 return True
@@ -71,6 +75,16 @@ def _same(a, b) -> bool:
     if isinstance(a, list):
         return len(a) == len(b) and all(x is y for x, y in zip(a, b))
     return a == b
+
+
+def _without_cached(obj, before: dict) -> dict:
+    """``obj.__dict__`` less the keys added since ``before`` that are ``cached_property`` values."""
+    now = obj.__dict__
+    added = [k for k in now if k not in before]
+    if not added or not all(isinstance(inspect.getattr_static(type(obj), k, None), functools.cached_property)
+                            for k in added):
+        return now
+    return {k: v for k, v in now.items() if k in before}
 
 
 def _where(t: torch.Tensor) -> tuple:

@@ -223,3 +223,35 @@ def test_a_write_the_loader_leaves_out_without_a_tensor_it_ignored_is_caught(tmp
     assert torch.equal(model.flag, torch.ones(2))
     assert report.stats["recipe"] == "recorded"      # the recipe was dropped and the load recorded again
     _assert_same(_reference(path), model)
+
+
+def test_a_cached_property_the_loader_computes_does_not_stop_the_recording(tmp_path, recipes):
+    """SGLang's FusedMoE reads ``use_padded_loading`` (a ``functools.cached_property``) in its
+    weight loader: the value lands in the module's ``__dict__``, derived from the module, and is
+    computed again on the next model; other new attributes still stop the recording."""
+    import functools
+
+    path = _checkpoint(tmp_path)
+
+    class Cached(MoEish):
+        sets_attribute = False
+
+        @functools.cached_property
+        def padded(self) -> bool:
+            return False
+
+        def load_weights(self, weights):
+            assert self.padded is False
+            if self.sets_attribute:
+                self.seen = True
+            return super().load_weights(weights)
+
+    first, second = Cached(), Cached()
+    assert _load(first, path).stats["recipe"] == "recorded"
+    assert _load(second, path).stats["recipe"] == "used"
+    _assert_same(_reference(path), second)
+    other = Cached()
+    other.sets_attribute = True
+    report = _load(other, path)      # the recipe's guard sees the new attribute: dropped, loaded again, not recorded
+    assert report.stats.get("recipe") != "used"
+    _assert_same(_reference(path), other)
