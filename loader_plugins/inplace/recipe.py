@@ -394,7 +394,7 @@ class GuardMode(_Watch):
         self._placed: dict[int, list[tuple[int, int, str]]] = {}
         for ptr, start, end, name in recipe.regions:      # as Recipe.prediction() laid them out
             self._placed.setdefault(ptr, []).append((start, end, name))
-        self._writes = {n: [tuple(r) for r in ranges] for n, ranges in recipe.writes.items()}
+        self._writes = {n: {tuple(r) for r in ranges} for n, ranges in recipe.writes.items()}   # looked up per write
         self._written: set[tuple[str, int, int]] = set()    # what this run's loader wrote, as recorded
         self._temps: set[int] = set()
         self._state = ModelState(model)

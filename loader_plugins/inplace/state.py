@@ -45,7 +45,7 @@ class ModelState:
         ``functools.cached_property`` computed meanwhile (SGLang's ``FusedMoE.use_padded_loading``:
         derived from the module, and computed again on a fresh model)."""
         for obj, attrs, inner in self._objects:
-            if not _same(obj.__dict__, attrs) and not _same(_without_cached(obj, attrs), attrs):
+            if not _same(_without_cached(obj, attrs), attrs):
                 return True
             if any(not _same(container, saved) for container, saved in inner.values()):
                 return True
