@@ -7,7 +7,8 @@ Starts SeaweedFS on 127.0.0.1 (``bench/seaweed.py``), uploads the checkpoint's s
 its index) under ``s3://bench/model/``, then runs each method in a new process per load, in
 turns (a new order each round): ``streamer`` is ``load_file("s3://bench/model")``; ``runai`` is
 Run:ai Model Streamer's ``SafetensorsStreamer`` over the shards (``runai-model-streamer-s3``,
-its default concurrency). Each load's seconds count from the call to the last tensor; the
+its default concurrency). Each load's seconds count from the call to the last tensor (torch is
+imported before, as in an engine; each loader's own imports and clients count); the
 requests are the server's own counters (Prometheus metrics) before and after the process, so
 every GET, HEAD and LIST either client sent is counted. With ``--moe DIR`` the per-expert and
 fused Qwen3-MoE checkpoints (``bench/moe.py``) are measured too.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 _CHILD = r"""
 import json, sys, time
+import torch  # an engine's process has torch loaded before any loader runs; neither load pays for it
 spec = json.loads(sys.argv[1])
 if spec["method"] == "streamer":
     from loader_plugins import load_file
