@@ -133,6 +133,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.s3 import run_s3_bench
 
         return run_s3_bench(args, config_from_args(args))
+    if args.restarts:
+        from .bench.restarts import run_restarts
+
+        return run_restarts(args, config_from_args(args))
     from .bench.runner import run_bench
 
     return run_bench(args, config_from_args(args))
@@ -184,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each timed run (the VM hands "
                    "freed memory back in the background)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)")
+    p.add_argument("--restarts", type=int, default=0, metavar="N",
+                   help="instead of the table: a server's N starts per method, each a fresh process, after one "
+                        "eviction (streamer, safetensors, runai-c16, tensorizer unless --methods names others)")
     add_config_flags(p)
     p.set_defaults(func=cmd_bench)
     from .cache.cli import register as register_cache_commands

@@ -49,6 +49,18 @@ class StreamerConfig:
     """``"auto"``: serve what is in the page cache with buffered reads and read the rest with
     O_DIRECT; ``"on"``: always O_DIRECT; ``"off"``: always buffered reads."""
 
+    page_cache: str = "auto"
+    """What a load leaves in the page cache when it read local files past it (O_DIRECT):
+    ``"keep"``: once the load is done, the files are read back into the page cache in the
+    background (kernel readahead), so the next start on this machine (a restart, a second
+    replica or engine) reads at memory speed; ``"bypass"``: nothing, the page cache keeps what
+    it had (for checkpoints far larger than the machine's memory); ``"auto"``: keep when the
+    bytes missing from the cache are at most half of the memory available once the load is
+    done (``MemAvailable``), else bypass. The load itself is not slowed: its reads stay
+    O_DIRECT (``direct_io``), the refill starts after its last byte; it reads the disk a second
+    time and takes page-cache memory the kernel gives back under pressure.
+    docs/measurements.md, "Page cache after a load"."""
+
     alignment: int = 4096
     """Buffer and offset alignment for O_DIRECT reads."""
 
@@ -61,15 +73,17 @@ class StreamerConfig:
     max_header_bytes: int = 100_000_000
     """Largest safetensors JSON header accepted (the format's own limit is 100 MB)."""
 
-    hugepages: str = "auto"
+    hugepages: str = "off"
     """Transparent huge pages for tensors of 4 MiB or more that the reader allocates (each in
-    its own 2 MiB-aligned mapping, ``MADV_HUGEPAGE``): ``"on"``, ``"off"``, or ``"auto"``: on a
-    load that allocates at least 256 MiB, each tensor gets the page size that has faulted in
-    more cheaply so far in the load (both are measured first; see ``PageSizeChooser``). Huge
-    pages fault in faster on bare metal; in a VM whose host takes freed memory back (free page
-    reporting) they have measured both faster and several times slower than small pages, within
-    minutes. ``true``/``false`` mean ``"on"``/``"off"``. Never for pinned tensors or
-    caller-owned memory."""
+    its own 2 MiB-aligned mapping, ``MADV_HUGEPAGE``): ``"off"`` (the default), ``"on"``, or
+    ``"auto"``: on a load that allocates at least 256 MiB, each tensor gets the page size that
+    has faulted in more cheaply so far in the load (both are measured first; see
+    ``PageSizeChooser``). Off is the default: it was the faster of the two in every fresh
+    process measured (a server's start), and ``auto`` was below it everywhere; in repeated
+    loads within one process ``on`` has measured both faster and several times slower
+    (docs/measurements.md, "Page sizes"). ``on`` may pay where fresh huge pages fault in fast
+    (bare metal: measure with ``model-streamer bench --hugepages on``). ``true``/``false`` mean
+    ``"on"``/``"off"``. Never for pinned tensors or caller-owned memory."""
 
     pin_memory: str = "auto"
     """Allocate output tensors in page-locked memory: ``"auto"`` (when CUDA is available),
@@ -188,6 +202,7 @@ class StreamerConfig:
 _CHOICES = {
     "direct_io": ("auto", "on", "off"),
     "hugepages": ("auto", "on", "off"),
+    "page_cache": ("auto", "keep", "bypass"),
     "pin_memory": ("auto", "on", "off"),
     "progress": ("auto", "on", "off"),
     "pinned_ring": ("keep", "free"),

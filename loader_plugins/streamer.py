@@ -405,6 +405,8 @@ class SafetensorsStreamer:
                       "gbps": total / seconds / 1e9 if seconds > 0 else 0.0, "files": len(checkpoint.files),
                       "tensors": count, "memory": reader.memory,
                       "bytes_read": reader.bytes_read}     # asked of the sources: a TP rank, its shards' bytes
+        if reader.page_cache is not None:
+            self.stats["page_cache"] = reader.page_cache   # refilled after the load, or why not
         if reader.sink_reports:
             self.stats["sinks"] = reader.sink_reports   # a CUDA load: its stages (CudaSink.report)
         log.info("Streamed %d tensors (%.2f GB) from %d file(s) in %.2f s (%.2f GB/s)", count, total / 1e9,

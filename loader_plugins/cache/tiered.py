@@ -166,6 +166,9 @@ class TierSource(Source):
         if self._owner is not None:
             self._owner._checked(self)
 
+    def bypassed_page_cache(self) -> str | None:
+        return self.inner.bypassed_page_cache()
+
     def _finish(self) -> None:
         """Publish what this source wrote (write-through); nothing for plain tiers."""
 

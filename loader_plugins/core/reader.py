@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 from ..errors import CancelledError, DestinationError, InternalError, SourceError, StreamerError
 from .header import TensorSpec
 from .budget import MemoryBudget
+from .pagecache import keep as keep_in_page_cache
 from .plan import BATCH_TENSOR_BYTES, Batch, ReadItem, ReadPlan, batch_neighbours, plan_reads, split_windows
 from .sinks.base import Sink
 from .sinks.cpu import Allocation, CpuSink, reads_straight_into
@@ -227,6 +228,8 @@ class StreamReader:
         self.peak_held = 0
         self.limit = self._limit if self._budgeted else None
         self.page_sizes: dict[str, float] | None = None   # hugepages="auto": what was measured and chosen
+        self.page_cache: str | None = None   # what the load left in the page cache, and why (page_cache)
+        self.page_cache_refill: threading.Thread | None = None   # reading bypassed files back in, if any
 
     # ---- accounting -----------------------------------------------------------------------
     def _budget_for(self, spec: TensorSpec) -> int:
@@ -455,6 +458,9 @@ class StreamReader:
                     src.check_unchanged()
             self.seconds = time.perf_counter() - self._t0
             self.bytes_read = self._total_bytes
+            # the files read past the page cache go back into it, after the last byte (page_cache)
+            bypassed = [p for p in (src.bypassed_page_cache() for src in self._sources.values()) if p]
+            self.page_cache_refill, self.page_cache = keep_in_page_cache(bypassed, self._config.page_cache)
             if self._host.chooser is not None:
                 self.page_sizes = self._host.chooser.summary()
                 log.debug("page sizes chosen while loading: %s", self.page_sizes)

@@ -29,3 +29,16 @@ def test_ratios_name_the_row_they_are_against():
     assert v["warm_best_vs_any_ceiling"] == 8.0 / 10.0
     assert "cold: best of ours (streamer-into, 2.00 GB/s) = 0.80x the fastest pread of any kind " \
            "(pread-direct-into-8t, 2.50 GB/s)" in out["lines"]
+
+
+def test_restarts_table_medians_each_start_and_the_totals():
+    from loader_plugins.bench.restarts import format_restarts
+
+    runs = {"streamer": [[1.0, 0.5, 0.4], [3.0, 0.7, 0.6], [2.0, 0.6, 0.5]],
+            "safetensors": [[1.5, 1.0, 1.0], [1.6, 1.1, 0.9], [1.4, 0.9, 1.1]]}
+    cached = {"streamer": [1.0, 0.98, 1.0], "safetensors": [1.0, 1.0, 1.0]}
+    lines = format_restarts(runs, cached, 3).splitlines()
+    assert lines[0] == "| method | start 1 s | start 2 s | start 3 s | total s | streamer ÷ it | cached before start 2 |"
+    # totals 1.9 / 4.3 / 3.1 -> median 3.1; safetensors 3.5 / 3.6 / 3.4 -> 3.5
+    assert lines[2] == "| streamer | 2.00 | 0.60 | 0.50 | 3.10 | 1.00x | 100% |"
+    assert lines[3] == "| safetensors | 1.50 | 1.00 | 1.00 | 3.50 | 0.89x | 100% |"

@@ -63,8 +63,8 @@ def test_hugepages_option_words(value, mode):
     assert StreamerConfig(hugepages=value).hugepages == mode
 
 
-def test_hugepages_default_is_auto_and_bad_words_are_rejected():
-    assert StreamerConfig().hugepages == "auto"
+def test_hugepages_default_is_off_and_bad_words_are_rejected():
+    assert StreamerConfig().hugepages == "off"
     with pytest.raises(ConfigError, match="hugepages.*auto, on or off"):
         StreamerConfig.from_dict({"hugepages": "sometimes"})
 

@@ -82,6 +82,11 @@ class Source:
     def check_unchanged(self) -> None:
         """Raise SourceChangedError if the object changed since it was opened."""
 
+    def bypassed_page_cache(self) -> str | None:
+        """The local file this source read past the page cache (O_DIRECT) in this load, None
+        when it did not (:mod:`loader_plugins.core.pagecache` puts such a file back)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -130,6 +135,9 @@ class BorrowedSource(Source):
 
     def check_unchanged(self) -> None:
         self.inner.check_unchanged()
+
+    def bypassed_page_cache(self) -> str | None:
+        return self.inner.bypassed_page_cache()
 
     def close(self) -> None:
         pass

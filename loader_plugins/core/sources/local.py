@@ -67,10 +67,14 @@ class LocalSource(Source):
         self._dfd: int | None = None
         self._lock = threading.Lock()
         self._map: int | None = None     # read-only mapping used only to ask mincore what is cached
+        self._bypassed = False           # some read went past the page cache (O_DIRECT)
 
     @property
     def wants_staging(self) -> bool:
         return self._direct_mode != "off"
+
+    def bypassed_page_cache(self) -> str | None:
+        return self.path if self._bypassed else None
 
     @property
     def gathers(self) -> bool:
@@ -138,6 +142,7 @@ class LocalSource(Source):
             if dfd is None:
                 self._read_buffered(offset, dest)
             else:
+                self._bypassed = True
                 self._read_direct(dfd, offset, dest, pool, cancelled, slack, fresh)
         except OSError as exc:
             if isinstance(exc, SourceError):
