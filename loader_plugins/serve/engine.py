@@ -147,6 +147,15 @@ class Engine:
                 "idle_seconds": round(time.monotonic() - self.last_used, 3) if self.last_used else None,
                 "log": str(self.log_path), **{f"last_{k}_seconds": round(v, 3) for k, v in self.timings.items()}}
 
+    async def exited(self, grace: float = 5.0) -> bool:
+        """True once the engine's process has exited, waiting up to ``grace`` seconds for it."""
+        deadline = time.monotonic() + grace
+        while self.alive():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def answers(self, grace: float = 5.0) -> bool:
         """True if the engine's port accepts a connection; False once its process has exited
         (waiting up to ``grace`` seconds for a dying one to be gone)."""

@@ -644,30 +644,38 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None):
             except ServeError as exc:
                 router.metrics.requests.labels(str(name)[:64], f"http_{exc.status}").inc()
                 return error(exc)
-            if attempt == 2 or await engine.answers():
+            if attempt == 1 and not await engine.answers():
+                # its process died a moment ago (nothing was sent yet): the next acquire starts a new one
+                router.release(engine)
+                log.warning("the engine of %s on %s does not answer and its process %s; placing it again", name,
+                            engine.server.name, "exited" if not engine.alive() else "is still there")
+                if not engine.alive():
+                    continue
+                engine = await router.acquire(name)
+            flight = None
+            if body.get("stream") and path == "/v1/completions" and not_migratable(body) is None:
+                flight = Flight(body, engine)
+                router.flights.setdefault(id(engine), set()).add(flight)
+            url = engine.base_url + path
+            try:
+                if body.get("stream"):
+                    sent = flight.upstream_body() if flight is not None else body
+                    upstream = await client.send(client.build_request("POST", url, json=sent), stream=True)
+                else:
+                    upstream = await client.post(url, json=body)
                 break
-            # its process died a moment ago (nothing was sent yet): the next acquire starts a new one
-            router.release(engine)
-            log.warning("the engine of %s on %s does not answer and its process %s; placing it again", name,
-                        engine.server.name, "exited" if not engine.alive() else "is still there")
-            if engine.alive():
-                break
-        flight = None
-        if body.get("stream") and path == "/v1/completions" and not_migratable(body) is None:
-            flight = Flight(body, engine)
-            router.flights.setdefault(id(engine), set()).add(flight)
-        url = engine.base_url + path
-        try:
-            if body.get("stream"):
-                sent = flight.upstream_body() if flight is not None else body
-                upstream = await client.send(client.build_request("POST", url, json=sent), stream=True)
-            else:
-                upstream = await client.post(url, json=body)
-        except httpx.TransportError as exc:
-            router.finish(flight, engine)
-            router.metrics.requests.labels(name, "engine_error").inc()
-            return error(ServeError(502, f"the engine of {name} failed this request ({exc!r}); see {engine.log_path}",
-                                    kind="server_error", code="engine_error"))
+            except httpx.TransportError as exc:
+                router.finish(flight, engine)
+                # A killed engine's port still accepts connections while the kernel tears the
+                # process down (its memory goes before its sockets): if the process is gone now,
+                # nothing was answered and a new engine is placed for the request.
+                if attempt == 1 and await engine.exited():
+                    log.warning("the engine of %s on %s exited as the request went out (%r); placing it again",
+                                name, engine.server.name, exc)
+                    continue
+                router.metrics.requests.labels(name, "engine_error").inc()
+                return error(ServeError(502, f"the engine of {name} failed this request ({exc!r}); see "
+                                        f"{engine.log_path}", kind="server_error", code="engine_error"))
         if not body.get("stream"):
             router.release(engine)
             router.metrics.requests.labels(name, f"http_{upstream.status_code}").inc()
