@@ -11,19 +11,11 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
 from loader_plugins import SafetensorsStreamer, StreamerConfig
+from loader_plugins.bench.peers import evict
 from loader_plugins.core import pagecache
 from loader_plugins.errors import ConfigError
 
 from .helpers import assert_bit_exact
-
-
-def _evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture
@@ -37,7 +29,7 @@ def shard(tmp_path):
         os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
     except OSError:
         pytest.skip("this file system refuses O_DIRECT")
-    _evict(path)
+    evict(path)
     if pagecache.uncached_bytes(path) is None:
         pytest.skip("this kernel has no cachestat: what is cached cannot be asked")
     if pagecache.uncached_bytes(path) < os.path.getsize(path) // 2:
