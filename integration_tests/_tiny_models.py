@@ -7,8 +7,8 @@ with ``HF_HUB_OFFLINE=1``:
   attention wants), 2 KV heads (so grouped-query attention is exercised), untied ``lm_head``;
 - ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``
   when ``shards > 1`` (tensors are dealt out in checkpoint order, balanced by bytes);
-- ``tokenizer.json`` (a byte-level BPE trained here with the ``tokenizers`` library on generated
-  pseudo-words; its vocabulary is exactly ``vocab_size``), ``tokenizer_config.json``,
+- ``tokenizer.json`` (a byte-level BPE trained with the ``tokenizers`` library on generated
+  pseudo-words, :mod:`loader_plugins.bench.tokenizer`; its vocabulary is exactly ``vocab_size``), ``tokenizer_config.json``,
   ``special_tokens_map.json`` and ``generation_config.json``.
 
 Weights are random, drawn from ``torch.Generator().manual_seed(seed)``: the same seed gives byte-identical
@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
+
+from loader_plugins.bench.tokenizer import write_tokenizer
 
 __all__ = ["make_tiny_llama", "tiny_llama_tensor_names"]
 
-_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Llama
-_CORPUS_SEED = 1234  # fixed: every tiny model shares one tokenizer
 
 
 def tiny_llama_tensor_names(layers: int = 2) -> list[str]:
@@ -92,7 +91,7 @@ def make_tiny_llama(
     intermediate = intermediate or 2 * hidden
 
     # The tokenizer first: its vocabulary decides which lm_head rows are silenced.
-    quiet_ids = _write_tokenizer(out, vocab_size, max_position_embeddings)
+    quiet_ids = write_tokenizer(out, vocab_size, max_position_embeddings)
 
     # --- weights -------------------------------------------------------------------------------------
     gen = torch.Generator().manual_seed(seed)
@@ -163,7 +162,6 @@ def make_tiny_llama(
         "use_cache": True,
     }
     _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
     return out
 
 
@@ -186,78 +184,6 @@ def _split_by_bytes(tensors: dict, shards: int) -> list[list[str]]:
     groups.append(current)
     assert len(groups) == shards and all(groups)
     return groups
-
-
-def _corpus(n_words: int = 400, n_sentences: int = 600) -> list[str]:
-    """Deterministic pseudo-English: a few hundred made-up words in random sentences."""
-    rng = random.Random(_CORPUS_SEED)
-    onsets = ["b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "st", "tr", "pl"]
-    vowels = ["a", "e", "i", "o", "u", "ai", "ou", "ee"]
-    codas = ["", "", "n", "r", "s", "t", "l", "nd", "ck"]
-    words = sorted(
-        {
-            "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.randint(1, 3)))
-            for _ in range(n_words)
-        }
-    )
-    words += ["the", "a", "of", "and", "to", "in", "is", "Hello", "world", "my", "name", "model"]
-    sentences = []
-    for _ in range(n_sentences):
-        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
-        sentences.append(sentence[0].upper() + sentence[1:] + rng.choice([".", ".", "!", "?", ","]))
-    return sentences
-
-
-def _write_tokenizer(out: Path, vocab_size: int, model_max_length: int) -> list[int]:
-    """Train and save the tokenizer; return the ids greedy decoding should avoid.
-
-    Those are the special tokens, the padding tokens and every token that does not decode on its own to
-    printable ASCII (most of the 256 byte-level tokens), so generated text stays readable.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    # Pad with unused tokens if the corpus ran out of merges, so every model id decodes.
-    missing = vocab_size - tok.get_vocab_size()
-    if missing > 0:
-        tok.add_tokens([f"<extra_{i}>" for i in range(missing)])
-    if tok.get_vocab_size() != vocab_size:
-        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, expected {vocab_size}")
-    bos_id = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
-    )
-    tok.save(str(out / "tokenizer.json"))
-
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    _write_json(out / "special_tokens_map.json", special)
-    _write_json(
-        out / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": model_max_length,
-            "add_bos_token": True,
-            "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,
-            **special,
-        },
-    )
-    quiet = []
-    for token_id in range(vocab_size):
-        token = tok.id_to_token(token_id)
-        text = tok.decode([token_id], skip_special_tokens=False)
-        if token in _SPECIAL_TOKENS or token.startswith("<extra_") or not (text.isascii() and text.isprintable()):
-            quiet.append(token_id)
-    return quiet
 
 
 def _write_json(path: Path, obj: object) -> None:

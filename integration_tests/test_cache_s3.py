@@ -373,7 +373,7 @@ def test_serve(s3_server, s3_bucket, s3_env, tmp_path, shm_dir):
 def test_estimate_predicts_from_recorded_loads(s3_server, s3_bucket, s3_env, hooked, tmp_path):
     """Each whole load records one sample inside its own wall time; the estimate is the tier's default
     before any load and the median of the recorded similar-size samples after. How close the estimate comes
-    to a measured load is a timing figure, so it is reported by ``python -m loader_plugins.cache.bench``
+    to a measured load is a timing figure, so it is reported by ``model-streamer bench-cache``
     (its "estimate (s)" column), not asserted here."""
     make_checkpoint(tmp_path / "ckpt", seed=8, shards=2, mib=48)
     uri, shard_bytes = upload(s3_server, s3_bucket, tmp_path / "ckpt", "models/e")

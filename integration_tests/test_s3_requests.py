@@ -19,8 +19,9 @@ pytest.importorskip("safetensors")
 
 from loader_plugins import SafetensorsStreamer, StreamerConfig, load_file  # noqa: E402
 from loader_plugins.core.checkpoint import open_checkpoint  # noqa: E402
+from loader_plugins.tests.tgi_helpers import write_checkpoint  # noqa: E402
 from loader_plugins.tgi_adapter.settings import settings_from_env  # noqa: E402
-from loader_plugins.tgi_adapter.testing import FakeProcessGroup, write_checkpoint  # noqa: E402
+from loader_plugins.tgi_adapter.tgi_source import FakeProcessGroup  # noqa: E402
 from loader_plugins.tgi_adapter.weights import StandaloneStreamerWeights  # noqa: E402
 
 pytestmark = pytest.mark.s3

@@ -63,8 +63,8 @@ pytestmark = pytest.mark.sglang
 
 if not SGLANG_PY.exists():
     if os.environ.get("CI"):
-        raise RuntimeError(f"{SGLANG_PY} is missing: .ci/setup_sglang.sh makes it (CI runs it through .ci/setup)")
-    pytest.skip(f"needs the SGLang venv {SGLANG_PY} (bash .ci/setup_sglang.sh)", allow_module_level=True)
+        raise RuntimeError(f"{SGLANG_PY} is missing: SETUP_SGLANG=1 bash .ci/setup makes it (CI sets it)")
+    pytest.skip(f"needs the SGLang venv {SGLANG_PY} (SETUP_SGLANG=1 bash .ci/setup)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
+from loader_plugins.tests.tgi_helpers import call_matrix, outcome, write_checkpoint  # noqa: E402
 from loader_plugins.tgi_adapter import hook  # noqa: E402
 from loader_plugins.tgi_adapter.settings import settings_from_env  # noqa: E402
-from loader_plugins.tgi_adapter.testing import FakeProcessGroup, call_matrix, outcome, write_checkpoint  # noqa: E402
+from loader_plugins.tgi_adapter.tgi_source import FakeProcessGroup  # noqa: E402
 from loader_plugins.tgi_adapter.weights import StandaloneStreamerWeights  # noqa: E402
 
 pytestmark = pytest.mark.s3

@@ -18,15 +18,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
+from loader_plugins.tests.tgi_helpers import call_matrix, outcome, write_checkpoint  # noqa: E402
 from loader_plugins.tgi_adapter.settings import settings_from_env  # noqa: E402
-from loader_plugins.tgi_adapter.testing import (  # noqa: E402
-    FakeProcessGroup,
-    call_matrix,
-    import_tgi_weights_module,
-    outcome,
-    tgi_server_dir,
-    write_checkpoint,
-)
+from loader_plugins.tgi_adapter.tgi_source import FakeProcessGroup, import_tgi_weights_module, tgi_server_dir  # noqa: E402
 
 pytestmark = pytest.mark.tgi
 

@@ -1,4 +1,4 @@
-"""Streamer: concurrent safetensors loading for vLLM and TGI, from local disk or S3.
+"""Streamer: concurrent safetensors loading for vLLM, SGLang and TGI, from local disk or S3.
 
 Public names only; the machinery lives in :mod:`loader_plugins.core`.
 """

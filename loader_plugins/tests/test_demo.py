@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from loader_plugins.demo import _split_shards, demo_shape, make_demo, parse_size
+from loader_plugins.bench.demo import _split_shards, demo_shape, make_demo, parse_size
 
 safetensors = pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
@@ -79,6 +79,7 @@ def test_defaults_two_shards_and_size_strings(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
         "model.safetensors.index.json", "config.json",
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
     }
     total = json.loads((tmp_path / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     assert abs(total - 2_000_000) / 2_000_000 < 0.02
@@ -199,3 +200,30 @@ def test_cli_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
     assert b"BrokenPipeError" not in err and b"Traceback" not in err, err.decode()
+
+
+def test_demo_has_a_tokenizer_of_its_vocabulary(tmp_path):
+    """vllm serve needs a tokenizer: the demo's is made locally, exactly the model's vocabulary."""
+    from transformers import AutoTokenizer
+
+    make_demo(tmp_path, "1MB", progress=False)
+    vocab = json.loads((tmp_path / "config.json").read_text())["vocab_size"]
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(tok) == vocab
+    ids = tok("Hello, my name is")["input_ids"]
+    assert ids[0] == tok.bos_token_id == 1 and tok.eos_token_id == 2
+    assert tok.decode(ids, skip_special_tokens=True) == "Hello, my name is"
+    assert {p.name for p in tmp_path.iterdir()} >= {"tokenizer.json", "tokenizer_config.json",
+                                                     "special_tokens_map.json", "generation_config.json"}
+
+
+def test_demo_without_tokenizer_gets_one_later(tmp_path):
+    from loader_plugins.bench.demo import write_demo_tokenizer
+
+    make_demo(tmp_path, "1MB", progress=False, tokenizer=False)
+    assert not (tmp_path / "tokenizer.json").exists()
+    write_demo_tokenizer(tmp_path)
+    from tokenizers import Tokenizer
+
+    vocab = json.loads((tmp_path / "config.json").read_text())["vocab_size"]
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab_size() == vocab

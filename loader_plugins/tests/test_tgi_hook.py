@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from loader_plugins.tests.tgi_helpers import checkpoint_tensors, write_checkpoint
 from loader_plugins.tgi_adapter import hook
-from loader_plugins.tgi_adapter.testing import checkpoint_tensors, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 PTH = REPO / "loader_plugins" / "tgi_adapter" / hook.PTH_NAME
@@ -97,7 +97,7 @@ PROBE = textwrap.dedent('''
     report["bases"] = [c.__name__ for c in model.Weights.__mro__]
     if len(sys.argv) > 3:
         import torch
-        from loader_plugins.tgi_adapter.testing import FakeProcessGroup
+        from loader_plugins.tgi_adapter.tgi_source import FakeProcessGroup
         files = [str(f) for f in model.weight_files(sys.argv[3])]
         report["files"] = files
         w = model.Weights(files, "cpu", torch.float16, FakeProcessGroup(1, 2), None)

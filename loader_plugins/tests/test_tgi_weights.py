@@ -22,8 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loader_plugins.errors import ConfigError, StreamerError
+from loader_plugins.tests.tgi_helpers import write_checkpoint
 from loader_plugins.tgi_adapter.settings import settings_from_env
-from loader_plugins.tgi_adapter.testing import FakeProcessGroup, write_checkpoint
+from loader_plugins.tgi_adapter.tgi_source import FakeProcessGroup
 from loader_plugins.tgi_adapter.weights import (
     StandaloneStreamerWeights,
     StreamedWeightsMixin,

@@ -45,8 +45,17 @@ def test_shipped_configs_parse():
     import json
     from pathlib import Path
 
+    expected = {   # file -> (config, weights_uri, in_place)
+        "vllm-local.json": (StreamerConfig(concurrency=8, chunk_bytes=16 << 20, memory_limit=2 << 30,
+                                           direct_io="auto"), None, True),
+        "vllm-s3.json": (StreamerConfig(concurrency=16, chunk_bytes=16 << 20, memory_limit=2 << 30,
+                                        s3_addressing_style="path", request_timeout=30, max_retries=8),
+                         "s3://my-bucket/models/Llama-3.1-8B-Instruct", "auto"),
+    }
     configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("vllm-*.json"))
-    assert configs, "configs/vllm-*.json are missing"
+    assert {p.name for p in configs} == set(expected), "each configs/vllm-*.json needs its values here"
     for path in configs:
         options = parse_extra_config(json.loads(path.read_text()))
-        assert isinstance(options.config, StreamerConfig), path
+        config, weights_uri, in_place = expected[path.name]
+        assert options.config == config, path.name
+        assert options.weights_uri == weights_uri and options.in_place == in_place, path.name

@@ -1,7 +1,9 @@
 """TGI's weight loading vs StreamerWeights on one checkpoint, same run, cold and warm page cache.
 
-    python -m loader_plugins.tgi_adapter.bench CHECKPOINT_DIR [--repeat 3] [--world 1 --rank 0]
+    model-streamer bench-tgi CHECKPOINT_DIR [--repeat 3] [--world 1 --rank 0]
         [--tgi-source DIR] [--concurrency N] [--json OUT.json]
+
+(or ``python -m loader_plugins.bench.tgi ...``, the same arguments).
 
 For each method and cache state it times
 
@@ -33,8 +35,8 @@ from typing import Any, Callable, Sequence
 
 from ..config import StreamerConfig
 from ..core.checkpoint import expand
-from .settings import TGIStreamerSettings
-from .testing import FakeProcessGroup, import_tgi_weights_module
+from ..tgi_adapter.settings import TGIStreamerSettings
+from ..tgi_adapter.tgi_source import FakeProcessGroup, import_tgi_weights_module
 
 
 class SerialSafeOpenWeights:
@@ -89,7 +91,7 @@ def _warm(files: Sequence[str]) -> None:
 
 
 def _touch(tensor) -> None:
-    from ..bench.peers import touch_all
+    from .peers import touch_all
 
     touch_all([tensor])
 
@@ -124,9 +126,9 @@ def run_bench(checkpoint: str, *, repeat: int = 3, world: int = 1, rank: int = 0
               config: StreamerConfig | None = None, states: Sequence[str] = ("cold", "warm"),
               log: Callable[[str], None] = print) -> dict:
     """Time TGI's loading and StreamerWeights on ``checkpoint``; returns the medians and every run."""
-    from ..bench.peers import evict
     from ..core.checkpoint import read_header
-    from .weights import StandaloneStreamerWeights, streamer_weights_class
+    from ..tgi_adapter.weights import StandaloneStreamerWeights, streamer_weights_class
+    from .peers import evict
 
     config = config or StreamerConfig()
     files, _ = expand(checkpoint, config)
@@ -187,8 +189,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loader_plugins.tgi_adapter.bench", description=__doc__.split("\n")[0])
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory, index.json or file")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--world", type=int, default=1)
@@ -197,7 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--states", default="cold,warm")
     p.add_argument("--json", default=None, help="write the report here")
-    args = p.parse_args(argv)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench-tgi", help="TGI's weight loading vs StreamerWeights, cold and warm page cache",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=_run_and_print)
+
+
+def _run_and_print(args: argparse.Namespace) -> int:
     config = StreamerConfig() if args.concurrency is None else StreamerConfig(concurrency=args.concurrency)
     report = run_bench(args.checkpoint, repeat=args.repeat, world=args.world, rank=args.rank,
                        tgi_source=args.tgi_source, config=config, states=tuple(args.states.split(",")))
@@ -205,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loader_plugins.bench.tgi", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    return _run_and_print(p.parse_args(argv))
 
 
 if __name__ == "__main__":

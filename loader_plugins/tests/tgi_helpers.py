@@ -1,41 +1,22 @@
-"""Helpers shared by the TGI adapter's tests and benchmark (no TGI import unless asked).
+"""Helpers of the TGI adapter's tests (unit and integration): a checkpoint and the calls to compare.
 
-* :class:`FakeProcessGroup`: the two methods TGI's ``Weights`` calls on its process group.
 * :func:`write_checkpoint`: a small two-file checkpoint whose tensors exercise TGI's rules
   (ceil blocks that do not divide, packed QKV, every dtype of the cast exemption list and a few
-  outside it, a scalar, an empty and a 3-D tensor).
-* :func:`call_matrix`: every ``Weights`` call worth comparing for one tensor.
-* :func:`import_tgi_weights_module`: TGI's ``text_generation_server.utils.weights`` from a source
-  tree on CPU, with stub parent packages (only torch, safetensors and loguru are needed).
+  outside it, a scalar, an empty and a 3-D tensor); :func:`checkpoint_tensors` its tensors.
+* :func:`call_matrix`: every ``Weights`` call worth comparing for one tensor; :func:`outcome`
+  runs one, a value or an error.
+
+TGI's module and the one-rank process group are shipped code, in
+:mod:`loader_plugins.tgi_adapter.tgi_source` (the TGI benchmark uses them too).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-import types
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-__all__ = ["FakeProcessGroup", "write_checkpoint", "call_matrix", "import_tgi_weights_module",
-           "tgi_server_dir", "outcome"]
-
-
-class FakeProcessGroup:
-    """``rank()`` and ``size()``, as ``torch.distributed.ProcessGroup`` answers them."""
-
-    def __init__(self, rank: int = 0, size: int = 1):
-        self._rank, self._size = rank, size
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return self._size
-
-    def __repr__(self) -> str:
-        return f"FakeProcessGroup(rank={self._rank}, size={self._size})"
+__all__ = ["checkpoint_tensors", "write_checkpoint", "call_matrix", "outcome"]
 
 
 def checkpoint_tensors(seed: int = 0) -> tuple[dict, dict]:
@@ -130,31 +111,3 @@ def outcome(weights: Any, method: str, args: tuple, kwargs: dict) -> tuple[str, 
     except Exception as exc:  # noqa: BLE001 - the error is the outcome being compared
         return "error", (type(exc).__name__, str(exc))
     return "ok", value
-
-
-def tgi_server_dir(source_dir: os.PathLike) -> Path:
-    """The directory holding the ``text_generation_server`` package, from a TGI checkout (its root
-    or its ``server/``) or from the package directory itself."""
-    root = Path(source_dir)
-    for candidate in (root / "server", root, root.parent):
-        if (candidate / "text_generation_server" / "utils" / "weights.py").is_file():
-            return candidate
-    raise FileNotFoundError(f"{root}: no text_generation_server/utils/weights.py below it; point TGI_SOURCE_DIR "
-                            f"at a text-generation-inference checkout")
-
-
-def import_tgi_weights_module(source_dir: os.PathLike, *, module: str = "text_generation_server.utils.weights",
-                              before_import: Callable[[], None] | None = None):
-    """Import a module of TGI's server from ``source_dir`` without TGI's package ``__init__``s
-    (which pull in grpc, the CUDA kernels...): the parent packages are stubs whose ``__path__``
-    points at the sources."""
-    package = tgi_server_dir(source_dir) / "text_generation_server"
-    for name, path in (("text_generation_server", package), ("text_generation_server.utils", package / "utils")):
-        existing = sys.modules.get(name)
-        if existing is None or list(getattr(existing, "__path__", [])) != [str(path)]:
-            stub = types.ModuleType(name)
-            stub.__path__ = [str(path)]
-            sys.modules[name] = stub
-    if before_import is not None:
-        before_import()
-    return importlib.import_module(module)

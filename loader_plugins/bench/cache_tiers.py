@@ -1,9 +1,10 @@
 """One run, one table: a checkpoint loaded from S3 (cold), from the disk tier (cold page cache)
 and from the DRAM tier, next to the pread ceilings of the same bytes on this host.
 
-    python -m loader_plugins.cache.bench --size 3GB --repeat 3 --workdir /tmp/lp-cache-bench
+    model-streamer bench-cache --size 3GB --repeat 3 --workdir /tmp/lp-cache-bench
+    python -m loader_plugins.bench.cache_tiers --size 3GB --repeat 3 --workdir /tmp/lp-cache-bench
 
-Starts SeaweedFS on 127.0.0.1 (:mod:`loader_plugins.bench.seaweed`;
+Starts SeaweedFS on 127.0.0.1 (:mod:`.seaweed`;
 ``--endpoint`` uses a running server instead, with AWS_* credentials in the environment), writes
 a Llama-like demo checkpoint (``model-streamer make-demo``), uploads it, then per repeat:
 
@@ -39,11 +40,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import cache_config
+from ..cache.config import cache_config
 
-log = logging.getLogger("loader_plugins.cache.bench")
-
-REPO = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
 
 def _all_files(root: Path) -> list[str]:
@@ -51,7 +50,7 @@ def _all_files(root: Path) -> list[str]:
 
 
 def _evict(paths: list[str]) -> None:
-    from ..bench.peers import evict
+    from .peers import evict
 
     for p in paths:
         try:
@@ -68,7 +67,7 @@ def _read_all(paths: list[str]) -> None:
 
 
 def _start_seaweed(workdir: Path):
-    from ..bench.seaweed import SeaweedS3
+    from .seaweed import SeaweedS3
 
     server = SeaweedS3(workdir)
     server.start()
@@ -80,13 +79,13 @@ def _start_seaweed(workdir: Path):
 def run(args: argparse.Namespace) -> dict:
     import torch  # noqa: F401  (the loads below need it; fail early)
 
-    from ..bench import peers
+    from ..cache.disk import DiskTier, wait_for_commits
+    from ..cache.estimate import estimate
+    from ..cache.warm import warm
     from ..config import StreamerConfig, parse_size
-    from ..demo import make_demo
     from ..streamer import load_file
-    from .disk import DiskTier, wait_for_commits
-    from .estimate import estimate
-    from .warm import warm
+    from . import peers
+    from .demo import make_demo
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -240,8 +239,7 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="3GB")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", default="/tmp/lp-cache-bench")
@@ -255,14 +253,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the tiers and the S3 data")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench-cache", help="S3 cold vs the disk and DRAM cache tiers vs the pread ceilings, one table",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=_run_and_print)
+
+
+def _run_and_print(args: argparse.Namespace) -> int:
     report = run(args)
     text = table(report)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps({**report, "table": text}, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loader_plugins.bench.cache_tiers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    return _run_and_print(args)
 
 
 if __name__ == "__main__":

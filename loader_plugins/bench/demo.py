@@ -1,4 +1,4 @@
-"""Synthetic Llama-like safetensors checkpoints for tests and benchmarks.
+"""Synthetic Llama-like safetensors checkpoints, with a tokenizer, for the demo, tests and benchmarks.
 
 ``make_demo(directory, size_bytes)`` writes a sharded Hugging Face style checkpoint
 (``model-0000i-of-0000N.safetensors``, ``model.safetensors.index.json``, ``config.json``) whose
@@ -28,11 +28,11 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .config import parse_size as _config_parse_size
-from .core.header import encode_header
-from .core.reader import progress_bar
+from ..config import parse_size as _config_parse_size
+from ..core.header import encode_header
+from ..core.reader import progress_bar
 
-__all__ = ["DemoShape", "demo_shape", "make_demo", "parse_size"]
+__all__ = ["DemoShape", "demo_shape", "make_demo", "parse_size", "write_demo_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def demo_shape(size_bytes: int, dtype: str = "bfloat16") -> DemoShape:
 
     The largest hidden size that still leaves at least 4 layers is taken (4096 from about
     2.3 GB in bf16, 2048 at 1 GB, 8192 from about 8 GB), with Llama-3 proportions: intermediate
-    3.5 x hidden, head_dim up to 128, a quarter as many KV heads as query heads. The vocabulary
+    3.5 x hidden, head_dim 32 to 128, a quarter as many KV heads as query heads. The vocabulary
     absorbs what whole layers leave, so the total lands within ``128 x hidden`` elements of the
     target (unless the target is below the smallest model, 64 hidden and one layer).
     """
@@ -166,7 +166,7 @@ def demo_shape(size_bytes: int, dtype: str = "bfloat16") -> DemoShape:
     size_bytes = parse_size(size_bytes)
     chosen = None
     for h in _HIDDEN_CANDIDATES:
-        head_dim = min(128, max(16, h // 16))
+        head_dim = min(128, max(32, h // 16))   # vLLM's CPU attention wants >= 32
         heads = h // head_dim
         kv_heads = max(1, heads // 4)
         inter = _round_to(h * 3.5, 256 if h >= 1024 else 64)
@@ -274,12 +274,14 @@ def make_demo(
     dtype: str = "bfloat16",
     seed: int = 0,
     progress: Optional[bool] = None,
+    tokenizer: bool = True,
 ) -> List[Path]:
     """Write a Llama-like checkpoint of about ``size_bytes`` tensor bytes into ``directory``.
 
     Writes ``model-0000i-of-0000N.safetensors`` shards, ``model.safetensors.index.json``
-    (``weight_map`` and ``metadata.total_size``, the sum of tensor bytes) and a ``config.json``,
-    and returns the shard paths in order. ``size_bytes`` may be a string (``"3GB"``, see
+    (``weight_map`` and ``metadata.total_size``, the sum of tensor bytes), a ``config.json`` and,
+    unless ``tokenizer`` is false, a tokenizer (:func:`write_demo_tokenizer`), and returns the shard
+    paths in order. ``size_bytes`` may be a string (``"3GB"``, see
     :func:`parse_size`). ``shards`` defaults to max(2, size / 5 GB), the way transformers shards.
     Memory stays at 32 MiB (one chunk buffer) whatever the size. Same arguments, same bytes.
 
@@ -342,4 +344,16 @@ def make_demo(
     }
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (directory / "config.json").write_text(json.dumps(shape.config(), indent=2) + "\n")
+    if tokenizer:
+        write_demo_tokenizer(directory)
     return paths
+
+
+def write_demo_tokenizer(directory: Union[str, os.PathLike]) -> None:
+    """Give the demo checkpoint in ``directory`` a tokenizer of its ``config.json``'s vocabulary, so that
+    ``vllm serve`` can serve it (:mod:`.tokenizer`: a byte-level BPE made locally, no model hub)."""
+    from .tokenizer import write_tokenizer
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    write_tokenizer(directory, config["vocab_size"], config["max_position_embeddings"])
