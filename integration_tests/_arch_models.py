@@ -73,14 +73,14 @@ def make_arch_checkpoint(arch: str, dir: str | os.PathLike[str], *, seed: int = 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from _tiny_models import _write_tokenizer
+    from loader_plugins.bench.tokenizer import write_tokenizer
 
     model_type, fields = {**ARCHITECTURES, **OTHER_ARCHITECTURES}[arch]
     fields = dict(fields, **overrides)
     architectures = fields.pop("architectures", None)
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer(out, fields["vocab_size"], fields.get("max_position_embeddings", 256))
+    write_tokenizer(out, fields["vocab_size"], fields.get("max_position_embeddings", 256))
     config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -68,12 +68,12 @@ def make_per_expert_moe(out: Path) -> Path:
     """A Qwen3-MoE checkpoint as the Hub lays it out (one tensor per expert and projection), with
     enough of them (1,558) that ``in_place: auto`` gives them all to vLLM's loader and records
     the placements (``bench/moe.py``; the tokenizer as the other models')."""
-    from _tiny_models import _write_tokenizer
+    from loader_plugins.bench.tokenizer import write_tokenizer
 
     from loader_plugins.bench.moe import make_moe
 
     make_moe(out, layout="per-expert", layers=2, experts=256, hidden=128, intermediate=32, vocab=512, shards=3)
-    _write_tokenizer(out, 512, 512)
+    write_tokenizer(out, 512, 512)
     return out
 
 
