@@ -162,6 +162,7 @@ def make_tiny_llama(
         "use_cache": True,
     }
     _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
     return out
 
 

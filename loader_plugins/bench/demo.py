@@ -357,3 +357,4 @@ def write_demo_tokenizer(directory: Union[str, os.PathLike]) -> None:
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     write_tokenizer(directory, config["vocab_size"], config["max_position_embeddings"])
+    (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")

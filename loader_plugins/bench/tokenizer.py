@@ -2,8 +2,7 @@
 
 ``write_tokenizer(dir, vocab_size, model_max_length)`` trains a byte-level BPE with the ``tokenizers``
 library on generated pseudo-English and writes what ``transformers.AutoTokenizer`` and vLLM read:
-``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and
-``generation_config.json``. Its vocabulary is exactly ``vocab_size`` (padded with ``<extra_N>`` tokens
+``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``. Its vocabulary is exactly ``vocab_size`` (padded with ``<extra_N>`` tokens
 when the corpus runs out of merges), ids 0, 1, 2 are ``<unk>``, ``<s>``, ``</s>`` as in Llama, and
 ``<s>`` is prepended to every prompt. The corpus is drawn from a fixed seed: the same arguments give the
 same files.
@@ -88,7 +87,6 @@ def write_tokenizer(out: Path, vocab_size: int, model_max_length: int) -> List[i
             **special,
         },
     )
-    _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
     quiet = []
     for token_id in range(vocab_size):
         token = tok.id_to_token(token_id)
