@@ -3,6 +3,8 @@ other in this process, and print what each produced (for test_vllm_matrix.py).
 
     python integration_tests/_vllm_matrix_job.py '{"models": [{"arch": A, "path": DIR}, ...], "tp": 1}'
 
+A model's ``dtype`` (default ``float32``) is the engine's (quantized kernels want bf16/fp16).
+
 Per model and load format (a model's own ``formats`` may list one twice: the second is reported
 as ``FORMAT#2``), one ``RESULT {...}`` line: the greedy tokens of PROMPT with the top-5
 logprobs of every generated and prompt position, a SHA-256 of every parameter and buffer right
@@ -88,7 +90,7 @@ def _logprobs(entries) -> list[dict[str, float]]:
     return [{str(k): v.logprob for k, v in sorted(e.items())} if e else {} for e in entries or []]
 
 
-def run_one(path: str, load_format: str, tp: int) -> dict:
+def run_one(path: str, load_format: str, tp: int, dtype: str = "float32") -> dict:
     from vllm import LLM, SamplingParams
 
     kwargs = dict(CPU_ENGINE_KWARGS)
@@ -98,7 +100,7 @@ def run_one(path: str, load_format: str, tp: int) -> dict:
         # the byte (test_sglang.py's TP models are wide enough for the default)
         kwargs["model_loader_extra_config"] = {"gather_min_row_bytes": 0}
     t0 = time.monotonic()
-    llm = LLM(path, load_format=load_format, dtype="float32", seed=0, tensor_parallel_size=tp, **kwargs)
+    llm = LLM(path, load_format=load_format, dtype=dtype, seed=0, tensor_parallel_size=tp, **kwargs)
     start_s = time.monotonic() - t0
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=LOGPROBS, prompt_logprobs=LOGPROBS,
                             ignore_eos=True)
@@ -121,7 +123,7 @@ def main(spec: dict) -> None:
             before = formats[:n].count(load_format)   # a format run again: "streamer#2" (a second load)
             record = {"arch": item["arch"], "format": load_format + (f"#{before + 1}" if before else ""), "tp": tp}
             try:
-                record.update(run_one(item["path"], load_format, tp))
+                record.update(run_one(item["path"], load_format, tp, item.get("dtype", "float32")))
             except Exception as exc:  # noqa: BLE001 - reported per model; the test fails on it
                 record["error"] = f"{type(exc).__name__}: {exc}"
                 record["traceback"] = traceback.format_exc()[-4000:]

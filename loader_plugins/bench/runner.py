@@ -231,6 +231,14 @@ class quiet_loaders:
 
     def __enter__(self):
         if not self.verbose:
+            # Run:ai sets its logger's level (and adds a handler) when imported: import it first
+            import importlib
+
+            for module in ("runai_model_streamer",):
+                try:
+                    importlib.import_module(module)
+                except Exception:  # noqa: BLE001 - not installed or broken: its method reports that
+                    pass
             for name in QUIET_LOGGERS:
                 lg = logging.getLogger(name)
                 self.saved[name] = lg.level
