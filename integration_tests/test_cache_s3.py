@@ -415,3 +415,66 @@ def test_estimate_predicts_from_recorded_loads(s3_server, s3_bucket, s3_env, hoo
     assert cli.returncode == 0, cli.stderr
     out = json.loads(cli.stdout)
     assert out["tier"] == "disk" and out["bytes"] == shard_bytes and out["seconds"] > 0 and out["gbps"] > 0
+
+
+# ------------------------------------------------------------------------------------------
+# the store down: a cached checkpoint still loads (cache_revalidate)
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def offline_reset():
+    from loader_plugins.cache import offline
+
+    offline.clear_offline()
+    yield offline
+    offline.clear_offline()
+
+
+def _fill_then_stop(s3_server_factory, tmp_path, **overrides):
+    server = s3_server_factory()
+    client = server.client()
+    client.create_bucket(Bucket="going-away")
+    expected = make_checkpoint(tmp_path / "ckpt", seed=21, shards=2, mib=3)
+    uri, _ = upload(server, "going-away", tmp_path / "ckpt", "models/off")
+    cfg = config(server.endpoint_url, cache_dir=str(tmp_path / "cache"), request_timeout=3.0, max_retries=2,
+                 **overrides)
+    assert digest(load_file(uri, config=cfg)) == digest(expected)     # fills the disk tier, records the directory
+    assert wait_for_commits(60)
+    server.kill()
+    return uri, cfg, expected
+
+
+def test_cached_checkpoint_loads_with_the_store_down(s3_server_factory, s3_env, hooked, offline_reset, tmp_path,
+                                                     caplog):
+    uri, cfg, expected = _fill_then_stop(s3_server_factory, tmp_path)
+    before = dict(tiered.TIER_BYTES)
+    with caplog.at_level("WARNING", logger="loader_plugins.cache.tiered"):
+        got = load_file(uri, config=cfg)
+    assert digest(got) == digest(expected)
+    assert tier_delta(before, "disk") > 0 and tier_delta(before, "s3") == 0
+    warnings = [r.getMessage() for r in caplog.records if "NOT revalidated" in r.getMessage()]
+    assert len(warnings) == 1 and uri in warnings[0] and "cache_revalidate" in warnings[0]
+    # and in a fresh process, where nothing is remembered but the disk tier
+    offline_reset.clear_offline()
+    result = finish(spawn_load(cfg, uri))
+    assert result["sha"] == digest(expected)
+    assert result["tiers"].get("disk", 0) > 0 and result["tiers"].get("s3", 0) == 0
+
+
+def test_cache_revalidate_required_fails_with_the_store_down(s3_server_factory, s3_env, hooked, offline_reset,
+                                                             tmp_path):
+    uri, cfg, _ = _fill_then_stop(s3_server_factory, tmp_path, cache_revalidate="required")
+    with pytest.raises(OSError) as info:
+        load_file(uri, config=cfg)
+    assert uri in str(info.value) and "attempts" in str(info.value)
+
+
+def test_store_down_without_a_complete_copy_is_an_error_naming_the_object(s3_server_factory, s3_env, hooked,
+                                                                         offline_reset, tmp_path):
+    uri, cfg, _ = _fill_then_stop(s3_server_factory, tmp_path)
+    victim = next(p for p in (tmp_path / "cache" / "objects").glob("*/*") if p.name.endswith(".json"))
+    victim.unlink()   # one shard's entry loses its manifest: no longer complete
+    with pytest.raises(OSError) as info:
+        load_file(uri, config=cfg)
+    text = str(info.value)
+    assert "cannot be reached" in text and ".safetensors" in text and "load the checkpoint once" in text

@@ -35,6 +35,12 @@ class CacheConfig:
     """Shared-memory tier, e.g. ``/dev/shm/loader-plugins`` (filled by ``model-streamer cache warm``
     or ``cache serve``); checked before the disk tier. ``None`` turns it off."""
 
+    cache_revalidate: str = "auto"
+    """When the object store cannot be reached (down, no egress, a revoked credential) and a tier
+    holds a complete copy of the checkpoint as the last load that reached the store saw it:
+    ``auto`` serves that copy with a warning that it was not revalidated; ``required`` fails the
+    load instead, as without a cache."""
+
     SIZE_FIELDS: ClassVar[tuple[str, ...]] = ("cache_max_bytes",)
 
     def validate(self) -> None:
@@ -42,6 +48,9 @@ class CacheConfig:
                 or self.cache_max_bytes < 0:
             raise ConfigError(f"config key 'cache_max_bytes'={self.cache_max_bytes!r}: must be a size of 0 "
                               f"(unlimited) or more")
+        if self.cache_revalidate not in ("auto", "required"):
+            raise ConfigError(f"config key 'cache_revalidate'={self.cache_revalidate!r}: must be 'auto' (serve a "
+                              f"cached copy when the store cannot be reached) or 'required'")
         for key in ("cache_dir", "dram_cache_dir"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):

@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING
 
 from ..core.sources.base import BufferPool, Source, Storage, scheme_of, storage_for
 from ..core.sources.local import LocalSource
-from ..errors import ConfigError, SourceError
+from ..errors import ConfigError, SourceError, SourceNotFoundError
 from . import metrics
 from .config import cache_config
 from .disk import EntryHandle, EntryStore, Fill, disk_tier
 from .dram import dram_tier
+from .offline import DirRecord, dir_of, is_offline, mark_offline
 
 if TYPE_CHECKING:
     from ..config import StreamerConfig
@@ -256,6 +257,8 @@ class TieredStorage(Storage):
         self._open = 0
         self._t0 = 0.0
         self._recorded = False
+        self._records: dict[str, DirRecord] = {}
+        self._probe_storage: Storage | None = None
 
     # pass-through to S3 ---------------------------------------------------------------------
     @property
@@ -263,22 +266,130 @@ class TieredStorage(Storage):
         return getattr(self.remote, "stats", None)
 
     def is_dir(self, uri: str) -> bool:
+        record = self._offline_record(uri)
+        if record is not None:
+            return bool(record.names())
         return self.remote.is_dir(uri)
 
     def exists(self, uri: str) -> bool:
+        record = self._offline_record(dir_of(uri))
+        if record is not None:
+            return uri.rstrip("/").rsplit("/", 1)[-1] in (record.names() or ())
         return self.remote.exists(uri)
 
     def list_dir(self, uri: str) -> list[str]:
-        return self.remote.list_dir(uri)
+        names = self.listing(uri)
+        return names if names is not None else self.remote.list_dir(uri)
 
     def listing(self, uri: str) -> list[str] | None:
-        return self.remote.listing(uri)
+        record = self._record(uri)
+        if record is None:
+            return self.remote.listing(uri)
+        offline = self._offline_record(uri)
+        if offline is not None:
+            return offline.names()
+        remote = self._probe if record.exists and self._may_serve_cached else self.remote
+        try:
+            names = remote.listing(uri)
+        except SourceNotFoundError:
+            raise
+        except SourceError as exc:
+            self._go_offline(record, uri, exc)
+            return record.names()
+        if names is not None:
+            record.set_names(names)
+        return names
 
     def join(self, base: str, name: str) -> str:
         return self.remote.join(base, name)
 
     def read_small(self, uri: str, limit: int = 64 << 20) -> bytes:
-        return self.remote.read_small(uri, limit)   # index.json, config: not worth an entry
+        # index.json, config: not worth an entry, but kept in the directory's record
+        directory, name = dir_of(uri), uri.rstrip("/").rsplit("/", 1)[-1]
+        offline = self._offline_record(directory)
+        if offline is not None:
+            data = offline.small(name)
+            if data is None:
+                raise SourceError(2, f"{uri}: the object store cannot be reached and the cache's record of "
+                                  f"{directory} holds no copy of this file; load it once with the store reachable")
+            return data
+        data = self.remote.read_small(uri, limit)
+        record = self._record(directory)
+        if record is not None:
+            record.set_small(name, data)
+        return data
+
+    # serving a cached copy while the store cannot be reached ---------------------------------
+    @property
+    def _may_serve_cached(self) -> bool:
+        return cache_config(self.config).cache_revalidate == "auto"
+
+    @property
+    def _probe(self) -> Storage:
+        """The store with one retry and a short timeout: asked first when the cache could serve
+        the directory anyway, so an unreachable store costs seconds, not the full retry policy."""
+        if self._probe_storage is None:
+            cfg = self.config.replace(max_retries=1, request_timeout=min(10.0, self.config.request_timeout))
+            self._probe_storage = _shared_s3(cfg) if not self._owns_remote else self.remote
+        return self._probe_storage
+
+    def _record(self, directory: str) -> DirRecord | None:
+        """The directory's record in the first tier that can keep one (None without a tier)."""
+        root = self.disk.root if self.disk is not None else self.dram.root if self.dram is not None else None
+        if root is None or scheme_of(directory) != "s3":
+            return None
+        key = directory.rstrip("/") + "/"
+        record = self._records.get(key)
+        if record is None:
+            record = self._records[key] = DirRecord(root, key)
+        return record
+
+    def _offline_record(self, directory: str) -> DirRecord | None:
+        if not is_offline(directory):
+            return None
+        return self._record(directory)
+
+    def _go_offline(self, record: DirRecord, uri: str, cause: SourceError) -> None:
+        """Serve ``uri``'s directory from the cache from now on, or raise ``cause``."""
+        if not self._may_serve_cached or not record.exists:
+            raise cause
+        log.warning("%s: cannot reach the object store to revalidate the cached checkpoint (%s); serving the "
+                    "cache's copy as the store listed it at %s, NOT revalidated (cache_revalidate=\"required\" "
+                    "fails instead)", uri, cause, record.seen_at)
+        metrics.hit("offline")
+        mark_offline(record.directory)
+
+    def _open_recorded(self, uri: str, cause: BaseException | None = None) -> TierSource:
+        """The tier entry of the object version the directory's record names, without the store."""
+        directory, name = dir_of(uri), uri.rstrip("/").rsplit("/", 1)[-1]
+        record = self._record(directory)
+        recorded = record.object(name) if record is not None else None
+        why = f" ({cause})" if cause is not None else ""
+        if recorded is None:
+            raise SourceError(2, f"{uri}: the object store cannot be reached{why} and the cache has no record of "
+                              f"this object's version; load the checkpoint once with the store reachable")
+        etag, size = recorded
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        for store in (self.dram, self.disk):
+            if store is None:
+                continue
+            try:
+                handle = store.lookup(bucket, key, etag, size)
+            except OSError as exc:
+                log.warning("%s: the %s tier cannot be read (%s); skipping it", uri, store.tier, exc)
+                continue
+            if handle is None:
+                continue
+            try:
+                local = LocalSource(handle.data_path, direct_io="off" if store.tier == "dram" else
+                                    self.config.direct_io, alignment=self.config.alignment)
+            except BaseException:
+                handle.close()
+                raise
+            local.uri = uri
+            return TierSource(uri, local, store.tier, self, handle, etag)
+        raise SourceError(2, f"{uri}: the object store cannot be reached{why} and no cache tier holds this object "
+                          f"(ETag {etag}, {size} bytes) complete; load the checkpoint once with the store reachable")
 
     def close(self) -> None:
         if self._owns_remote:
@@ -305,13 +416,27 @@ class TieredStorage(Storage):
         return src
 
     def _open_fastest(self, uri: str) -> TierSource:
-        remote_src = self.remote.open(uri)           # HEAD: size and ETag
+        if is_offline(dir_of(uri)):
+            return self._open_recorded(uri)
+        try:
+            remote_src = self.remote.open(uri)           # HEAD: size and ETag
+        except SourceNotFoundError:
+            raise
+        except SourceError as exc:
+            record = self._record(dir_of(uri))
+            if record is None or not self._may_serve_cached or record.object(uri.rstrip("/").rsplit("/", 1)[-1]) is None:
+                raise
+            self._go_offline(record, uri, exc)
+            return self._open_recorded(uri, exc)
         try:
             etag = getattr(remote_src, "etag", None)
             bucket, key = getattr(remote_src, "bucket", None), getattr(remote_src, "key", None)
             size = remote_src.size()
             if not etag or bucket is None:
                 return TierSource(uri, remote_src, "s3", self)
+            record = self._record(dir_of(uri))
+            if record is not None:
+                record.set_object(uri.rstrip("/").rsplit("/", 1)[-1], etag, size)
             for store in (self.dram, self.disk):
                 if store is None:
                     continue

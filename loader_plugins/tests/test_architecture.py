@@ -179,8 +179,9 @@ def test_the_cache_owns_its_config_section():
     with pytest.raises(TypeError):
         config_sections()["cache"] = object                              # a read-only view
     core = {f.name for f in dataclasses.fields(loader_plugins.StreamerConfig)}
-    assert not {"cache_dir", "cache_max_bytes", "dram_cache_dir"} & core, "cache options left in the core config"
-    assert [f.name for f in config_fields()][-3:] == ["cache_dir", "cache_max_bytes", "dram_cache_dir"]
+    cache_keys = ["cache_dir", "cache_max_bytes", "dram_cache_dir", "cache_revalidate"]
+    assert not set(cache_keys) & core, "cache options left in the core config"
+    assert [f.name for f in config_fields()][-4:] == cache_keys
     assert "disk tier" in field_docs()["cache_dir"]                      # reaches --help like the core's
 
 
