@@ -6,8 +6,9 @@ transformers' own config class (``AutoConfig.for_model``) and model class
 writes it with ``save_pretrained`` in small shards, plus the local tokenizer of
 :mod:`loader_plugins.bench.tokenizer`. BERT-family tokenizers get BERT's templates: ``<s> A </s>``
 and, for a pair, ``<s> A </s> B </s>``; BERT's return token type 1 on the second text (so the
-cross-encoder's ``token_type_embeddings`` row 1 is used). ``qwen2_reranker`` is the matrix's tied Qwen2 causal LM
-(:func:`_arch_models.make_arch_checkpoint`) that vLLM turns into a reranker the way it serves
+cross-encoder's ``token_type_embeddings`` row 1 is used). Decoders take the matrix's tiny shape
+(:data:`_arch_models.ARCHITECTURES`); ``qwen2_reranker`` is the matrix's tied Qwen2 causal LM
+(:func:`_arch_models.make_arch_checkpoint`), which vLLM turns into a reranker the way it serves
 Qwen3-Reranker (``hf_overrides`` in :data:`POOLING_MODELS`). Nothing comes from a model hub.
 """
 
@@ -16,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
-__all__ = ["POOLING_MODELS", "make_pooling_checkpoint"]
+__all__ = ["POOLING_MODELS", "PoolingModel", "make_pooling_checkpoint"]
 
 _BERT = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
              max_position_embeddings=256)
@@ -26,27 +28,51 @@ _BERT = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention
 _ROBERTA = dict(_BERT, max_position_embeddings=258, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 _RERANKER_TOKENS = ["a", "and"]   # (false, true): single tokens of the tiny tokenizer
 
-#: name -> (transformers model_type, transformers auto class, config fields, task, engine kwargs).
-#: ``task``: what the test asks of the engine (``embed``: ``LLM.embed`` and per-token embeddings,
-#: ``score``: ``LLM.score`` of query/document pairs, ``classify``: ``LLM.classify``).
-POOLING_MODELS: dict[str, tuple[str, str, dict, str, dict]] = {
-    # BertModel -> vLLM's BertEmbeddingModel (CLS pooling); the checkpoint's pooler.* is unused
-    "bert": ("bert", "AutoModel", dict(_BERT), "embed", {}),
-    # RobertaModel -> RobertaEmbeddingModel (BERT with position ids offset by padding_idx + 1)
-    "roberta": ("roberta", "AutoModel", dict(_ROBERTA), "embed", {}),
-    # a cross-encoder as ms-marco-MiniLM: BertForSequenceClassification with one label
-    "bert_reranker": ("bert", "AutoModelForSequenceClassification", dict(_BERT, num_labels=1), "score", {}),
-    # XLMRobertaForSequenceClassification -> vLLM's RobertaForSequenceClassification, three classes
-    "xlm_roberta_cls": ("xlm-roberta", "AutoModelForSequenceClassification", dict(_ROBERTA, num_labels=3),
-                        "classify", {}),
-    # Qwen2ForSequenceClassification -> vLLM's as_seq_cls_model(Qwen2ForCausalLM): a `score` head
-    "qwen2_cls": ("qwen2", "AutoModelForSequenceClassification", None, "classify", {}),
-    # a causal LM as a reranker (Qwen3-Reranker's recipe): vLLM builds score.weight from the
-    # lm_head rows of its two tokens (Qwen3-Reranker: "no", "yes"; here two the tiny tokenizer
-    # has, and the lm_head is the tied embeddings) inside load_weights
-    "qwen2_reranker": ("qwen2", "AutoModelForCausalLM", None, "score",
-                       {"hf_overrides": {"architectures": ["Qwen2ForSequenceClassification"],
-                                         "classifier_from_token": _RERANKER_TOKENS, "method": "from_2_way_softmax"}}),
+
+class PoolingModel(NamedTuple):
+    """``model_type`` / ``auto_class``: transformers' (the checkpoint's writer); ``fields``: the
+    config (None: the matrix's tiny shape of ``model_type``, :data:`_arch_models.ARCHITECTURES`);
+    ``task``: what the test asks of the engine (``embed``: ``LLM.embed``, ``score``: ``LLM.score``
+    of query/document pairs, ``classify``: ``LLM.classify``); ``vllm_class``: the class vLLM
+    builds for it; ``engine``: more ``LLM(...)`` arguments."""
+
+    model_type: str
+    auto_class: str
+    fields: dict | None
+    task: str
+    vllm_class: str
+    engine: dict = {}
+
+
+_CLS = "AutoModelForSequenceClassification"
+
+POOLING_MODELS: dict[str, PoolingModel] = {
+    # BertModel (CLS pooling); the checkpoint's pooler.* is dropped by vLLM's BertModel mapper
+    "bert": PoolingModel("bert", "AutoModel", dict(_BERT), "embed", "BertEmbeddingModel"),
+    # RobertaModel: BERT with position ids offset by padding_idx + 1 in the forward
+    "roberta": PoolingModel("roberta", "AutoModel", dict(_ROBERTA), "embed", "RobertaEmbeddingModel"),
+    # a cross-encoder as ms-marco-MiniLM: one label, token type ids on the pair
+    "bert_reranker": PoolingModel("bert", _CLS, dict(_BERT, num_labels=1), "score", "BertForSequenceClassification"),
+    # XLMRobertaForSequenceClassification, three classes (dense + out_proj head)
+    "xlm_roberta_cls": PoolingModel("xlm-roberta", _CLS, dict(_ROBERTA, num_labels=3), "classify",
+                                    "RobertaForSequenceClassification"),
+    # ModernBERT (fused Wqkv, GeGLU Wi, alternating global / sliding attention), three classes
+    "modernbert_cls": PoolingModel("modernbert", _CLS,
+                                   dict(_BERT, num_labels=3, layer_types=["full_attention", "sliding_attention"],
+                                        local_attention=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        cls_token_id=1, sep_token_id=2),
+                                   "classify", "ModernBertForSequenceClassification"),
+    # a decoder as an embedding model (gte-Qwen2, Qwen3-Embedding): Qwen2Model, no "model." prefix
+    "qwen2_embed": PoolingModel("qwen2", "AutoModel", None, "embed", "Qwen2ForEmbedding"),
+    # Qwen2ForSequenceClassification: vLLM's as_seq_cls_model(Qwen2ForCausalLM), a `score` head
+    "qwen2_cls": PoolingModel("qwen2", _CLS, None, "classify", "Qwen2ForSequenceClassification"),
+    # a causal LM as a reranker (Qwen3-Reranker's recipe): vLLM builds score.weight inside
+    # load_weights from the lm_head rows of two tokens (Qwen3-Reranker's "no", "yes"; here two
+    # the tiny tokenizer has), and this lm_head is the tied embeddings
+    "qwen2_reranker": PoolingModel("qwen2", "AutoModelForCausalLM", None, "score", "Qwen2ForSequenceClassification",
+                                   {"hf_overrides": {"architectures": ["Qwen2ForSequenceClassification"],
+                                                     "classifier_from_token": _RERANKER_TOKENS,
+                                                     "method": "from_2_way_softmax"}}),
 }
 
 
@@ -59,7 +85,7 @@ def make_pooling_checkpoint(name: str, dir: str | os.PathLike[str], *, seed: int
     from _arch_models import ARCHITECTURES, make_arch_checkpoint
     from loader_plugins.bench.tokenizer import write_tokenizer
 
-    model_type, auto, fields, _, _ = POOLING_MODELS[name]
+    model_type, auto, fields = POOLING_MODELS[name][:3]
     out = Path(dir)
     if auto == "AutoModelForCausalLM":
         make_arch_checkpoint(model_type, out, seed=seed, std=std, max_shard_size=max_shard_size)
@@ -69,7 +95,7 @@ def make_pooling_checkpoint(name: str, dir: str | os.PathLike[str], *, seed: int
         fields = dict(ARCHITECTURES[model_type][1], num_labels=3)
     out.mkdir(parents=True, exist_ok=True)
     write_tokenizer(out, fields["vocab_size"], fields["max_position_embeddings"])
-    if model_type != "qwen2":
+    if model_type not in ARCHITECTURES:   # the BERT family
         _bert_templates(out, token_types=model_type == "bert")
     config = transformers.AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)

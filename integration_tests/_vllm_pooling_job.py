@@ -1,14 +1,16 @@
 """Load pooling checkpoints with vLLM's ``safetensors`` loader and with ``streamer``, one engine
 after the other in this process, and print what each produced (for test_vllm_pooling.py).
 
-    python integration_tests/_vllm_pooling_job.py '{"models": [{"name": N, "path": DIR, "task": T, "engine": {...}}]}'
+    python integration_tests/_vllm_pooling_job.py '{"models": [{"name": N, "path": DIR, "task": T, "engine": {}}]}'
+
+(``engine``: more ``LLM(...)`` arguments, e.g. ``hf_overrides``.)
 
 Per model and load format, one ``RESULT {...}`` line: the outputs of ``task`` (``embed``: the
-pooled embedding of each of PROMPTS; ``classify``: the class probabilities of each prompt; ``score``: the cross-encoder score of QUERY
-with each of DOCUMENTS), with the prompt token ids, and, as the generation matrix records them
-(:mod:`_vllm_matrix_job`, whose loader patches this module installs by importing it), a SHA-256 of
-every parameter and buffer right after ``load_weights`` and after post-processing and the
-streamer's ``last_stats``.
+pooled embedding of each of PROMPTS; ``classify``: the class probabilities of each prompt;
+``score``: the cross-encoder score of QUERY with each of DOCUMENTS), the prompt token ids, the
+class vLLM built, and, as the generation matrix records them (:mod:`_vllm_matrix_job`, whose
+loader patches this module installs by importing it), a SHA-256 of every parameter and buffer
+right after ``load_weights`` and after post-processing, and the streamer's ``last_stats``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def _outputs(llm, task: str) -> dict:
     raise ValueError(f"unknown task {task!r}")
 
 
+def _model_class(worker) -> str:
+    return type(worker.model_runner.get_model()).__name__
+
+
 def run_one(item: dict, load_format: str) -> dict:
     from vllm import LLM
 
@@ -55,7 +61,7 @@ def run_one(item: dict, load_format: str) -> dict:
               **CPU_ENGINE_KWARGS, **item.get("engine", {}))
     start_s = time.monotonic() - t0
     result = {"start_s": round(start_s, 2), "tasks": sorted(llm.supported_tasks), **_outputs(llm, item["task"]),
-              "ranks": llm.collective_rpc(_worker_report)}
+              "model_class": llm.collective_rpc(_model_class)[0], "ranks": llm.collective_rpc(_worker_report)}
     del llm
     return result
 
