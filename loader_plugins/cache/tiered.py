@@ -32,7 +32,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ..core.sources.base import BufferPool, Source, Storage, scheme_of, storage_for
+from ..core.sources.base import BufferPool, ForwardingSource, Source, Storage, scheme_of, storage_for
 from ..core.sources.local import LocalSource
 from ..errors import ConfigError, SourceError, SourceNotFoundError
 from . import metrics
@@ -120,40 +120,45 @@ def _tier_or_none(make, config: "StreamerConfig") -> EntryStore | None:
 # sources
 # ------------------------------------------------------------------------------------------
 
-class TierSource(Source):
+class TierSource(ForwardingSource):
     """An object served by one tier: wraps the tier's source, counts bytes, keeps the entry locked."""
 
     def __init__(self, uri: str, inner: Source, tier: str, owner: "TieredStorage | None" = None,
                  handle: EntryHandle | None = None, etag: str | None = None):
-        super().__init__(uri)
+        super().__init__(inner, uri)
+        # the reader must call check_unchanged even when the inner source's reads are pinned: that is
+        # where a write-through fill is published and the load recorded for estimates
+        self.reads_pinned = False
         self.tier = tier
         self.etag = etag if etag is not None else getattr(inner, "etag", None)
-        self.inner = inner
         self.handle = handle
-        self.header_prefetch = inner.header_prefetch
-        self.wants_staging = inner.wants_staging
-        self.remote = inner.remote
         self.bytes_read = 0
         self.checked = False          # passed the reader's end-of-load check
         self._owner = owner
         self._count_lock = threading.Lock()
         self._closed = False
 
-    @property
-    def deadline_at(self) -> float | None:   # type: ignore[override]
-        return self.inner.deadline_at
-
-    @deadline_at.setter
-    def deadline_at(self, value: float | None) -> None:
-        self.inner.deadline_at = value
-
-    def size(self) -> int:
-        return self.inner.size()
-
     def read_into(self, offset: int, dest: memoryview, *, pool: BufferPool | None = None,
                   cancelled: threading.Event | None = None, slack: bool = False, fresh: bool = False) -> None:
-        self.inner.read_into(offset, dest, pool=pool, cancelled=cancelled, slack=slack, fresh=fresh)
+        try:
+            self.inner.read_into(offset, dest, pool=pool, cancelled=cancelled, slack=slack, fresh=fresh)
+        except SourceError as exc:
+            raise self._named(exc) from exc
         self._counted(memoryview(dest).nbytes)
+
+    def read_rows(self, offset: int, stride: int, width: int, dest: memoryview, *,
+                  cancelled: threading.Event | None = None) -> None:
+        try:
+            self.inner.read_rows(offset, stride, width, dest, cancelled=cancelled)
+        except SourceError as exc:
+            raise self._named(exc) from exc
+        self._counted(memoryview(dest).nbytes)
+
+    def _named(self, exc: SourceError) -> SourceError:
+        """An error of a tier's copy names the object the caller asked for, not only the cache file."""
+        if self.uri in str(exc):
+            return exc
+        return type(exc)(exc.errno, f"{self.uri} (its {self.tier}-tier copy): {exc.strerror or exc}")
 
     def _counted(self, n: int) -> None:
         with self._count_lock:
@@ -166,9 +171,6 @@ class TierSource(Source):
         self._finish()
         if self._owner is not None:
             self._owner._checked(self)
-
-    def bypassed_page_cache(self) -> str | None:
-        return self.inner.bypassed_page_cache()
 
     def _finish(self) -> None:
         """Publish what this source wrote (write-through); nothing for plain tiers."""
@@ -191,6 +193,7 @@ class WriteThroughSource(TierSource):
 
     def __init__(self, uri: str, inner: Source, fill: Fill, owner: "TieredStorage | None" = None):
         super().__init__(uri, inner, "s3", owner)
+        self.gathers = False   # every byte goes through read_into, which writes it into the fill
         self.fill = fill
         self._handed_off = False
 

@@ -100,13 +100,15 @@ class Source:
         return f"{type(self).__name__}({self.uri!r})"
 
 
-class BorrowedSource(Source):
-    """An open source lent to one stream by its owner (an opened
-    :class:`~loader_plugins.core.checkpoint.Checkpoint`): everything goes to the owner's source
-    but :meth:`close`, which the owner does."""
+class ForwardingSource(Source):
+    """A source that wraps another and forwards every capability and call to it: the flags the
+    reader plans with (``header_prefetch``, ``remote``, ``wants_staging``, ``reads_pinned``,
+    ``gathers``), the deadline, sizes, reads, row reads, the end-of-load check and the page-cache
+    report. A wrapper overrides only what it adds (counting, keeping an entry locked, lending);
+    a capability added to :class:`Source` is added here, once, for every wrapper."""
 
-    def __init__(self, inner: Source):
-        super().__init__(inner.uri)
+    def __init__(self, inner: Source, uri: str | None = None):
+        super().__init__(inner.uri if uri is None else uri)
         self.inner = inner
         self.header_prefetch = inner.header_prefetch
         self.remote = inner.remote
@@ -138,6 +140,15 @@ class BorrowedSource(Source):
 
     def bypassed_page_cache(self) -> str | None:
         return self.inner.bypassed_page_cache()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class BorrowedSource(ForwardingSource):
+    """An open source lent to one stream by its owner (an opened
+    :class:`~loader_plugins.core.checkpoint.Checkpoint`): everything goes to the owner's source
+    but :meth:`close`, which the owner does."""
 
     def close(self) -> None:
         pass
