@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ceilings and Run:ai at 4 and 8 threads), or a comma separated list (see --list)")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     p.add_argument("--warmup", action="store_true", help="one untimed round before the timed ones")
+    p.add_argument("--process", choices=("fresh", "same"), default="fresh",
+                   help="fresh (default): each timed load in a new process, as a server's start; same: every load "
+                        "in this process (a long-lived process reuses memory earlier loads freed)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each timed run (the VM hands "
                    "freed memory back in the background)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,24 +23,11 @@ from typing import Any
 
 from ..config import StreamerConfig
 from . import peers
-from .runner import _shards, build_methods, prepare_methods, round_order
+from .runner import _shards, build_methods, prepare_methods, round_order, run_in_fresh_process
 
 #: the methods ``--restarts`` runs unless ``--methods`` names others
 RESTART_METHODS = ("streamer", "safetensors", "runai-c16", "tensorizer")
 
-_CHILD = r"""
-import json, sys, time
-import torch  # an engine's process has torch loaded before any loader runs
-from pathlib import Path
-from loader_plugins.config import StreamerConfig
-from loader_plugins.bench.runner import build_methods
-spec = json.loads(sys.argv[1])
-config = StreamerConfig.from_dict(spec["config"])
-method = next(m for m in build_methods(spec["paths"], config, Path(spec["workdir"])) if m.name == spec["method"])
-t0 = time.perf_counter()
-n = method.run()
-print("RESTART " + json.dumps({"seconds": time.perf_counter() - t0, "bytes": n}), flush=True)
-"""
 
 
 def cached_fraction(files: list[str]) -> float | None:
@@ -59,13 +45,7 @@ def cached_fraction(files: list[str]) -> float | None:
 
 
 def _start(method: str, paths: list[str], config: StreamerConfig, workdir: str) -> float:
-    spec = {"method": method, "paths": paths, "config": config.to_dict(), "workdir": workdir}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=1800)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESTART ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"{method} start failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
-    return float(json.loads(lines[-1][len("RESTART "):])["seconds"])
+    return run_in_fresh_process(method, paths=paths, config=config, workdir=workdir, prepare=False)[0]
 
 
 def run_restarts(args, config: StreamerConfig) -> int:

@@ -179,14 +179,49 @@ def prepare_methods(methods: list[Method], results: dict[str, dict[str, Any]]) -
     return live
 
 
-def _time(method: Method, files: list[str], cache: str) -> tuple[float, int]:
+def _time(method: Method, files: list[str], cache: str, fresh: dict | None = None) -> tuple[float, int]:
+    """Seconds and bytes of one load of ``method``, page cache ``cache`` (cold or warm); in a fresh
+    process when ``fresh`` gives :func:`run_in_fresh_process`'s arguments."""
     if cache == "cold":
         peers.evict(files)
     else:
         _warm(files)
+    if fresh is not None:
+        return run_in_fresh_process(method.name, **fresh)
     t0 = time.perf_counter()
     nbytes = method.run()
     return time.perf_counter() - t0, nbytes
+
+
+_CHILD = r"""
+import json, sys, time
+import torch  # an engine's process has torch loaded before any loader runs
+from pathlib import Path
+from loader_plugins.config import StreamerConfig
+from loader_plugins.bench.runner import build_methods
+spec = json.loads(sys.argv[1])
+config = StreamerConfig.from_dict(spec["config"])
+method = next(m for m in build_methods(spec["paths"], config, Path(spec["workdir"])) if m.name == spec["method"])
+if spec["prepare"] and method.prepare:
+    method.prepare()   # untimed: caller-allocated destinations, a peer's own file
+t0 = time.perf_counter()
+n = method.run()
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "bytes": n}), flush=True)
+"""
+
+
+def run_in_fresh_process(method: str, *, paths: list[str], config: StreamerConfig, workdir: str,
+                         prepare: bool = True) -> tuple[float, int]:
+    """One timed load of ``method`` in a new Python process, as a server's start: torch imported
+    before the clock, the loader's own imports and memory counted. ``(seconds, bytes)``."""
+    spec = {"method": method, "paths": paths, "config": config.to_dict(), "workdir": workdir, "prepare": prepare}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True,
+                          timeout=1800)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{method} failed in its process (exit {proc.returncode}): {proc.stderr[-1500:]}")
+    out = json.loads(lines[-1][len("RESULT "):])
+    return float(out["seconds"]), int(out["bytes"])
 
 
 def measure_rss_into(paths: list[str], config: StreamerConfig) -> dict[str, Any]:
@@ -267,11 +302,22 @@ def _run_bench(args, config: StreamerConfig) -> int:
             return methods
         results: dict[str, dict[str, Any]] = {}
         print(f"checkpoint: {args.path} ({len(paths)} files, {total / 1e9:.2f} GB); concurrency={config.workers()} "
-              f"chunk={config.chunk_bytes >> 20}MiB direct_io={config.direct_io}; median of {args.repeat}",
+              f"chunk={config.chunk_bytes >> 20}MiB direct_io={config.direct_io}; median of {args.repeat}; each load "
+              f"{'in a fresh process' if getattr(args, 'process', 'fresh') == 'fresh' else 'in this process'}",
               file=sys.stderr)
         # Methods take turns (round robin) so that slow drifts of the machine (page cache,
         # memory the hypervisor has to back again) hit every method alike.
-        live = prepare_methods(methods, results)
+        fresh = None
+        if getattr(args, "process", "fresh") == "fresh":
+            # each load a new process, as a server starts: no method finds memory an earlier one
+            # freed (a long-lived process reuses its allocator's faulted-in heap; see TABLE_NOTE)
+            fresh = {"paths": paths, "config": config, "workdir": tmp}
+            for m in methods:
+                results[m.name] = {"group": m.group, "note": m.note}
+            prepare_methods([m for m in methods if m.extra_files], results)   # files a peer needs, made once
+            live = [m for m in methods if "error" not in results[m.name]]
+        else:
+            live = prepare_methods(methods, results)
         for cache in caches:
             runs: dict[str, list[float]] = {m.name: [] for m in live}
             nbytes: dict[str, int] = {}
@@ -285,7 +331,7 @@ def _run_bench(args, config: StreamerConfig) -> int:
                         # background (free page reporting); let that finish before the next run
                         time.sleep(args.settle)
                     try:
-                        seconds, n = _time(method, files, cache)
+                        seconds, n = _time(method, files, cache, fresh)
                     except Exception as exc:  # noqa: BLE001
                         results[method.name]["error"] = f"{type(exc).__name__}: {exc}"
                         print(f"  {method.name:<22} failed: {results[method.name]['error']}", file=sys.stderr)
@@ -349,9 +395,10 @@ def format_table(results: dict, caches: list[str]) -> str:
 
 
 #: printed under the table: what its figures time
-TABLE_NOTE = ("GB/s = checkpoint bytes / wall time of one method's call in this process, from the call until "
-              "one byte of every page of the result has been read and the result freed (headers, allocation, "
-              "page faults included; cold: page cache dropped first; median of the runs). The streamer's own "
+TABLE_NOTE = ("GB/s = checkpoint bytes / wall time of one load, each in a fresh process as a server's start "
+              "(torch imported before the clock; --process same: all in this process), from the call until one "
+              "byte of every page of the result has been read and the result freed (headers, allocation, page "
+              "faults included; cold: page cache dropped first; median of the runs). The streamer's own "
               "'Streamed ... GB/s' log line (shown with -v) times its stream alone, from opening the files to "
               "the last tensor, so it reads higher.")
 

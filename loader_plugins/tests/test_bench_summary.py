@@ -42,3 +42,27 @@ def test_restarts_table_medians_each_start_and_the_totals():
     # totals 1.9 / 4.3 / 3.1 -> median 3.1; safetensors 3.5 / 3.6 / 3.4 -> 3.5
     assert lines[2] == "| streamer | 2.00 | 0.60 | 0.50 | 3.10 | 1.00x | 100% |"
     assert lines[3] == "| safetensors | 1.50 | 1.00 | 1.00 | 3.50 | 0.89x | 100% |"
+
+
+def test_bench_table_is_valid_markdown_and_each_load_runs_in_its_own_process(tmp_path):
+    """The README's bench end to end on a tiny checkpoint: a fresh process per load (the default),
+    the table's header and separator agree, each row names its method, and the table is followed
+    by the sentence saying what a figure times."""
+    import subprocess
+    import sys
+
+    from loader_plugins.bench.demo import make_demo
+
+    make_demo(tmp_path / "ckpt", "2MB", progress=False)
+    out = subprocess.run([sys.executable, "-m", "loader_plugins.cli", "bench", str(tmp_path / "ckpt"), "--repeat", "1",
+                          "--methods", "streamer,safetensors", "--settle", "0"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    table = [ln for ln in lines if ln.startswith("|")]
+    assert table[0].count("|") == table[1].count("|") == table[2].count("|") == table[3].count("|")
+    assert set(table[1].replace("|", "")) == {"-"}
+    assert [ln.split("|")[1].strip() for ln in table[2:]] == ["streamer", "safetensors"]
+    assert all(float(ln.split("|")[2]) > 0 for ln in table[2:])
+    assert "in a fresh process" in out.stderr and "fresh process as a server's start" in out.stdout
+    assert not [ln for ln in lines if ln.startswith("INFO")], "loader log lines in the table's output"
