@@ -36,9 +36,10 @@ _SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDow
 
 
 class _Fault:
-    def __init__(self, kind: str, after_bytes: int = 0):
-        self.kind = kind  # "503" | "reset" | "close" | "stall"
+    def __init__(self, kind: str, after_bytes: int = 0, answer: bytes | None = None):
+        self.kind = kind  # "503" (or another status, see FaultProxy.answer) | "reset" | "close" | "stall"
         self.after_bytes = after_bytes
+        self.answer = answer  # the whole HTTP answer sent instead of forwarding
 
 
 class FaultProxy:
@@ -49,16 +50,19 @@ class FaultProxy:
     queued, to GET requests that carry a ``Range`` header (other requests pass untouched):
 
     - :meth:`slow_down` answers ``503 SlowDown`` (an S3 XML error) without contacting the server;
+      :meth:`answer` any status with any body (another store's throttling or refusal);
     - :meth:`cut` forwards the response but stops after ``after_bytes`` body bytes and resets
       the connection (``abortive=True``, RST) or closes it cleanly (FIN, a short body);
     - :meth:`stall` stops after ``after_bytes`` body bytes until :meth:`release` is called.
 
     ``ranged_gets`` records each ranged GET's ``Range`` header, ``log`` every request
     (:meth:`kinds` counts them as LIST, HEAD, GET and ranged GET); counters tell what was injected.
+    ``range_headers``: the request headers that make a GET ranged (Azure's ``x-ms-range`` too).
     """
 
-    def __init__(self, target_host: str, target_port: int):
+    def __init__(self, target_host: str, target_port: int, *, range_headers: tuple[bytes, ...] = (b"range",)):
         self.target = (target_host, target_port)
+        self.range_headers = tuple(h.lower() for h in range_headers)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]
@@ -72,6 +76,7 @@ class FaultProxy:
         self.injected: collections.Counter[str] = collections.Counter()
         self.requests = 0
         self.log: list[tuple[str, str, str]] = []   # (method, path?query, Range) of every request
+        self.authorizations: list[str] = []         # each request's Authorization header ("" if none)
         self._conns: set[socket.socket] = set()
         self._thread = threading.Thread(target=self._serve, name="fault-proxy", daemon=True)
         self._thread.start()
@@ -94,6 +99,14 @@ class FaultProxy:
     # -- fault control ---------------------------------------------------------------------
     def slow_down(self, n: int = 1) -> None:
         self._queue(_Fault("503"), n)
+
+    def answer(self, n: int = 1, *, status: int, reason: str, body: bytes = b"",
+               content_type: str = "application/json", headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """Answer the next ``n`` ranged GETs with ``status`` and ``body`` (counted as ``str(status)``)."""
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                f"{extra}Connection: close\r\n\r\n").encode()
+        self._queue(_Fault(str(status), answer=head + body), n)
 
     def cut(self, n: int = 1, *, after_bytes: int, abortive: bool = True) -> None:
         self._queue(_Fault("reset" if abortive else "close", after_bytes), n)
@@ -152,12 +165,17 @@ class FaultProxy:
             fault = None
             with self._lock:
                 self.requests += 1
-                self.log.append((method.decode(), target.decode(), headers.get(b"range", b"").decode()))
-                if method == b"GET" and b"range" in headers:
-                    self.ranged_gets.append(headers[b"range"].decode())
+                ranged = next((headers[h] for h in self.range_headers if h in headers), None)
+                self.log.append((method.decode(), target.decode(), (ranged or b"").decode()))
+                self.authorizations.append(headers.get(b"authorization", b"").decode())
+                if method == b"GET" and ranged is not None:
+                    self.ranged_gets.append(ranged.decode())
                     if self._faults:
                         fault = self._faults.popleft()
                         self.injected[fault.kind] += 1
+            if fault is not None and fault.answer is not None:
+                client.sendall(fault.answer)
+                return
             if fault is not None and fault.kind == "503":
                 client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
                                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_SLOWDOWN_BODY)

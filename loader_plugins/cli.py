@@ -128,11 +128,20 @@ def cmd_pull_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if str(args.path).lower().startswith("s3://"):
-        from .bench.s3 import run_s3_bench
+#: the bench of a checkpoint in object storage, by URI scheme ("module:function" under .bench)
+_REMOTE_BENCHES = {"s3": "s3:run_s3_bench", "gs": "cloud:run_cloud_bench", "az": "cloud:run_cloud_bench",
+                   "https": "cloud:run_cloud_bench"}
 
-        return run_s3_bench(args, config_from_args(args))
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    from .core.sources.base import scheme_of
+
+    remote = _REMOTE_BENCHES.get(scheme_of(args.path))
+    if remote is not None:
+        module, _, function = remote.partition(":")
+        return getattr(importlib.import_module(f".bench.{module}", __package__), function)(args, config_from_args(args))
     if args.restarts:
         from .bench.restarts import run_restarts
 
@@ -148,13 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="list tensors, dtypes, shapes, bytes and shards")
-    p.add_argument("path", nargs="+", help="file(s), checkpoint directory or s3:// URI")
+    p.add_argument("path", nargs="+", help="file(s), checkpoint directory or s3://, gs://, az:// URI")
     p.add_argument("--json", action="store_true")
     add_config_flags(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("load", help="stream every tensor and print seconds and GB/s")
-    p.add_argument("path", nargs="+", help="file(s), checkpoint directory or s3:// URI")
+    p.add_argument("path", nargs="+", help="file(s), checkpoint directory or s3://, gs://, az:// URI")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu", help="where the tensors go: cpu, cuda, cuda:N (a CUDA load reports "
                                                    "its stages: the pinned ring, reads, waits, copies)")
@@ -170,13 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_demo)
 
     p = sub.add_parser("pull-config", help="fetch only the small non-weight files (config, tokenizer) of a checkpoint")
-    p.add_argument("uri", help="checkpoint directory, e.g. s3://bucket/models/llama")
+    p.add_argument("uri", help="checkpoint directory, e.g. s3://bucket/models/llama or gs://, az://")
     p.add_argument("directory", help="local directory to write them to")
     add_config_flags(p)
     p.set_defaults(func=cmd_pull_config)
 
     p = sub.add_parser("bench", help="this project vs the peers, cold and warm page cache, one table")
-    p.add_argument("path", help="checkpoint directory (or s3:// URI)")
+    p.add_argument("path", help="checkpoint directory (or s3://, gs://, az:// URI)")
     p.add_argument("--repeat", type=int, default=3, help="runs per method (median reported)")
     p.add_argument("--cache", default="cold,warm", help="cold, warm or both (comma separated)")
     p.add_argument("--methods", default="short",
@@ -286,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:   # azure-core logs every request and its headers at INFO
+        logging.getLogger("azure").setLevel(logging.WARNING)
     if args.command in ("inspect", "load") and len(args.path) == 1:
         args.path = args.path[0]
     try:

@@ -35,7 +35,8 @@ class StreamerConfig:
 
     concurrency: int | None = None
     """Worker threads reading in parallel (per process). ``None`` (the default) chooses per load:
-    4 per core, 8 to 32, for local files; at least 16 when any object comes from S3."""
+    4 per core, 8 to 32, for local files; at least 16 when any object comes from object storage
+    (S3, GCS, Azure)."""
 
     chunk_bytes: int = 16 * _MiB
     """Largest single read from a local file. Tensors larger than this are split across workers."""
@@ -98,7 +99,7 @@ class StreamerConfig:
     progress: str = "auto"
     """Progress bar on stderr: ``"auto"`` (only when stderr is a TTY), ``"on"``, ``"off"``."""
 
-    # --- object storage (S3 and S3-compatible endpoints) ---
+    # --- object storage: S3 and S3-compatible endpoints (s3://bucket/key) ---
     s3_endpoint_url: str | None = None
     """Endpoint of an S3-compatible server; defaults to boto3's resolution (AWS_ENDPOINT_URL...)."""
 
@@ -118,9 +119,47 @@ class StreamerConfig:
     s3_secret_access_key: str | None = dataclasses.field(default=None, repr=False)
     s3_session_token: str | None = dataclasses.field(default=None, repr=False)
 
+    # --- Google Cloud Storage (gs://bucket/object) ---
+    gcs_endpoint_url: str | None = None
+    """Endpoint of the GCS JSON API: an emulator (fake-gcs-server), a private or sovereign
+    endpoint; defaults to google-cloud-storage's resolution (``STORAGE_EMULATOR_HOST``, else
+    https://storage.googleapis.com)."""
+
+    gcs_credentials_file: str | None = None
+    """A service-account or authorized-user JSON key file; by default the Application Default
+    Credentials chain finds them (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's ADC file, the
+    metadata server on GCE, GKE and Cloud Run). Its contents never reach a log."""
+
+    gcs_anonymous: bool = False
+    """Send GCS requests unauthenticated (public buckets, an emulator named by
+    ``gcs_endpoint_url``); with ``STORAGE_EMULATOR_HOST`` set, google-cloud-storage already is."""
+
+    # --- Azure Blob Storage (az://container/blob, https://ACCOUNT.blob.core.windows.net/...) ---
+    azure_account_url: str | None = None
+    """Blob endpoint of the storage account that ``az://`` URIs name containers of:
+    ``https://ACCOUNT.blob.core.windows.net``, a sovereign cloud's or a private endpoint, or an
+    emulator (``http://127.0.0.1:10000/devstoreaccount1``); an https:// blob URL of this account
+    is read through it too. Default: the connection string's BlobEndpoint, else
+    ``https://{azure_account_name}.blob.core.windows.net``."""
+
+    azure_account_name: str | None = None
+    """Storage account for ``az://`` URIs when no account URL or connection string names one;
+    default ``AZURE_STORAGE_ACCOUNT_NAME``."""
+
+    azure_connection_string: str | None = dataclasses.field(default=None, repr=False)
+    """Explicit Azure credentials, at most one of the three (a connection string, the account's
+    key, a SAS token); by default the chain finds them: ``AZURE_STORAGE_CONNECTION_STRING``, then
+    ``AZURE_STORAGE_SAS_TOKEN`` or ``AZURE_STORAGE_ACCOUNT_KEY`` with the account name, then
+    azure-identity's ``DefaultAzureCredential`` (environment, workload or managed identity,
+    Azure CLI). Never logged: ``repr`` and ``to_dict(redact=True)`` leave them out."""
+
+    azure_account_key: str | None = dataclasses.field(default=None, repr=False)
+    azure_sas_token: str | None = dataclasses.field(default=None, repr=False)
+
     s3_range_bytes: int = 32 * _MiB
-    """Largest ranged GET. Tensors larger than this are split across workers; every GET costs a
-    round trip and client CPU, so ranges are larger than local reads (``chunk_bytes``)."""
+    """Largest ranged GET (S3, GCS and Azure alike). Tensors larger than this are split across
+    workers; every GET costs a round trip and client CPU, so ranges are larger than local reads
+    (``chunk_bytes``)."""
 
     request_timeout: float = 60.0
     """Seconds one request (connect or read) may stall before it is retried."""
@@ -185,11 +224,11 @@ class StreamerConfig:
         return out
 
     def workers(self, remote: bool = False) -> int:
-        """Reader threads for a load; ``remote``: it reads from S3 (see ``concurrency``)."""
+        """Reader threads for a load; ``remote``: it reads from object storage (see ``concurrency``)."""
         return self.concurrency if self.concurrency is not None else _default_concurrency(remote)
 
     def read_bytes(self, remote: bool = False) -> int:
-        """Largest single read: ``s3_range_bytes`` for S3 objects, ``chunk_bytes`` otherwise."""
+        """Largest single read: ``s3_range_bytes`` for objects in object storage, ``chunk_bytes`` otherwise."""
         return self.s3_range_bytes if remote else self.chunk_bytes
 
     def __post_init__(self) -> None:
@@ -210,7 +249,13 @@ _CHOICES = {
 }
 _HUGEPAGE_WORDS = {"auto": "auto", "on": "on", "true": "on", "1": "on", "yes": "on",
                    "off": "off", "false": "off", "0": "off", "no": "off"}
-_SECRET_FIELDS = ("s3_access_key_id", "s3_secret_access_key", "s3_session_token")
+_SECRET_FIELDS = ("s3_access_key_id", "s3_secret_access_key", "s3_session_token", "azure_connection_string",
+                  "azure_account_key", "azure_sas_token")
+#: optional text keys: "none", "null" or "" (a CLI flag, an environment variable) mean None
+_OPTIONAL_TEXT_FIELDS = ("gcs_endpoint_url", "gcs_credentials_file", "azure_account_url", "azure_account_name",
+                         "azure_connection_string", "azure_account_key", "azure_sas_token")
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+               "off": False}
 _SIZE_FIELDS = ("chunk_bytes", "memory_limit", "alignment", "max_header_bytes", "s3_range_bytes",
                 "gather_min_row_bytes")
 
@@ -364,6 +409,14 @@ def _coerce_all(values: dict[str, Any], where: str) -> dict[str, Any]:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
                     raise ValueError(f"expected an integer, got {value!r}")
                 value = int(value)
+            elif key in _OPTIONAL_TEXT_FIELDS:
+                if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+                    value = None
+            elif key == "gcs_anonymous":
+                if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+                    value = _BOOL_WORDS[value.strip().lower()]
+                if not isinstance(value, bool):
+                    raise ValueError(f"expected true or false, got {value!r}")
             elif key in ("request_timeout", "deadline"):
                 value = None if value is None else float(value)
             elif key == "hugepages":   # the words themselves are mapped in __post_init__
@@ -412,6 +465,19 @@ def _validate(cfg: StreamerConfig) -> None:
         raise bad("deadline", "must be a positive number of seconds or null")
     if not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
         raise bad("max_retries", "must be a non-negative integer")
+    for key in ("gcs_endpoint_url", "azure_account_url"):
+        value = getattr(cfg, key)
+        if value is not None and (not isinstance(value, str) or not value.lower().startswith(("http://", "https://"))
+                                  or len(value.split("://", 1)[1].strip("/")) == 0):
+            raise bad(key, "must be an http:// or https:// URL, or null for the default")
+    if not isinstance(cfg.gcs_anonymous, bool):
+        raise bad("gcs_anonymous", "must be true or false")
+    if cfg.gcs_anonymous and cfg.gcs_credentials_file:
+        raise bad("gcs_anonymous", "cannot be combined with gcs_credentials_file: choose one")
+    given = [k for k in ("azure_connection_string", "azure_account_key", "azure_sas_token") if getattr(cfg, k)]
+    if len(given) > 1:
+        # the values are secrets: the message names the keys only
+        raise ConfigError(f"config keys {', '.join(given)} are all set: give at most one kind of Azure credential")
     seen = set()
     for entry in cfg.sections:
         name, section = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, entry)

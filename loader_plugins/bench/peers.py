@@ -47,6 +47,7 @@ __all__ = [
     "fastsafetensors",
     "pread_ceiling",
     "runai",
+    "runai_object_store",
     "runai_s3",
     "safetensors_clone",
     "tensorizer",
@@ -237,6 +238,30 @@ def runai_s3(
         env["RUNAI_STREAMER_MEMORY_LIMIT"] = str(int(memory_limit))
     tensors: List[torch.Tensor] = []
     with _env(**env):
+        with streamer_mod.SafetensorsStreamer() as streamer:
+            streamer.stream_files(uris, device="cpu")
+            for _name, tensor in streamer.get_tensors():
+                tensors.append(tensor)
+    return touch_all(tensors)
+
+
+def runai_object_store(
+    uris: Union[str, Sequence[str]],
+    concurrency: int,
+    *,
+    plugin: str,
+    env: Mapping[str, Optional[str]],
+) -> int:
+    """Run:ai Model Streamer on ``gs://`` or ``az://`` URIs, like :func:`runai_s3`: ``plugin`` is the
+    backend's distribution (``runai-model-streamer-gcs``, ``runai-model-streamer-azure``), ``env``
+    the variables its C++ backend reads (endpoint, credentials; set for the call, then restored)."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    uris = [uris] if isinstance(uris, str) else list(uris)
+    streamer_mod = _require("runai_model_streamer", "runai-model-streamer")
+    _require(plugin.replace("-", "_"), plugin)
+    tensors: List[torch.Tensor] = []
+    with _env(RUNAI_STREAMER_CONCURRENCY=str(int(concurrency)), **dict(env)):
         with streamer_mod.SafetensorsStreamer() as streamer:
             streamer.stream_files(uris, device="cpu")
             for _name, tensor in streamer.get_tensors():

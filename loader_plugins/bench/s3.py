@@ -226,6 +226,34 @@ def run_s3_bench(args, config: StreamerConfig) -> int:
           f"server caches as they are", file=sys.stderr)
     results: dict[str, dict[str, Any]] = {}
     live = prepare_methods(methods, results)
+    time_rounds(live, args, results, _COLUMN)
+    rss = None
+    if "streamer" in {m.name for m in methods}:
+        try:
+            rss = measure_rss(uris, config)
+        except Exception as exc:  # noqa: BLE001
+            rss = {"error": f"{type(exc).__name__}: {exc}"}
+    print(format_table(results, [_COLUMN]))
+    summary = summarize(results, config, rss)
+    for line in summary["lines"]:
+        print(line)
+    if args.json:
+        payload = {"checkpoint": args.path, "files": uris, "bytes": total, "tensor_bytes": tensor_bytes,
+                   "endpoint": endpoint_of(config), "config": config.to_dict(redact=True), "repeat": args.repeat,
+                   "results": results, "rss": rss, "summary": summary["values"]}
+        text = json.dumps(payload, indent=2, default=str)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+    return 0
+
+
+def time_rounds(live: list[Method], args, results: dict[str, dict[str, Any]], column: str) -> None:
+    """Time each method ``args.repeat`` times (one untimed round first with ``--warmup``), the
+    methods taking turns (a new order each round); a failed run is reported and the others go
+    on. Fills ``results[name][column]`` (runs, median, GB/s) or ``results[name]["error"]``.
+    Shared by the object-store benches (S3 here, GCS and Azure in :mod:`.cloud`)."""
     runs: dict[str, list[float]] = {m.name: [] for m in live}
     failures: dict[str, list[str]] = {m.name: [] for m in live}
     nbytes: dict[str, int] = {}
@@ -254,32 +282,12 @@ def run_s3_bench(args, config: StreamerConfig) -> int:
         if runs[method.name]:
             med = statistics.median(runs[method.name])
             n = nbytes[method.name]
-            row[_COLUMN] = {"seconds": runs[method.name], "median_s": med, "bytes": n, "gbps": n / med / 1e9}
+            row[column] = {"seconds": runs[method.name], "median_s": med, "bytes": n, "gbps": n / med / 1e9}
             if failures[method.name]:
                 row["note"] = (f"{row['note']}; " if row["note"] else "") + \
                     f"{len(failures[method.name])} run(s) failed: {failures[method.name][0][:120]}"
         else:
             row["error"] = f"every run failed: {failures[method.name][0][:200]}"
-    rss = None
-    if "streamer" in {m.name for m in methods}:
-        try:
-            rss = measure_rss(uris, config)
-        except Exception as exc:  # noqa: BLE001
-            rss = {"error": f"{type(exc).__name__}: {exc}"}
-    print(format_table(results, [_COLUMN]))
-    summary = summarize(results, config, rss)
-    for line in summary["lines"]:
-        print(line)
-    if args.json:
-        payload = {"checkpoint": args.path, "files": uris, "bytes": total, "tensor_bytes": tensor_bytes,
-                   "endpoint": endpoint_of(config), "config": config.to_dict(redact=True), "repeat": args.repeat,
-                   "results": results, "rss": rss, "summary": summary["values"]}
-        text = json.dumps(payload, indent=2, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text)
-    return 0
 
 
 def _gbps(results: dict, name: str) -> float | None:

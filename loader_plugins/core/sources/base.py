@@ -204,6 +204,9 @@ class Storage:
 _REGISTRY: dict[str, tuple[str | Callable, str]] = {
     "file": ("loader_plugins.core.sources.local:LocalStorage", ""),
     "s3": ("loader_plugins.core.sources.s3:S3Storage", "install loader-plugins[s3] (boto3) to read s3:// URIs"),
+    "gs": ("loader_plugins.core.sources.gcs:GcsStorage", "install loader-plugins[gcs] (google-cloud-storage) to read gs:// URIs"),
+    "az": ("loader_plugins.core.sources.azure:AzureStorage", "install loader-plugins[azure] (azure-storage-blob, azure-identity) to read az:// URIs"),
+    "https": ("loader_plugins.core.sources.azure:AzureStorage", "install loader-plugins[azure] (azure-storage-blob, azure-identity) to read https://ACCOUNT.blob.core.windows.net/ URLs"),
 }
 _lock = threading.Lock()
 

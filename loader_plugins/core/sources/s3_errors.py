@@ -12,6 +12,7 @@ import http.client
 from typing import Any
 
 from ...errors import CancelledError, SourceChangedError, SourceError, SourceNotFoundError
+from .remote import Transient  # noqa: F401  (re-exported: the S3 modules import it from here)
 
 # Error codes worth another attempt (botocore's "standard" retry mode treats these alike).
 _THROTTLE_CODES = frozenset({
@@ -28,9 +29,6 @@ _AUTH_CODES = frozenset({
     "AccountProblem", "403",
 })
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
-
-class Transient(Exception):
-    """An attempt failed in a way another attempt may fix; ``str`` is the reason."""
 
 
 def classify(exc: BaseException, uri: str, what: str, *, endpoint: str | None, profile: str | None,
