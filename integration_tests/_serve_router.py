@@ -14,7 +14,7 @@ import httpx
 
 from _smoke_vllm_default import CPU_ENGINE_ENV, _free_port
 
-from loader_plugins.serve.engine import stop_process_group
+from loader_plugins.serve.process import stop_process_group
 
 API_KEY = "test-key-0123"
 
@@ -61,20 +61,20 @@ AGENT_KEY = "agent-key-4567"
 
 @contextlib.contextmanager
 def running_agent(root: Path, *, name: str, cache_dir: Path | None = None, env: dict[str, str] | None = None,
-                  port: int | None = None):
-    """``model-streamer agent`` as a subprocess on 127.0.0.1 (another "host" for the router):
+                  port: int | None = None, host: str = "127.0.0.1"):
+    """``model-streamer agent`` as a subprocess on ``host`` (another "host" for the router):
     yields ``{"url", "port", "log", "proc", "headers"}``."""
     root.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
     log_path = root / f"agent-{port}-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, "-m", "loader_plugins.cli", "agent", "--name", name, "--port", str(port), "--api-key",
-           AGENT_KEY, "--log-dir", str(root / "engines")]
+    cmd = [sys.executable, "-m", "loader_plugins.cli", "agent", "--name", name, "--host", host, "--port", str(port),
+           "--api-key", AGENT_KEY, "--log-dir", str(root / "engines")]
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, **CPU_ENGINE_ENV, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:

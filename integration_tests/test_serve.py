@@ -9,8 +9,11 @@ rounds, after swaps, must equal them token for token and logprob for logprob.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ httpx = pytest.importorskip("httpx")
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _serve_router import API_KEY, admin, running_router  # noqa: E402
+from _serve_router import API_KEY, admin, running_agent, running_router  # noqa: E402
 from _smoke_vllm_default import CPU_ENGINE_KWARGS, PROMPT, _cli_flags  # noqa: E402
 from _tiny_models import make_tiny_llama  # noqa: E402
 
@@ -131,6 +134,87 @@ def test_engine_killed_mid_request_errors_then_recovers(router):
     assert time.monotonic() - t0 < 120, "the client must not hang"
     assert _complete(router, "tiny-c") == before   # a new engine, the same answers
     assert _admin(router)["tiny-c"]["pid"] != pid
+
+
+#: an engine's paths that vLLM's --api-key leaves open: dev mode (the swaps), SageMaker's completions, metrics
+UNGUARDED_BY_VLLM = (("POST", "/sleep"), ("POST", "/wake_up"), ("POST", "/collective_rpc"), ("GET", "/is_sleeping"),
+                     ("POST", "/reset_prefix_cache"), ("GET", "/server_info"), ("POST", "/invocations"),
+                     ("GET", "/metrics"))
+
+
+def _secret(records: Path, model: str) -> str:
+    assert stat.S_IMODE(records.stat().st_mode) == 0o600, "engines.json holds secrets: its owner's only"
+    return next(r for r in json.loads(records.read_text())["engines"] if r["model"] == model)["secret"]
+
+
+def _refused_without(base: str, secret: str) -> None:
+    """Every path but /health of the engine at ``base`` refuses a caller without ``secret``."""
+    for method, path in (*UNGUARDED_BY_VLLM, ("GET", "/v1/models"), ("POST", "/v1/completions")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": secret}):
+            reply = httpx.request(method, base + path, headers=headers, timeout=30)
+            assert reply.status_code == 401, (method, path, headers, reply.status_code, reply.text[:200])
+    assert httpx.get(base + "/health", timeout=30).status_code == 200
+    ok = {"Authorization": f"Bearer {secret}"}
+    assert httpx.get(base + "/v1/models", headers=ok, timeout=30).status_code == 200
+    assert httpx.get(base + "/is_sleeping", headers=ok, timeout=30).json() == {"is_sleeping": False}
+
+
+def test_an_engine_answers_only_to_its_secret(router):
+    """The router's own engines: on 127.0.0.1, every path but /health needs the engine's secret,
+    which is in no log, no command line and no admin answer."""
+    _complete(router, "tiny-a")
+    state = _admin(router)["tiny-a"]
+    secret = _secret(router["root"] / "engines" / "engines.json", "tiny-a")
+    assert state["host"] == "127.0.0.1"
+    _refused_without(f"http://127.0.0.1:{state['port']}", secret)
+    for where in (router["log"].read_text(), Path(state["log"]).read_text(errors="replace"),
+                  Path(f"/proc/{state['pid']}/cmdline").read_text(errors="replace"), json.dumps(admin(router))):
+        assert secret not in where
+    assert _complete(router, "tiny-a")   # the router sends it
+
+
+def _network_address() -> str | None:
+    """This host's address on its network, the one other hosts reach it at (None without one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))   # TEST-NET-1: nothing is sent; the route picks the source address
+        except OSError:
+            return None
+        address = sock.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_an_agents_engine_is_reached_only_through_its_agent(router, tmp_path):
+    """An agent listening on the host's network address starts an engine: the engine's port is
+    not on that address, the agent relays only the OpenAI API and only with its own key, and on
+    the node's loopback the engine refuses whoever lacks its secret."""
+    address = _network_address()
+    if address is None:
+        pytest.skip("this host has no network address besides loopback")
+    config = router["config"]
+    with running_agent(tmp_path, name="host-2", host=address) as agent:
+        url, key = agent["url"], agent["headers"]
+        started = httpx.post(url + "/agent/engines/start", headers=key, timeout=400, json={
+            "model": "tiny-a", "checkpoint": config["models"]["tiny-a"]["checkpoint"],
+            "args": config["engine"]["args"], "start_timeout": 300})
+        assert started.status_code == 200, started.text
+        port = started.json()["port"]
+        assert started.json()["host"] == "127.0.0.1"
+        secret = _secret(tmp_path / "engines" / "engines.json", "tiny-a")
+        with pytest.raises(httpx.ConnectError):     # nothing of the engine on the address other hosts use
+            httpx.get(f"http://{address}:{port}/health", timeout=10)
+        body = {"model": "tiny-a", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+        for headers in ({}, {"Authorization": f"Bearer {secret}"}):     # the agent wants its own key
+            for method, path in (*UNGUARDED_BY_VLLM, ("POST", "/agent/v1/completions"),
+                                 ("POST", "/agent/engines/swap_out")):
+                assert httpx.request(method, url + path, headers=headers, json=body, timeout=30).status_code == 401
+        for method, path in UNGUARDED_BY_VLLM:                             # and relays none of those
+            assert httpx.request(method, url + path, headers=key, json={}, timeout=30).status_code in (404, 405)
+        relayed = httpx.post(url + "/agent/v1/completions", headers=key, json=body, timeout=120)
+        assert relayed.status_code == 200 and relayed.json()["usage"]["completion_tokens"] == 4
+        _refused_without(f"http://127.0.0.1:{port}", secret)
+        engine_log = tmp_path / "engines" / "host-2" / "tiny-a.log"
+        assert secret not in agent["log"].read_text() and secret not in engine_log.read_text(errors="replace")
 
 
 def test_a_restarted_router_finds_its_engines_again(router):

@@ -115,10 +115,10 @@ def _default_engine_args() -> tuple[str, ...]:
 def _router(config: dict, workdir: Path):
     import httpx
 
-    from ..serve.engine import _free_port, stop_process_group
+    from ..serve.process import free_port, stop_process_group
 
     (workdir / "serve.json").write_text(json.dumps(config))
-    port = _free_port()
+    port = free_port()
     log = open(workdir / "router.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "loader_plugins.cli", "serve", "--config",
                              str(workdir / "serve.json"), "--port", str(port), "--api-key", KEY, "--log-dir",

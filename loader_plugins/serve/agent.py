@@ -6,23 +6,25 @@ A router whose catalogue names a server by ``url`` talks to that host's agent::
       gpu-host-2: {url: "http://10.0.0.6:8700", api_key: "..."}
 
 The agent starts and stops the engines there (``vllm serve --load-format streamer`` with the swap
-worker extension, as the router does for its own host: :class:`~.engine.Engine`), each listening
-on the agent's private address (``--engine-host``, default ``--host``, default 127.0.0.1), and
-reports what placement needs from that host: its memory budget, its cache tiers and the
-bandwidths its loads measured (:mod:`loader_plugins.cache.estimate`), and the load estimate of a
-checkpoint through its own cache directories. Requests and swaps then go from the router to the
-engine itself (vLLM's OpenAI and sleep/wake endpoints); nothing is proxied through the agent.
+worker extension, as the router does for its own host: :class:`~.local.LocalEngine`), swaps
+them out and in, and reports what placement needs from that host: its memory budget, its cache
+tiers and the bandwidths its loads measured (:mod:`loader_plugins.cache.estimate`), and the load
+estimate of a checkpoint through its own cache directories. Its engines listen on this host's
+127.0.0.1 with a secret of their own (:mod:`.guard`): the agent is their only door from other
+hosts, and relays the router's OpenAI requests to them (``/agent/v1/...``, streamed as they come).
 
 HTTP (FastAPI, as vLLM's own server; JSON; with ``--api-key`` every endpoint but ``/health``
 needs ``Authorization: Bearer KEY``):
 
-* ``GET /agent/info``: name, budget, cache directories, engine address, learned bandwidths, engines;
+* ``GET /agent/info``: name, budget, cache directories, learned bandwidths, engines;
 * ``POST /agent/estimate`` ``{"weights": URI, "loader": {...}}``: the load estimate on this host;
-* ``GET /agent/engines``: the engines this agent runs (pid, address, port, log, timings);
+* ``GET /agent/engines``: the engines this agent runs (pid, port, state, log, timings);
 * ``POST /agent/engines/start`` ``{"model", "checkpoint", "args", "env", "start_timeout",
   "weights", "loader", "extra_config"}``: start the model's engine, or return the running one
   started with the same request; answers when it answers ``/health``;
-* ``POST /agent/engines/stop`` ``{"model"}``.
+* ``POST /agent/engines/stop|swap_out|swap_in`` ``{"model"}``;
+* ``POST /agent/engines/check`` ``{"model", "grace"}``: whether its process lives and it answers;
+* ``POST /agent/v1/...``: an OpenAI request, to the engine of the model its body names.
 
 Engines outlive the agent's process only if it is killed; a stopped agent stops its engines.
 An agent restarted on the same ``--log-dir`` takes over the engines in its ``engines.json``.
@@ -32,25 +34,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Any
 
+import anyio
+import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import ConfigError
-from .catalog import ModelSpec, ServerSpec, _args, _env, _loader, _seconds
-from .engine import Engine, EngineError
+from .catalog import ModelSpec, ServerSpec, parse_model
+from .engine import EngineError, EngineState
+from .local import LocalEngine
+from .process import LOOPBACK, is_loopback
+from .records import FILE_NAME, EngineRecords
 
 log = logging.getLogger(__name__)
 
 #: tiers whose bandwidth an agent reports
 TIERS = ("dram", "disk", "s3", "local")
+#: keys of a start request
+_START_KEYS = ("model", "checkpoint", "args", "env", "start_timeout", "weights", "loader", "extra_config")
+#: an engine that neither answers nor dies is given up on after this long (as the router does)
+READ_TIMEOUT_S = 600.0
 
 
 class AgentError(Exception):
@@ -68,38 +77,41 @@ def _model_spec(body: Any) -> tuple[ModelSpec, dict[str, Any], dict[str, Any]]:
         raise AgentError(400, "the start request needs 'model' and 'checkpoint' strings")
     name = body["model"]
     where = f"start request for {name}"
-    unknown = sorted(set(body) - {"model", "checkpoint", "args", "env", "start_timeout", "weights", "loader",
-                                  "extra_config"})
+    unknown = sorted(set(body) - set(_START_KEYS))
     if unknown:
         raise AgentError(400, f"{where}: unknown key(s) {unknown}")
+    entry = {k: body[k] for k in ("checkpoint", "args", "env", "start_timeout", "weights", "loader")
+             if body.get(k) is not None}
     try:
-        loader = _loader(where, body.get("loader"))
         extra = body.get("extra_config") or {}
         if not isinstance(extra, dict):
             raise ConfigError(f"{where}.extra_config must be a mapping")
-        spec = ModelSpec(name=name, checkpoint=body["checkpoint"], args=_args(where, body.get("args")),
-                         env=_env(where, body.get("env")), weights=body.get("weights") or None,
-                         start_timeout=_seconds(f"{where}.start_timeout", body.get("start_timeout"), 600.0),
-                         loader=loader)
+        spec = parse_model(where, name, entry)
     except ConfigError as exc:
         raise AgentError(400, str(exc)) from exc
     return spec, extra, body
 
 
-class Agent:
+class HostAgent:
     """The engines of this host and what it reports about itself."""
 
-    def __init__(self, spec: ServerSpec, log_dir: Path, engine_host: str):
+    def __init__(self, spec: ServerSpec, log_dir: Path):
         self.spec = spec
         self.log_dir = log_dir
-        self.engine_host = engine_host
-        self.engines: dict[str, Engine] = {}
+        self.engines: dict[str, LocalEngine] = {}
         self.requests: dict[str, dict] = {}     # model -> the start request its engine was started with
         self.locks: dict[str, asyncio.Lock] = {}
-        self.state_path = log_dir / "engines.json"
+        self.records = EngineRecords(log_dir / FILE_NAME)
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self.locks.setdefault(name, asyncio.Lock())
+
+    def _engine(self, body: Any) -> LocalEngine:
+        name = body.get("model") if isinstance(body, dict) else None
+        engine = self.engines.get(name) if isinstance(name, str) else None
+        if engine is None:
+            raise AgentError(404, f"no engine of {name!r} here; engines: {', '.join(self.engines) or 'none'}")
+        return engine
 
     def history(self):
         from ..cache.estimate import LoadHistory, history_path
@@ -117,18 +129,15 @@ class Agent:
             bandwidths[tier] = {"gbps": round(gbps, 4), "samples": n, "basis": basis}
         return {"server": self.spec.name, "hostname": socket.gethostname(), "budget": self.spec.budget,
                 "cache_dir": self.spec.cache_dir, "dram_cache_dir": self.spec.dram_cache_dir,
-                "engine_host": self.engine_host, "history": str(history.path), "bandwidths": bandwidths,
+                "engine_host": LOOPBACK, "history": str(history.path), "bandwidths": bandwidths,
                 "engines": self.describe()}
 
     def describe(self) -> list[dict[str, Any]]:
         return [self._describe(e) for e in self.engines.values() if e.alive()]
 
     @staticmethod
-    def _describe(engine: Engine) -> dict[str, Any]:
-        # the agent knows the process, not the swaps (the router drives those on the engine itself)
-        out = engine.describe()
-        out.pop("state", None)
-        return {**out, "alive": engine.alive(), "pid": engine.proc.pid if engine.alive() else None,
+    def _describe(engine: LocalEngine) -> dict[str, Any]:
+        return {**engine.describe(), "alive": engine.alive(), "pid": engine.proc.pid if engine.alive() else None,
                 "returncode": engine.proc.poll() if engine.proc is not None else None}
 
     def estimate(self, body: Any) -> dict[str, Any]:
@@ -158,7 +167,7 @@ class Agent:
                                       f"configuration; stop it first")
             extra = {**{k: v for k, v in extra.items() if k not in ("cache_dir", "dram_cache_dir")},
                      **self.spec.loader_keys()}
-            engine = Engine(spec, self.log_dir, self.spec, extra, host=self.engine_host)
+            engine = LocalEngine(spec, self.log_dir, self.spec, extra)
             self.engines[spec.name], self.requests[spec.name] = engine, request
             try:
                 await engine.start()
@@ -171,40 +180,74 @@ class Agent:
             return self._describe(engine)
 
     async def stop(self, body: Any) -> dict[str, Any]:
-        name = body.get("model") if isinstance(body, dict) else None
-        engine = self.engines.get(name) if isinstance(name, str) else None
-        if engine is None:
-            raise AgentError(404, f"no engine of {name!r} here; engines: {', '.join(self.engines) or 'none'}")
-        async with self._lock(name):
+        engine = self._engine(body)
+        async with self._lock(engine.spec.name):
             await engine.stop()
             self.save()
-        return {"model": name, "stopped": True}
+        return {"model": engine.spec.name, "stopped": True}
+
+    async def swap_out(self, body: Any) -> dict[str, Any]:
+        engine = self._engine(body)
+        async with self._lock(engine.spec.name):
+            self._expect(engine, EngineState.RUNNING)
+            try:
+                report = await engine.swap_out()
+            except EngineError as exc:
+                raise AgentError(503, str(exc)) from exc
+        log.info("swapped out %s: %d bytes in %.2f s", engine.spec.name, report["bytes"], report["seconds"])
+        return report
+
+    async def swap_in(self, body: Any) -> dict[str, Any]:
+        engine = self._engine(body)
+        async with self._lock(engine.spec.name):
+            self._expect(engine, EngineState.SWAPPED)
+            try:
+                seconds = await engine.swap_in()
+            except EngineError as exc:
+                raise AgentError(503, str(exc)) from exc
+        log.info("swapped in %s in %.2f s", engine.spec.name, seconds)
+        return {"seconds": seconds}
+
+    @staticmethod
+    def _expect(engine: LocalEngine, state: EngineState) -> None:
+        if engine.state != state or not engine.alive():
+            raise AgentError(409, f"{engine.spec.name} is {engine.state} here, not {state}")
+
+    async def check(self, body: Any) -> dict[str, Any]:
+        """Whether the model's engine lives and answers (an unknown model: it does not live)."""
+        try:
+            engine = self._engine(body)
+        except AgentError:
+            return {"alive": False, "answers": False}
+        grace = body.get("grace", 5.0)
+        grace = float(grace) if isinstance(grace, (int, float)) and 0 <= grace <= 60 else 5.0
+        answers = engine.alive() and await engine.answers(grace)
+        return {**self._describe(engine), "answers": answers}
+
+    def running(self, model: Any) -> LocalEngine:
+        """The engine a relayed OpenAI request goes to."""
+        engine = self._engine({"model": model})
+        if not engine.alive():
+            raise AgentError(503, f"the engine of {model} here has exited; see {engine.log_path}")
+        return engine
 
     def save(self) -> None:
-        records = []
-        for name, engine in self.engines.items():
-            record = engine.record()
-            if record is not None:
-                records.append({**record, "host": engine.host, "request": self.requests.get(name)})
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_name(f"{self.state_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"engines": records}, indent=1))
-        os.replace(tmp, self.state_path)
+        self.records.save({**record, "host": engine.host, "request": self.requests.get(name)}
+                          for name, engine in self.engines.items() if (record := engine.record()) is not None)
 
     async def adopt(self) -> list[str]:
         """Take over the engines an earlier agent on this log directory left running."""
-        try:
-            records = json.loads(self.state_path.read_text()).get("engines", [])
-        except (OSError, ValueError):
-            return []
         found = []
-        for record in records:
+        for record in self.records.load():
             try:
                 spec, extra, request = _model_spec(record.get("request"))
             except AgentError:
                 continue
-            engine = Engine(spec, self.log_dir, self.spec, {**extra, **self.spec.loader_keys()},
-                            host=record.get("host") or self.engine_host)
+            if not is_loopback(record.get("host") or LOOPBACK):
+                log.warning("the engine of %s (pid %s) listens on %s, not on 127.0.0.1: it is left alone; stop it",
+                            spec.name, record.get("pid"), record.get("host"))
+                continue
+            engine = LocalEngine(spec, self.log_dir, self.spec, {**extra, **self.spec.loader_keys()})
             if await engine.adopt(record):
                 self.engines[spec.name], self.requests[spec.name] = engine, request
                 found.append(f"{spec.name} (pid {record['pid']})")
@@ -218,20 +261,23 @@ class Agent:
         self.save()
 
 
-def create_agent_app(spec: ServerSpec, log_dir: Path, *, engine_host: str = "127.0.0.1",
-                     api_key: str | None = None):
-    """The agent's ASGI app (FastAPI, which vLLM installs)."""
-    agent = Agent(spec, log_dir, engine_host)
+def create_agent_app(spec: ServerSpec, log_dir: Path, *, engine_host: str = LOOPBACK, api_key: str | None = None):
+    """The agent's ASGI app (FastAPI, which vLLM installs). Engines listen on 127.0.0.1 only:
+    ``engine_host`` is accepted for the command line's sake and must be a loopback address."""
+    _check_engine_host(engine_host)
+    agent = HostAgent(spec, log_dir)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(READ_TIMEOUT_S, connect=10.0))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         await agent.adopt()
         log.info("Agent %s: budget %d bytes, engines on %s, cache %s, log directory %s", spec.name, spec.budget,
-                 engine_host, spec.loader_keys() or "none", log_dir)
+                 LOOPBACK, spec.loader_keys() or "none", log_dir)
         try:
             yield
         finally:
             await agent.close()
+            await client.aclose()
 
     app = FastAPI(title="model-streamer agent", lifespan=lifespan)
     app.state.agent = agent
@@ -272,22 +318,55 @@ def create_agent_app(spec: ServerSpec, log_dir: Path, *, engine_host: str = "127
     async def estimate(request: Request):
         return await asyncio.to_thread(agent.estimate, await body(request))
 
-    @app.post("/agent/engines/start")
-    async def start(request: Request):
-        return await agent.start(await body(request))
+    operations = {"start": agent.start, "stop": agent.stop, "swap_out": agent.swap_out, "swap_in": agent.swap_in,
+                  "check": agent.check}
 
-    @app.post("/agent/engines/stop")
-    async def stop(request: Request):
-        return await agent.stop(await body(request))
+    @app.post("/agent/engines/{op}")
+    async def operation(op: str, request: Request):
+        if op not in operations:
+            raise AgentError(404, f"unknown operation {op!r}: {', '.join(operations)}")
+        return await operations[op](await body(request))
+
+    @app.post("/agent/v1/{path:path}")
+    async def relay(path: str, request: Request):
+        raw = await request.body()
+        try:
+            model = json.loads(raw).get("model")
+        except (ValueError, AttributeError) as exc:
+            raise AgentError(400, "the request body must be a JSON object naming the model") from exc
+        return await _relay(client, agent.running(model), f"/v1/{path}", raw)
 
     return app
 
 
-def _is_loopback(host: str) -> bool:
+async def _relay(client: httpx.AsyncClient, engine: LocalEngine, path: str, raw: bytes) -> StreamingResponse:
+    """``raw`` posted to ``engine`` with its secret; its answer streamed back as it comes. An
+    engine that fails mid-answer fails the relayed answer too (the connection is cut)."""
+    request = client.build_request("POST", engine.base_url + path, content=raw,
+                                   headers={**engine.headers, "content-type": "application/json"})
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+        upstream = await client.send(request, stream=True)
+    except httpx.TransportError as exc:
+        raise AgentError(502, f"the engine of {engine.spec.name} did not answer POST {path} ({exc!r}); "
+                              f"see {engine.log_path}") from exc
+
+    async def chunks():
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        finally:       # the caller went away, or the engine did: vLLM aborts a request whose connection closes
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+
+    return StreamingResponse(chunks(), status_code=upstream.status_code,
+                             media_type=upstream.headers.get("content-type"))
+
+
+def _check_engine_host(engine_host: str | None) -> None:
+    if engine_host is not None and not is_loopback(engine_host):
+        raise ConfigError(f"--engine-host {engine_host}: engines listen on 127.0.0.1 only (their dev-mode endpoints "
+                          f"must not be reachable from other hosts); the agent relays the router's requests to them. "
+                          f"Leave --engine-host out")
 
 
 def run_agent(*, name: str, host: str, port: int, engine_host: str | None, budget: int | None,
@@ -297,10 +376,11 @@ def run_agent(*, name: str, host: str, port: int, engine_host: str | None, budge
 
     from .catalog import default_budget
 
-    if not _is_loopback(host) and not api_key:
+    if not is_loopback(host) and not api_key:
         raise ConfigError(f"the agent would listen on {host} without an API key: give --api-key (or "
                           f"$MODEL_STREAMER_AGENT_KEY), or listen on 127.0.0.1")
+    _check_engine_host(engine_host)
     spec = ServerSpec(name=name, budget=budget or default_budget(), cache_dir=cache_dir,
                       dram_cache_dir=dram_cache_dir)
-    app = create_agent_app(spec, log_dir, engine_host=engine_host or host, api_key=api_key)
+    app = create_agent_app(spec, log_dir, api_key=api_key)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -219,6 +219,34 @@ def _seconds(where: str, value: Any, default: float) -> float:
     return float(value)
 
 
+def parse_model(where: str, name: Any, entry: Any, *, base: Path | None = None,
+                defaults: Mapping[str, Any] | None = None) -> ModelSpec:
+    """One model's entry (a checkpoint path, or ``{checkpoint, weights, args, env, start_timeout,
+    loader}``), validated as the catalogue validates its models: reserved flags, loader keys.
+    ``defaults``: the engine-wide ``args``, ``env``, ``start_timeout`` and ``loader`` it adds to
+    (already validated); relative paths are taken from ``base``."""
+    defaults = defaults or {}
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}: a model name must be a non-empty string")
+    if isinstance(entry, str):
+        entry = {"checkpoint": entry}
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("checkpoint"), str):
+        raise ConfigError(f"{where}: needs 'checkpoint: PATH' (the model directory: config and tokenizer; "
+                          f"the weights too unless 'weights' names where they are)")
+    _unknown(where, entry, _MODEL)
+    checkpoint = _path(entry["checkpoint"], base)
+    weights = entry.get("weights")
+    if weights is not None and (not isinstance(weights, str) or not weights):
+        raise ConfigError(f"{where}.weights must be a path or an s3:// URI, got {weights!r}")
+    return ModelSpec(name=name, checkpoint=checkpoint,
+                     args=tuple(defaults.get("args", ())) + _args(where, entry.get("args")),
+                     env={**defaults.get("env", {}), **_env(where, entry.get("env"))},
+                     start_timeout=_seconds(f"{where}.start_timeout", entry.get("start_timeout"),
+                                            defaults.get("start_timeout", 600.0)),
+                     weights=_path(weights, base) if weights else None,
+                     loader={**defaults.get("loader", {}), **_loader(where, entry.get("loader"))})
+
+
 def parse_catalog(raw: Mapping[str, Any], *, where: str = "serve config", base: Path | None = None) -> Catalog:
     """Validate a parsed config (see the module docstring); relative checkpoints are taken from ``base``."""
     if not isinstance(raw, Mapping):
@@ -235,27 +263,9 @@ def parse_catalog(raw: Mapping[str, Any], *, where: str = "serve config", base: 
     models = raw.get("models")
     if not isinstance(models, Mapping) or not models:
         raise ConfigError(f"{where}: 'models' must map at least one model name to {{checkpoint: PATH}}")
-    specs: dict[str, ModelSpec] = {}
-    for name, entry in models.items():
-        at = f"{where}.models.{name}"
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"{at}: a model name must be a non-empty string")
-        if isinstance(entry, str):
-            entry = {"checkpoint": entry}
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("checkpoint"), str):
-            raise ConfigError(f"{at}: needs 'checkpoint: PATH' (the model directory: config and tokenizer; "
-                              f"the weights too unless 'weights' names where they are)")
-        _unknown(at, entry, _MODEL)
-        checkpoint = _path(entry["checkpoint"], base)
-        weights = entry.get("weights")
-        if weights is not None and (not isinstance(weights, str) or not weights):
-            raise ConfigError(f"{at}.weights must be a path or an s3:// URI, got {weights!r}")
-        specs[name] = ModelSpec(name=name, checkpoint=checkpoint, args=common_args + _args(at, entry.get("args")),
-                                env={**common_env, **_env(at, entry.get("env"))},
-                                start_timeout=_seconds(f"{at}.start_timeout", entry.get("start_timeout"),
-                                                       common_timeout),
-                                weights=_path(weights, base) if weights else None,
-                                loader={**common_loader, **_loader(at, entry.get("loader"))})
+    defaults = {"args": common_args, "env": common_env, "start_timeout": common_timeout, "loader": common_loader}
+    specs = {name: parse_model(f"{where}.models.{name}", name, entry, base=base, defaults=defaults)
+             for name, entry in models.items()}
     budget = _budget(f"{where}.budget", raw.get("budget"))
     api_key = raw.get("api_key")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):

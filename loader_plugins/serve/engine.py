@@ -1,66 +1,57 @@
-"""One model's engine: a ``vllm serve`` process the router starts, swaps out, swaps in and stops.
+"""The engine interface: what the router needs of one model's engine on one server, whatever runs it.
 
-The engine loads with ``--load-format streamer`` and carries the swap worker extension
-(:mod:`loader_plugins.swap.vllm_ext`); swaps go through vLLM's dev-mode endpoints
-(``VLLM_SERVER_DEV_MODE=1``), as docs/swap.md describes: pause scheduling, offload the weights
-(and drop the KV cache), reset the prefix cache; then restore and resume. The process stays alive
-while swapped out. It listens on 127.0.0.1, or on the private address a host's agent
-(:mod:`.agent`) gives it; never on every interface.
+An engine starts, stops, swaps out (its weights to host memory, its process alive) and back in,
+says whether it answers and whether its process has exited, describes itself for the admin
+endpoints, writes the record a restarted router takes it over from, and estimates its load
+through its server's cache tiers. The bookkeeping every kind shares (state, resident bytes,
+requests in flight, timings, the record) lives here, once; a kind implements the operations that
+differ. Kinds: :class:`~.local.LocalEngine` (a ``vllm serve`` process of this node) and
+:class:`~.remote.AgentEngine` (one that another host's agent runs). An :class:`EngineHost` makes
+the engines of one server and reports what placement needs to know of that place.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
-import contextlib
-import json
-import logging
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
+import enum
 import time
-from pathlib import Path
-from typing import Any
-
-import httpx
+from pathlib import Path, PurePath
+from typing import Any, Protocol
 
 from ..errors import StreamerError
 from .catalog import ModelSpec, ServerSpec
+from .process import stop_process_group  # noqa: F401 - bench/demo_serve.py imports it from here
 
-log = logging.getLogger(__name__)
 
-EXTENSION = "loader_plugins.swap.vllm_ext.StreamerSwapExtension"
+class EngineState(str, enum.Enum):
+    """An engine's state. Its value is the string that ``/admin/models``, ``/v1/models``, the
+    metrics and the agent's reports carry."""
 
-#: states of an engine
-STOPPED, STARTING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN, FAILED = (
-    "stopped", "starting", "running", "swapping_out", "swapped", "swapping_in", "failed")
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    SWAPPING_OUT = "swapping_out"
+    SWAPPED = "swapped"
+    SWAPPING_IN = "swapping_in"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class EngineError(StreamerError, RuntimeError):
     """An engine did not start, or a swap failed (the message names the model and the log file)."""
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+class ProcessHandle(Protocol):
+    """The part of :class:`subprocess.Popen` an engine uses of its process (which may be a
+    process found again by pid, or one on another host as its agent reported it)."""
 
+    pid: int
+    returncode: int | None
 
-def stop_process_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
-    """SIGTERM a process started with ``start_new_session=True`` and its group; SIGKILL after
-    ``grace`` seconds. A process that already exited is left as it is."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    def poll(self) -> int | None: ...
 
 
 def checkpoint_bytes(checkpoint: str) -> int:
@@ -72,80 +63,44 @@ def checkpoint_bytes(checkpoint: str) -> int:
         return 0
 
 
-class Adopted:
-    """A handle on an engine process another router started (found again after a restart): the
-    subset of :class:`subprocess.Popen` the router uses, by pid."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                self.returncode = -1
-            except PermissionError:
-                pass
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(str(self.pid), timeout)
-            time.sleep(0.1)
-        return self.returncode
-
-
-def _engine_cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-#: the vLLM adapter's log line after a load (loader_plugins/vllm_adapter/loader.py)
-_LOADED = re.compile(rb"Streamer loaded ([0-9.]+) GB in ([0-9.]+) seconds")
-
-
-class Engine:
+class Engine(abc.ABC):
     """The engine of one model on one server. ``resident_bytes`` is what it holds while running,
     counted as the bytes a swap moves (measured at its first swap-out; the checkpoint's size until
-    then)."""
+    then). ``lock``: one start or swap at a time; waiters share its outcome."""
 
-    def __init__(self, spec: ModelSpec, log_dir: Path, server: ServerSpec | None = None,
-                 extra_config: dict[str, Any] | None = None, host: str = "127.0.0.1"):
+    def __init__(self, spec: ModelSpec, server: ServerSpec, extra_config: dict[str, Any] | None = None, *,
+                 log_path: PurePath | str = ""):
         self.spec = spec
-        self.host = host               # the address the engine listens on
-        self.server = server or ServerSpec(name="local", budget=1)
+        self.server = server
         self.extra_config = dict(extra_config or {})
-        self.state = STOPPED
-        self.proc: subprocess.Popen | None = None
+        self.state = EngineState.STOPPED
+        self.proc: ProcessHandle | None = None
+        self.host = ""                 # the address the engine listens on, on its node
         self.port: int | None = None
-        self.log_path = log_dir / self.server.name / f"{spec.name.replace('/', '_')}.log"
+        self.log_path = log_path
         self.resident_bytes = checkpoint_bytes(spec.weights_location)
         self.measured = False          # resident_bytes comes from a swap, not the checkpoint size
         self.last_used = 0.0
         self.inflight = 0
-        self.lock = asyncio.Lock()     # one start / swap at a time; waiters share its outcome
+        self.lock = asyncio.Lock()
         self.timings: dict[str, float] = {}
 
+    # ---- where requests go ----
+
     @property
+    @abc.abstractmethod
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """The URL the engine's OpenAI paths (``/v1/...``) are under, for the router."""
+
+    @property
+    @abc.abstractmethod
+    def headers(self) -> dict[str, str]:
+        """What authenticates the router's requests to those paths."""
+
+    # ---- what the router asks ----
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def describe(self) -> dict[str, Any]:
-        return {"model": self.spec.name, "server": self.server.name, "state": self.state,
-                "pid": self.proc.pid if self.alive() else None, "host": self.host, "port": self.port,
-                "resident_bytes": self.resident_bytes,
-                "resident_bytes_measured": self.measured, "inflight": self.inflight,
-                "idle_seconds": round(time.monotonic() - self.last_used, 3) if self.last_used else None,
-                "log": str(self.log_path), **{f"last_{k}_seconds": round(v, 3) for k, v in self.timings.items()}}
 
     async def exited(self, grace: float = 5.0) -> bool:
         """True once the engine's process has exited, waiting up to ``grace`` seconds for it."""
@@ -156,178 +111,137 @@ class Engine:
             await asyncio.sleep(0.05)
         return True
 
+    @abc.abstractmethod
     async def answers(self, grace: float = 5.0) -> bool:
-        """True if the engine's port accepts a connection; False once its process has exited
-        (waiting up to ``grace`` seconds for a dying one to be gone)."""
-        try:
-            _reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), grace)
-            writer.close()
-            return True
-        except (OSError, asyncio.TimeoutError):
-            pass
-        deadline = time.monotonic() + grace
-        while self.alive() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        if not self.alive():
-            self.state = FAILED
-        return False
+        """True if the engine accepts a connection; False once its process has exited (waiting up
+        to ``grace`` seconds for a dying one to be gone; then its state is ``failed``)."""
+
+    @abc.abstractmethod
+    async def load_estimate(self) -> dict:
+        """The load estimate of the model's weights through this server's tiers
+        (:func:`loader_plugins.cache.estimate.estimate`)."""
+
+    @abc.abstractmethod
+    async def adopt(self, record: dict[str, Any]) -> bool:
+        """Take over the engine a previous router left running (``record`` from :meth:`record`),
+        only if it is still that engine; its state is read from it."""
+
+    def describe(self) -> dict[str, Any]:
+        """The engine for ``/admin/models`` (never its secret)."""
+        return {"model": self.spec.name, "server": self.server.name, "state": self.state.value,
+                "pid": self.proc.pid if self.alive() else None, "host": self.host, "port": self.port,
+                "resident_bytes": self.resident_bytes,
+                "resident_bytes_measured": self.measured, "inflight": self.inflight,
+                "idle_seconds": round(time.monotonic() - self.last_used, 3) if self.last_used else None,
+                "log": str(self.log_path), **self._described(),
+                **{f"last_{k}_seconds": round(v, 3) for k, v in self.timings.items()}}
 
     def record(self) -> dict[str, Any] | None:
         """What a later router needs to find this engine again (None when it has no process)."""
         if not self.alive():
             return None
         return {"server": self.server.name, "model": self.spec.name, "pid": self.proc.pid, "port": self.port,
-                "resident_bytes": self.resident_bytes, "measured": self.measured}
+                "resident_bytes": self.resident_bytes, "measured": self.measured, **self._recorded()}
 
-    async def adopt(self, record: dict[str, Any]) -> bool:
-        """Take over the engine another router left running (``record`` from :meth:`record`): only
-        if that pid is still an engine of ours on that port serving this model, answering /health.
-        Its state is read from the engine: paused scheduling means swapped out."""
-        pid, port = int(record["pid"]), int(record["port"])
-        cmdline = _engine_cmdline(pid)
-        if "loader_plugins.serve.vllm_cli" not in cmdline or str(port) not in cmdline \
-                or self.spec.name not in cmdline:
-            return False
-        try:
-            async with httpx.AsyncClient(base_url=f"http://{self.host}:{port}", timeout=10) as client:
-                if (await client.get("/health")).status_code != 200:
-                    return False
-                sleeping = (await client.get("/is_sleeping")).json().get("is_sleeping")
-        except (httpx.HTTPError, ValueError):
-            return False
-        self.proc, self.port = Adopted(pid), port   # type: ignore[assignment]
-        self.state = SWAPPED if sleeping else RUNNING
+    def _adopted(self, record: dict[str, Any], sleeping: bool) -> None:
+        """What :meth:`adopt` sets once it has found the engine again."""
+        self.state = EngineState.SWAPPED if sleeping else EngineState.RUNNING
         self.resident_bytes = int(record.get("resident_bytes") or self.resident_bytes)
         self.measured = bool(record.get("measured"))
         self.last_used = time.monotonic()
-        return True
+
+    # ---- what the router does ----
 
     async def start(self) -> float:
-        """Start ``vllm serve`` and wait until it answers ``/health``; returns the seconds taken."""
+        """Start the engine and wait until it answers; returns the seconds taken."""
         t0 = time.monotonic()
-        self.state = STARTING
-        self.port = _free_port(self.host)
-        cmd = [sys.executable, "-m", "loader_plugins.serve.vllm_cli", "serve", self.spec.checkpoint,
-               "--host", self.host, "--port", str(self.port), "--served-model-name", self.spec.name,
-               "--load-format", "streamer", "--worker-extension-cls", EXTENSION, *self.spec.args]
-        if self.extra_config:
-            cmd += ["--model-loader-extra-config", json.dumps(self.extra_config)]
-        env = {**os.environ, **self.server.env, **self.spec.env, "VLLM_SERVER_DEV_MODE": "1"}
-        log.info("Starting the engine of %s on %s: %s (log %s)", self.spec.name, self.server.name, " ".join(cmd),
-                 self.log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.state = EngineState.STARTING
         self.timings.pop("load", None)
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env=env)
-        async with httpx.AsyncClient(timeout=5) as client:
-            while True:
-                if not self.alive():
-                    self.state = FAILED
-                    raise EngineError(f"the engine of {self.spec.name!r} exited with {self.proc.returncode} while "
-                                      f"starting; see {self.log_path}:\n{self._log_tail()}")
-                if time.monotonic() - t0 > self.spec.start_timeout:
-                    await self.stop()
-                    self.state = FAILED
-                    raise EngineError(f"the engine of {self.spec.name!r} did not answer /health within "
-                                      f"{self.spec.start_timeout:.0f} s; see {self.log_path}")
-                try:
-                    if (await client.get(self.base_url + "/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.25)
-        self.state = RUNNING
+        try:
+            load = await self._launch()
+        except BaseException:
+            self.state = EngineState.FAILED
+            raise
+        self.state = EngineState.RUNNING
         self.timings["start"] = time.monotonic() - t0
-        loaded = self._loaded()
-        if loaded is not None:
-            self.timings["load"] = loaded
+        if load is not None:
+            self.timings["load"] = load
         return self.timings["start"]
 
-    def _loaded(self) -> float | None:
-        """Seconds the streamer's load took in this start, from the engine's log (None if absent)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_offset)
-                found = _LOADED.findall(f.read())
-        except OSError:
-            return None
-        return float(found[-1][1]) if found else None
+    async def stop(self) -> None:
+        """End the engine's process (nothing to do when it has none or it has exited)."""
+        proc, self.proc = self.proc, None
+        self.state = EngineState.STOPPED
+        if proc is not None and proc.poll() is None:
+            await self._terminate(proc)
 
     async def swap_out(self) -> dict:
-        """Pause, offload the weights to host memory (KV cache dropped), reset the prefix cache."""
+        """Pause, offload the weights to host memory (KV cache dropped), reset the prefix cache.
+        Returns ``{"bytes", "seconds", "opaque_bytes"}``."""
         t0 = time.monotonic()
-        self.state = SWAPPING_OUT
+        self.state = EngineState.SWAPPING_OUT
         try:
-            async with httpx.AsyncClient(base_url=self.base_url, timeout=600) as client:
-                await self._post(client, "/sleep", params={"level": "0"})
-                reply = await self._rpc(client, "streamer_offload", discard_kv_cache="true")
-                await self._post(client, "/reset_prefix_cache")
+            moved = await self._offload()
         except BaseException:
-            self.state = FAILED
+            self.state = EngineState.FAILED
             raise
-        moved = sum(int(r.get("bytes", 0)) for r in reply)
-        if moved > 0:
-            self.resident_bytes, self.measured = moved, True
-        self.state = SWAPPED
+        if moved["bytes"] > 0:
+            self.resident_bytes, self.measured = moved["bytes"], True
+        self.state = EngineState.SWAPPED
         self.timings["swap_out"] = time.monotonic() - t0
-        return {"bytes": moved, "seconds": self.timings["swap_out"],
-                "opaque_bytes": sum(int((r.get("opaque") or {}).get("bytes", 0)) for r in reply)}
+        return {"bytes": moved["bytes"], "seconds": self.timings["swap_out"], "opaque_bytes": moved["opaque_bytes"]}
 
     async def swap_in(self) -> float:
         """Restore the weights and resume scheduling; returns the seconds taken."""
         t0 = time.monotonic()
-        self.state = SWAPPING_IN
+        self.state = EngineState.SWAPPING_IN
         try:
-            async with httpx.AsyncClient(base_url=self.base_url, timeout=600) as client:
-                await self._rpc(client, "streamer_restore")
-                await self._post(client, "/wake_up", params={"tags": "scheduling"})
+            await self._restore()
         except BaseException:
-            self.state = FAILED
+            self.state = EngineState.FAILED
             raise
-        self.state = RUNNING
+        self.state = EngineState.RUNNING
         self.timings["swap_in"] = time.monotonic() - t0
         return self.timings["swap_in"]
 
-    async def stop(self) -> None:
-        """Terminate the engine's process group (SIGTERM, then SIGKILL after 20 s)."""
-        proc, self.proc = self.proc, None
-        self.state = STOPPED
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        for _ in range(80):
-            if proc.poll() is not None:
-                return
-            await asyncio.sleep(0.25)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # ---- what a kind implements ----
 
-    async def _post(self, client: httpx.AsyncClient, path: str, **kwargs) -> httpx.Response:
-        try:
-            response = await client.post(path, **kwargs)
-        except httpx.TransportError as exc:
-            raise EngineError(f"the engine of {self.spec.name!r} did not answer POST {path} ({exc!r}); "
-                              f"see {self.log_path}") from exc
-        if response.status_code >= 400:
-            raise EngineError(f"the engine of {self.spec.name!r} refused POST {path}: HTTP {response.status_code} "
-                              f"{response.text[:500]}")
-        return response
+    @abc.abstractmethod
+    async def _launch(self) -> float | None:
+        """Start the process; return once it answers, with the seconds its load took if known.
+        Sets :attr:`proc` and :attr:`port`."""
 
-    async def _rpc(self, client: httpx.AsyncClient, method: str, **kwargs) -> list[dict]:
-        response = await self._post(client, "/collective_rpc", json={"method": method, "kwargs": kwargs})
-        results = response.json().get("results")
-        if not isinstance(results, list):
-            raise EngineError(f"the engine of {self.spec.name!r}: {method} returned {response.text[:500]}")
-        return results
+    @abc.abstractmethod
+    async def _terminate(self, proc: ProcessHandle) -> None:
+        """End ``proc``, a live process of this engine."""
 
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(the log cannot be read)"
+    @abc.abstractmethod
+    async def _offload(self) -> dict[str, int]:
+        """The swap-out itself: ``{"bytes": moved, "opaque_bytes": ...}``."""
+
+    @abc.abstractmethod
+    async def _restore(self) -> None:
+        """The swap-in itself."""
+
+    def _described(self) -> dict[str, Any]:
+        """What this kind adds to :meth:`describe`."""
+        return {}
+
+    def _recorded(self) -> dict[str, Any]:
+        """What this kind adds to :meth:`record`."""
+        return {}
+
+
+class EngineHost(abc.ABC):
+    """Where one server's engines run: it makes them, and reports what the catalogue does not say
+    of that place (another host's budget, cache directories, measured bandwidths)."""
+
+    @abc.abstractmethod
+    def engine(self, model: ModelSpec, server: ServerSpec, extra_config: dict[str, Any]) -> Engine:
+        """The (stopped) engine of ``model`` on ``server``."""
+
+    async def info(self) -> dict[str, Any] | None:
+        """What the place reports about itself: ``budget``, ``cache_dir``, ``dram_cache_dir``,
+        ``bandwidths``, ... (None: nothing to ask, the catalogue says it all). Raises
+        :class:`EngineError` when it does not answer."""
+        return None

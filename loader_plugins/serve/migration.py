@@ -13,26 +13,34 @@ one stream: the same id, no gap, no duplicate.
 Migratable: one completion (``n`` 1) with a single prompt, no ``echo``, no ``stop`` strings, no
 logprobs, no ``best_of`` (their bookkeeping does not survive a new prompt). Other requests finish
 where they are.
+
+:class:`Migrations` keeps the router's movable streams per engine and the moves made: a move on
+request, a busy model's streams moved off a server that must make room, and from the moves'
+measured prefill rates the estimate of when a busy model is idle (for placement).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import httpx
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 #: what vLLM fills in for a completion without max_tokens
 DEFAULT_MAX_TOKENS = 16
+#: the latest moves of a model whose prefill rate estimates the next
+RECENT_MOVES = 5
 
 
 def not_migratable(body: dict[str, Any]) -> str | None:
@@ -264,7 +272,8 @@ async def _open_destination(client: httpx.AsyncClient, engine: "Engine", body: d
     """Stream the continuation from ``engine`` into ``queue`` (chunks, then None; an exception
     object if it fails)."""
     try:
-        request = client.build_request("POST", engine.base_url + "/v1/completions", json=body)
+        request = client.build_request("POST", engine.base_url + "/v1/completions", json=body,
+                                       headers=engine.headers)
         response = await client.send(request, stream=True)
         try:
             if response.status_code != 200:
@@ -282,3 +291,129 @@ async def _open_destination(client: httpx.AsyncClient, engine: "Engine", body: d
     except BaseException as exc:   # noqa: BLE001 - handed to the relay
         await queue.put(exc)
 
+
+
+class Migrations:
+    """The streams in flight that can move, per engine, and the moves made (:attr:`history`).
+    ``running(model, exclude)`` finds the model's least busy running engine but ``exclude``;
+    ``release(engine)`` ends a request's hold on an engine."""
+
+    def __init__(self, running: "Callable[[str, Engine | None], Engine | None]",
+                 release: "Callable[[Engine], None]", metrics: "Metrics"):
+        self.running = running
+        self.release = release
+        self.metrics = metrics
+        self.flights: dict[int, set[Flight]] = {}      # id(engine) -> its movable streams in flight
+        self.history: collections.deque[dict] = collections.deque(maxlen=200)
+
+    def track(self, body: dict[str, Any], engine: "Engine", path: str) -> Flight | None:
+        """The request's flight on ``engine`` when it is a stream that can move (else None)."""
+        if not (body.get("stream") and path == "/v1/completions" and not_migratable(body) is None):
+            return None
+        flight = Flight(body, engine)
+        self.flights.setdefault(id(engine), set()).add(flight)
+        return flight
+
+    def untrack(self, flight: Flight) -> None:
+        self.flights.get(id(flight.engine), set()).discard(flight)
+
+    def streams(self, engine: "Engine") -> list[Flight]:
+        """The streams in flight on ``engine`` that no move is asked of yet."""
+        return [f for f in self.flights.get(id(engine), set()) if f.target is None]
+
+    def busy_estimate(self, engine: "Engine") -> tuple[float, str] | None:
+        """Seconds until busy ``engine`` is idle, as making room would get it there: its streams
+        moved to the model's engine on another server (when every request is a stream that can
+        move, and a move of this model has been measured), else waited for (each stream's tokens
+        left at its own decode rate). None when some request's end cannot be estimated."""
+        flights = self.streams(engine)
+        if not flights or len(flights) != engine.inflight:
+            return None
+        target = self.running(engine.spec.name, engine)
+        rate = self._catch_up_rate(engine.spec.name)
+        if target is not None and rate is not None:
+            tokens = sum(f.tokens for f in flights)
+            return (tokens / rate[0], f"move {len(flights)} stream(s), {tokens} tokens, to {target.server.name} at "
+                                      f"{rate[0]:.0f} tokens/s of prefill ({rate[1]} earlier move(s) of it)")
+        left = [f.remaining_seconds() for f in flights]
+        if any(s is None for s in left):
+            return None
+        return max(left), f"wait for {len(flights)} stream(s) to end at their own decode rates"
+
+    def _catch_up_rate(self, model: str) -> tuple[float, int] | None:
+        """Tokens per second the destinations of this model's latest moves prefilled (tokens sent
+        over the time to the destination's first token), and how many moves that is."""
+        moves = [m for m in self.history if m["model"] == model and m.get("catch_up_seconds")][-RECENT_MOVES:]
+        seconds = sum(m["catch_up_seconds"] for m in moves)
+        if not moves or seconds <= 0:
+            return None
+        return sum(m["prompt_tokens"] + m["tokens_moved"] for m in moves) / seconds, len(moves)
+
+    def finish(self, flight: Flight | None, engine: "Engine") -> None:
+        """A request ended: release the engine that served it last."""
+        if flight is None:
+            self.release(engine)
+            return
+        self.untrack(flight)
+        if flight.target is not None and not flight.moved.is_set():   # a move still pending: never happens
+            self.abandoned(flight, "the request ended")
+        self.release(flight.engine)
+
+    def switched(self, flight: Flight, report: dict) -> None:
+        """The destination took over (``on_switch`` of :func:`relay`)."""
+        source, target = flight.engine, flight.target
+        self.untrack(flight)
+        self.flights.setdefault(id(target), set()).add(flight)
+        flight.engine, flight.target = target, None
+        self.release(source)                  # the target counted the flight when the move was asked
+        flight.report = report
+        self.history.append({"model": source.spec.name, "at": time.time(), **report})
+        self.metrics.operations.labels(source.spec.name, report["from"], "migrate").observe(
+            report["catch_up_seconds"])
+        log.info("migrated a request of %s from %s to %s: %d prompt + %d generated tokens sent, caught up in "
+                 "%.3f s (%d token(s) the source produced meanwhile not repeated)", source.spec.name, report["from"],
+                 report["to"], report["prompt_tokens"], report["tokens_moved"], report["catch_up_seconds"],
+                 report["repeated"])
+        flight.moved.set()
+
+    def abandoned(self, flight: Flight, reason: str) -> None:
+        """A move was given up (``on_abandon`` of :func:`relay`): the source goes on."""
+        target = flight.target
+        if target is not None:
+            flight.target = None
+            self.release(target)
+        flight.report = {"abandoned": reason}
+        log.info("a move of a %s request from %s was given up: %s", flight.engine.spec.name,
+                 flight.engine.server.name, reason)
+        flight.moved.set()
+
+    async def move(self, flights: list[Flight], target: "Engine", timeout: float) -> list[dict]:
+        """Ask each flight to continue on ``target``; wait for the switches (or give up after
+        ``timeout``). Returns each move's report."""
+        for flight in flights:
+            target.inflight += 1
+            flight.moved.clear()
+            flight.move(target)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(f.moved.wait() for f in flights)), timeout)
+        except asyncio.TimeoutError:
+            for f in flights:
+                if not f.moved.is_set():
+                    self.abandoned(f, f"no switch within {timeout:.0f} s")
+        return [f.report or {} for f in flights]
+
+    async def migrate_away(self, busy: "list[Engine]", engine: "Engine", timeout: float) -> bool:
+        """Make one busy model idle by moving its streams to its engine on another server (only
+        when every request it serves can move, and it runs elsewhere), for ``engine`` to fit.
+        True if one moved."""
+        for victim in busy:
+            flights = self.streams(victim)
+            target = self.running(victim.spec.name, victim)
+            if target is None or not flights or len(flights) != victim.inflight:
+                continue
+            log.info("moving %d request(s) of %s off %s to make room for %s", len(flights), victim.spec.name,
+                     victim.server.name, engine.spec.name)
+            reports = await self.move(flights, target, timeout)
+            if any("abandoned" not in r for r in reports):
+                return True
+        return False

@@ -31,12 +31,10 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..cache.estimate import LoadHistory
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from .engine import Engine, EngineState
 
 #: swap bandwidths (GB/s) and engine start-up (s) assumed before a server has measured any
 DEFAULT_SWAP_IN_GBPS = 2.0
@@ -154,20 +152,18 @@ class ServerHistory:
                 f"median engine start-up of the last {len(samples)} cold start(s) on {server}")
 
 
-def estimate_server(server: str, target: "Engine", engines: Sequence["Engine"], budget: int, history: ServerHistory,
+def estimate_server(server: str, target: Engine, engines: Sequence[Engine], budget: int, history: ServerHistory,
                     *, load: dict | None, queue_s: float, now: float | None = None,
-                    busy: "Callable[[Engine], tuple[float, str] | None] | None" = None) -> Estimate:
+                    busy: Callable[[Engine], tuple[float, str] | None] | None = None) -> Estimate:
     """``target``'s startup on ``server`` whose engines are ``engines`` (``target`` among them).
     ``load`` is :func:`~loader_plugins.cache.estimate.estimate` for the server's tiers (needed
     for a cold start only). ``busy(engine)``: seconds until a busy engine is idle, and why (None:
     not known)."""
-    from .engine import RUNNING, SWAPPED
-
     now = time.monotonic() if now is None else now
     basis: list[str] = []
-    if target.state == RUNNING and target.alive():
+    if target.state == EngineState.RUNNING and target.alive():
         return Estimate(server, "running", "gpu", {"bring_up": 0.0, "free": 0.0, "queue": 0.0}, ["running there"])
-    if target.state == SWAPPED and target.alive():
+    if target.state == EngineState.SWAPPED and target.alive():
         how, tier = "swap_in", "host"
         bring_up, why = history.swap_seconds(server, "host", target.spec.name, target.resident_bytes,
                                              DEFAULT_SWAP_IN_GBPS)
@@ -186,26 +182,24 @@ def estimate_server(server: str, target: "Engine", engines: Sequence["Engine"], 
     return Estimate(server, how, tier, {"bring_up": bring_up, "free": free, "queue": max(0.0, queue_s)}, basis, evict)
 
 
-def victims(target: "Engine", engines: Sequence["Engine"], budget: int) -> tuple[list["Engine"], list["Engine"]]:
+def victims(target: Engine, engines: Sequence[Engine], budget: int) -> tuple[list[Engine], list[Engine]]:
     """(idle engines to swap out, least recently used first; busy ones that would also have to
     go) for ``target`` to fit ``budget``. A model alone always fits."""
-    from .engine import RUNNING, SWAPPED
-
-    others = [e for e in engines if e is not target and e.alive() and e.state != SWAPPED]
+    others = [e for e in engines if e is not target and e.alive() and e.state != EngineState.SWAPPED]
     used = sum(e.resident_bytes for e in others)
     chosen: list[Engine] = []
     busy: list[Engine] = []
     if used + target.resident_bytes <= budget:
         return chosen, busy
-    for e in sorted(others, key=lambda e: (not (e.state == RUNNING and e.inflight == 0), e.last_used)):
-        (chosen if e.state == RUNNING and e.inflight == 0 else busy).append(e)
+    for e in sorted(others, key=lambda e: (not (e.state == EngineState.RUNNING and e.inflight == 0), e.last_used)):
+        (chosen if e.state == EngineState.RUNNING and e.inflight == 0 else busy).append(e)
         used -= e.resident_bytes
         if used + target.resident_bytes <= budget:
             break
     return chosen, busy
 
 
-def _free_seconds(server: str, target: "Engine", engines: Sequence["Engine"], budget: int, history: ServerHistory,
+def _free_seconds(server: str, target: Engine, engines: Sequence[Engine], budget: int, history: ServerHistory,
                   basis: list[str], busy_estimate=None) -> tuple[float, list[str]]:
     idle, busy = victims(target, engines, budget)
     seconds = 0.0

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from loader_plugins.serve.catalog import ModelSpec, ServerSpec
-from loader_plugins.serve.engine import Engine
+from loader_plugins.serve.local import LocalEngine as Engine
 from loader_plugins.serve.migration import DEFAULT_MAX_TOKENS, Flight, not_migratable
 
 

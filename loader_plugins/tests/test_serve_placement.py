@@ -1,6 +1,6 @@
 """Placement: each server's estimated startup of a model, its parts, and the choice between them.
 
-Engines here are real :class:`~loader_plugins.serve.engine.Engine` objects whose process is a
+Engines here are real :class:`~loader_plugins.serve.local.LocalEngine` objects whose process is a
 real idle process (``sleep``), so ``alive()`` is what a router sees; nothing starts vLLM.
 """
 
@@ -14,9 +14,11 @@ import pytest
 from loader_plugins.cache.estimate import LoadHistory
 from loader_plugins.serve import placement
 from loader_plugins.serve.catalog import ModelSpec, ServerSpec
-from loader_plugins.serve.engine import RUNNING, STOPPED, SWAPPED, Engine
+from loader_plugins.serve.engine import EngineState
+from loader_plugins.serve.local import LocalEngine as Engine
 from loader_plugins.serve.placement import Estimate, ServerHistory, choose, estimate_server, victims
 
+RUNNING, STOPPED, SWAPPED = EngineState.RUNNING, EngineState.STOPPED, EngineState.SWAPPED
 GB = 10**9
 
 
@@ -163,7 +165,7 @@ def test_a_busy_model_is_idle_after_its_streams_move_or_end(tmp_path, procs):
     stream's tokens left at its own decode rate; else (a request it cannot follow) unknown."""
     from loader_plugins.serve.catalog import parse_catalog
     from loader_plugins.serve.migration import Flight
-    from loader_plugins.serve.router import Router
+    from loader_plugins.serve.routing import Router
 
     catalog = parse_catalog({"servers": {"a": {"budget": GB}, "b": {"budget": GB}},
                              "models": {"m": {"checkpoint": str(tmp_path / "m")}}})
