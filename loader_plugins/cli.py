@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="required as 'Authorization: Bearer KEY' on every endpoint but /health "
                         "(default: $MODEL_STREAMER_API_KEY, or api_key in the config)")
     p.add_argument("--log-dir", default="model-streamer-logs", help="where each engine's log goes")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="serve on a Ray cluster: its nodes are the servers (ADDRESS: auto, the default, HOST:PORT "
+                        "or ray://HOST:10001; needs the [ray] extra); see loader_plugins/serve/ray_cluster.py")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("agent", help="the engines of this host for a serve router on another "
@@ -254,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (not loopback: --api-key required)")
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--engine-host", default=None,
-                   help="the private address engines listen on, reachable by the router (default: --host)")
+                   help="deprecated: engines listen on this host's 127.0.0.1 only and the agent relays to them; "
+                        "any other address is refused")
     p.add_argument("--budget", default=None, help="bytes the resident models may hold here (default: 90%% of the "
                                                   "GPU, else half of RAM), e.g. 40GiB")
     p.add_argument("--cache-dir", default=None, help="this host's disk cache for its engines' loads")
@@ -287,6 +291,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.router import serve
 
     catalog = load_catalog(args.config)
+    if args.ray is not None:
+        from .serve.catalog import with_ray
+
+        catalog = with_ray(catalog, args.ray)
     serve(catalog, host=args.host, port=args.port, log_dir=Path(args.log_dir), api_key=args.api_key)
     return 0
 

@@ -132,7 +132,7 @@ def _post_json(url: str, body: dict, timeout: float = 300.0) -> dict:
 
 
 def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    from ..serve.engine import stop_process_group
+    from ..serve.process import stop_process_group
 
     stop_process_group(proc, grace=grace)
 

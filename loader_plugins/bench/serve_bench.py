@@ -15,6 +15,9 @@ and ``b``, each with a budget of one model) serves one model per size. Per size:
   the other after 8 tokens; the client's largest gap between two tokens is set against its
   median gap and against the time the destination took to prefill the moved tokens.
 
+With ``--ray ADDRESS`` the router serves on that Ray cluster (``serve --ray``): its first two
+servers (nodes carrying ``model_streamer_budget_bytes``) play ``a`` and ``b``.
+
 TTFT is measured by the client, from sending a streaming request to its first token. Prompts
 are token ids (the demo checkpoints have no tokenizer: engines run with
 ``--skip-tokenizer-init``). Prints a TTFT table per size and a placement table (estimated vs
@@ -55,6 +58,8 @@ def add_parser(sub) -> None:
     p.add_argument("--migrate-tokens", type=int, default=64,
                    help="tokens of the greedy stream moved between servers mid-generation")
     p.add_argument("--json", metavar="FILE", help="also write every measurement as JSON")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="serve on this Ray cluster (serve --ray ADDRESS); its first two servers play a and b")
     p.set_defaults(func=run)
 
 
@@ -75,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
             models[f"demo-{size}"] = {"checkpoint": str(path)}
         engine_args = args.engine_args.split() if args.engine_args else list(_default_engine_args())
         config = {"budget": 1, "idle_timeout": 3600,
-                  "servers": {"a": {}, "b": {}},
+                  **({"ray": {"address": args.ray, "log_dir": str(root / "bench-serve" / "nodes")}} if args.ray
+                     else {"servers": {"a": {}, "b": {}}}),
                   "engine": {"args": ["--skip-tokenizer-init", *engine_args], "env": ENGINE_ENV,
                              "start_timeout": args.start_timeout},
                   "models": models}
@@ -85,12 +91,13 @@ def run(args: argparse.Namespace) -> int:
         client = stack.enter_context(httpx.Client(base_url=router, headers={"Authorization": f"Bearer {KEY}"},
                                                   timeout=args.start_timeout + 60))
         parts = {x.strip() for x in args.parts.split(",")}
-        results = {name: _bench_model(client, name, args.repeat) for name in models} if "ttft" in parts else {}
+        pair = _pair(client)
+        results = {name: _bench_model(client, name, args.repeat, pair) for name in models} if "ttft" in parts else {}
         placements = client.get("/admin/placements").json()["placements"]
         if results:         # printed before the migrations, which take a while and may fail
             _print_ttft(results, {f"demo-{s}": parse_size(s) for s in sizes})
             _print_placements(placements, results)
-        moves = [_bench_migration(client, name, args.migrate_tokens) for name in models] \
+        moves = [_bench_migration(client, name, args.migrate_tokens, pair) for name in models] \
             if "migration" in parts else []
     if moves:
         _print_migrations(moves)
@@ -168,13 +175,21 @@ def _admin(client, model: str, op: str, server: str) -> dict:
     return reply.json()
 
 
-def _bench_model(client, model: str, repeat: int) -> dict:
+def _pair(client) -> tuple[str, str]:
+    """The two servers the bench uses: ``a`` and ``b``, or a Ray cluster's first two nodes."""
+    servers = sorted(client.get("/admin/models").json()["servers"])
+    if len(servers) < 2:
+        raise RuntimeError(f"bench-serve needs two servers; the router has {servers}")
+    return ("a", "b") if {"a", "b"} <= set(servers) else (servers[0], servers[1])
+
+
+def _bench_model(client, model: str, repeat: int, pair: tuple[str, str] = ("a", "b")) -> dict:
     say = lambda text: print(f"  {model}: {text}", file=sys.stderr, flush=True)  # noqa: E731
     out: dict = {"cold": [], "warm": [], "swapped": [], "other": []}
     out["cold"].append(_ttft(client, model))
     say(f"cold TTFT {out['cold'][-1]:.2f} s")
     where = _where(client, model)
-    other = "b" if where == "a" else "a"
+    other = pair[1] if where == pair[0] else pair[0]
     t0 = time.perf_counter()
     _admin(client, model, "start", other)   # the other candidate of the cold decision, measured
     out["other"].append({"server": other, "how": "cold", "seconds": time.perf_counter() - t0})
@@ -193,8 +208,8 @@ def _bench_model(client, model: str, repeat: int) -> dict:
 MIGRATION_TRIES = 3
 
 
-def _bench_migration(client, model: str, tokens: int) -> dict:
-    for server in ("a", "b"):
+def _bench_migration(client, model: str, tokens: int, pair: tuple[str, str] = ("a", "b")) -> dict:
+    for server in pair:
         _admin(client, model, "start", server)
     for attempt in range(MIGRATION_TRIES):
         out = _migrate_once(client, model, tokens * 4 ** attempt)

@@ -106,6 +106,17 @@ class HostAgent:
     def _lock(self, name: str) -> asyncio.Lock:
         return self.locks.setdefault(name, asyncio.Lock())
 
+    # ---- what a kind of host adds (a Ray node: engines tied to it, GPUs held for them) ----
+
+    def _new_engine(self, spec: ModelSpec, extra: dict[str, Any]) -> LocalEngine:
+        return LocalEngine(spec, self.log_dir, self.spec, extra)
+
+    async def _prepare(self, engine: LocalEngine) -> None:
+        """Before ``engine`` starts."""
+
+    async def _released(self, engine: LocalEngine) -> None:
+        """After ``engine`` stopped, or failed to start."""
+
     def _engine(self, body: Any) -> LocalEngine:
         name = body.get("model") if isinstance(body, dict) else None
         engine = self.engines.get(name) if isinstance(name, str) else None
@@ -167,12 +178,17 @@ class HostAgent:
                                       f"configuration; stop it first")
             extra = {**{k: v for k, v in extra.items() if k not in ("cache_dir", "dram_cache_dir")},
                      **self.spec.loader_keys()}
-            engine = LocalEngine(spec, self.log_dir, self.spec, extra)
+            engine = self._new_engine(spec, extra)
             self.engines[spec.name], self.requests[spec.name] = engine, request
             try:
+                await self._prepare(engine)
                 await engine.start()
             except EngineError as exc:
+                await self._released(engine)
                 raise AgentError(503, str(exc)) from exc
+            except BaseException:
+                await self._released(engine)
+                raise
             finally:
                 self.save()
             log.info("started %s on %s:%s in %.2f s (load %s s)", spec.name, engine.host, engine.port,
@@ -183,6 +199,7 @@ class HostAgent:
         engine = self._engine(body)
         async with self._lock(engine.spec.name):
             await engine.stop()
+            await self._released(engine)
             self.save()
         return {"model": engine.spec.name, "stopped": True}
 
@@ -247,7 +264,7 @@ class HostAgent:
                 log.warning("the engine of %s (pid %s) listens on %s, not on 127.0.0.1: it is left alone; stop it",
                             spec.name, record.get("pid"), record.get("host"))
                 continue
-            engine = LocalEngine(spec, self.log_dir, self.spec, {**extra, **self.spec.loader_keys()})
+            engine = self._new_engine(spec, {**extra, **self.spec.loader_keys()})
             if await engine.adopt(record):
                 self.engines[spec.name], self.requests[spec.name] = engine, request
                 found.append(f"{spec.name} (pid {record['pid']})")
@@ -258,25 +275,33 @@ class HostAgent:
 
     async def close(self) -> None:
         await asyncio.gather(*(e.stop() for e in self.engines.values()))
+        for engine in self.engines.values():
+            await self._released(engine)
         self.save()
 
 
-def create_agent_app(spec: ServerSpec, log_dir: Path, *, engine_host: str = LOOPBACK, api_key: str | None = None):
+def create_agent_app(spec: ServerSpec, log_dir: Path, *, engine_host: str = LOOPBACK, api_key: str | None = None,
+                     agent: HostAgent | None = None):
     """The agent's ASGI app (FastAPI, which vLLM installs). Engines listen on 127.0.0.1 only:
-    ``engine_host`` is accepted for the command line's sake and must be a loopback address."""
+    ``engine_host`` is accepted for the command line's sake and must be a loopback address.
+    ``agent``: engines held and driven by another owner (a Ray node actor, :mod:`.ray_node`);
+    the app is then only their relay, ``/health`` and ``/agent/v1/...``."""
     _check_engine_host(engine_host)
-    agent = HostAgent(spec, log_dir)
+    owned = agent is None
+    agent = agent or HostAgent(spec, log_dir)
     client = httpx.AsyncClient(timeout=httpx.Timeout(READ_TIMEOUT_S, connect=10.0))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        await agent.adopt()
-        log.info("Agent %s: budget %d bytes, engines on %s, cache %s, log directory %s", spec.name, spec.budget,
-                 LOOPBACK, spec.loader_keys() or "none", log_dir)
+        if owned:
+            await agent.adopt()
+            log.info("Agent %s: budget %d bytes, engines on %s, cache %s, log directory %s", spec.name, spec.budget,
+                     LOOPBACK, spec.loader_keys() or "none", log_dir)
         try:
             yield
         finally:
-            await agent.close()
+            if owned:
+                await agent.close()
             await client.aclose()
 
     app = FastAPI(title="model-streamer agent", lifespan=lifespan)
@@ -306,6 +331,24 @@ def create_agent_app(spec: ServerSpec, log_dir: Path, *, engine_host: str = LOOP
     async def health():
         return {"status": "ok"}
 
+    if owned:
+        _add_operations(app, agent, body)
+
+    @app.post("/agent/v1/{path:path}")
+    async def relay(path: str, request: Request):
+        raw = await request.body()
+        try:
+            model = json.loads(raw).get("model")
+        except (ValueError, AttributeError) as exc:
+            raise AgentError(400, "the request body must be a JSON object naming the model") from exc
+        return await _relay(client, agent.running(model), f"/v1/{path}", raw)
+
+    return app
+
+
+def _add_operations(app: FastAPI, agent: HostAgent, body) -> None:
+    """The endpoints a router drives an agent's engines through."""
+
     @app.get("/agent/info")
     async def info():
         return await asyncio.to_thread(agent.info)
@@ -326,17 +369,6 @@ def create_agent_app(spec: ServerSpec, log_dir: Path, *, engine_host: str = LOOP
         if op not in operations:
             raise AgentError(404, f"unknown operation {op!r}: {', '.join(operations)}")
         return await operations[op](await body(request))
-
-    @app.post("/agent/v1/{path:path}")
-    async def relay(path: str, request: Request):
-        raw = await request.body()
-        try:
-            model = json.loads(raw).get("model")
-        except (ValueError, AttributeError) as exc:
-            raise AgentError(400, "the request body must be a JSON object naming the model") from exc
-        return await _relay(client, agent.running(model), f"/v1/{path}", raw)
-
-    return app
 
 
 async def _relay(client: httpx.AsyncClient, engine: LocalEngine, path: str, raw: bytes) -> StreamingResponse:

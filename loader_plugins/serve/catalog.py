@@ -8,6 +8,10 @@
       gpu0: {budget: 40GiB, cache_dir: /var/cache/streamer}
       gpu1: {budget: 40GiB, cache_dir: /mnt/nvme/streamer, dram_cache_dir: /dev/shm/streamer}
       host2: {url: "http://10.0.0.6:8700", api_key: "..."}   # another host: its ``model-streamer agent``
+    ray:                   # instead of ``servers``: the servers are a Ray cluster's nodes (serve --ray ADDRESS)
+      address: auto        # ray.init's address: auto, HOST:PORT or ray://HOST:10001
+      cache_dir: /var/cache/streamer       # each node's cache tiers (on that node)
+      log_dir: /tmp/model-streamer-ray     # each node's engine logs and records (on that node)
     engine:                # defaults for every model's engine
       args: ["--enforce-eager"]
       env: {}
@@ -27,7 +31,9 @@ with ``--load-format streamer`` and the swap worker extension, on 127.0.0.1 and 
 ``dram_cache_dir``), so each server loads through its own cache tiers. A server with a ``url`` is
 another host, whose agent (:mod:`.agent`) starts its engines and reports its budget (unless the
 server sets one), cache directories and bandwidths; ``api_key`` is the agent's (default
-``$MODEL_STREAMER_AGENT_KEY``).
+``$MODEL_STREAMER_AGENT_KEY``). With ``ray`` the servers are the cluster's nodes that carry the
+custom resource ``model_streamer_budget_bytes`` (its quantity: the node's budget in bytes), or every node
+with ``budget`` when none does (:mod:`.ray_cluster`); ``servers`` is then not given.
 """
 
 from __future__ import annotations
@@ -42,10 +48,11 @@ from ..config import parse_size
 from ..errors import ConfigError
 
 #: keys accepted at the top level, under ``engine`` and under each model
-_TOP = ("budget", "idle_timeout", "engine", "models", "api_key", "servers")
+_TOP = ("budget", "idle_timeout", "engine", "models", "api_key", "servers", "ray")
 _ENGINE = ("args", "env", "start_timeout", "loader")
 _MODEL = ("checkpoint", "weights", "args", "env", "start_timeout", "loader")
 _SERVER = ("budget", "cache_dir", "dram_cache_dir", "env", "url", "api_key")
+_RAY = ("address", "cache_dir", "dram_cache_dir", "env", "log_dir", "poll_seconds", "start_timeout", "gpu_fraction")
 #: flags the router sets on every engine itself
 _RESERVED = ("--host", "--port", "--served-model-name", "--load-format", "--worker-extension-cls", "--api-key",
              "--model-loader-extra-config")
@@ -89,12 +96,27 @@ class ServerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class RaySpec:
+    """Serving on a Ray cluster: its address, and what every node's actor is given."""
+
+    address: str = "auto"
+    cache_dir: str | None = None
+    dram_cache_dir: str | None = None
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    log_dir: str = "/tmp/model-streamer-ray"
+    poll_seconds: float = 2.0
+    start_timeout: float = 120.0
+    gpu_fraction: float = 0.1      # of one GPU, held by an engine on one GPU (tensor parallel: whole GPUs)
+
+
+@dataclasses.dataclass(frozen=True)
 class Catalog:
     models: Mapping[str, ModelSpec]
     budget: int
     idle_timeout: float
     api_key: str | None = None
     servers: Mapping[str, ServerSpec] = dataclasses.field(default_factory=dict)
+    ray: RaySpec | None = None
 
     def extra_config(self, model: ModelSpec, server: ServerSpec) -> dict[str, Any]:
         """The engine's ``--model-loader-extra-config`` for ``model`` on ``server``."""
@@ -270,9 +292,41 @@ def parse_catalog(raw: Mapping[str, Any], *, where: str = "serve config", base: 
     api_key = raw.get("api_key")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ConfigError(f"{where}.api_key must be a non-empty string")
+    ray = _ray(f"{where}.ray", raw.get("ray"))
+    if ray is not None and raw.get("servers") is not None:
+        raise ConfigError(f"{where}: give 'servers' or 'ray', not both (with ray the servers are the cluster's nodes)")
     return Catalog(models=specs, budget=budget, idle_timeout=_seconds(f"{where}.idle_timeout",
                                                                         raw.get("idle_timeout"), 300.0),
-                   api_key=api_key, servers=_servers(where, raw.get("servers"), budget, base))
+                   api_key=api_key, servers={} if ray else _servers(where, raw.get("servers"), budget, base), ray=ray)
+
+
+def with_ray(catalog: Catalog, address: str) -> Catalog:
+    """``catalog`` served on the Ray cluster at ``address`` (``serve --ray``)."""
+    ray = dataclasses.replace(catalog.ray or RaySpec(), address=address)
+    return dataclasses.replace(catalog, servers={}, ray=ray)
+
+
+def _ray(where: str, value: Any) -> RaySpec | None:
+    if value is None:
+        return None
+    if value is True:
+        return RaySpec()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping ({', '.join(_RAY)})")
+    _unknown(where, value, _RAY)
+    strings = {}
+    for key in ("address", "cache_dir", "dram_cache_dir", "log_dir"):
+        item = value.get(key)
+        if item is not None and (not isinstance(item, str) or not item):
+            raise ConfigError(f"{where}.{key} must be a non-empty string, got {item!r}")
+        if item is not None:
+            strings[key] = item
+    fraction = value.get("gpu_fraction", 0.1)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ConfigError(f"{where}.gpu_fraction must be a number in (0, 1], got {fraction!r}")
+    return RaySpec(**strings, env=_env(where, value.get("env")), gpu_fraction=float(fraction),
+                   poll_seconds=_seconds(f"{where}.poll_seconds", value.get("poll_seconds"), 2.0),
+                   start_timeout=_seconds(f"{where}.start_timeout", value.get("start_timeout"), 120.0))
 
 
 def _path(value: str, base: Path | None) -> str:

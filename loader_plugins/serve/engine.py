@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 from ..errors import StreamerError
 from .catalog import ModelSpec, ServerSpec
-from .process import stop_process_group  # noqa: F401 - bench/demo_serve.py imports it from here
 
 
 class EngineState(str, enum.Enum):
@@ -42,6 +41,10 @@ class EngineState(str, enum.Enum):
 
 class EngineError(StreamerError, RuntimeError):
     """An engine did not start, or a swap failed (the message names the model and the log file)."""
+
+
+class EngineLost(EngineError):
+    """The place an engine ran is gone, and the engine with it (a Ray node that died)."""
 
 
 class ProcessHandle(Protocol):
@@ -142,6 +145,11 @@ class Engine(abc.ABC):
             return None
         return {"server": self.server.name, "model": self.spec.name, "pid": self.proc.pid, "port": self.port,
                 "resident_bytes": self.resident_bytes, "measured": self.measured, **self._recorded()}
+
+    def lost(self) -> None:
+        """Its process is gone with the place it ran (a Ray node that died)."""
+        self.proc = None
+        self.state = EngineState.FAILED
 
     def _adopted(self, record: dict[str, Any], sleeping: bool) -> None:
         """What :meth:`adopt` sets once it has found the engine again."""

@@ -46,6 +46,14 @@ STOP_GRACE_S = 20.0
 _LOADED = re.compile(rb"Streamer loaded ([0-9.]+) GB in ([0-9.]+) seconds")
 
 
+def _end_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent (thread) dies (Linux ``PR_SET_PDEATHSIG``)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+
+
 def _bearer(secret: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"} if secret else {}
 
@@ -60,6 +68,7 @@ class LocalEngine(Engine):
                          log_path=log_dir / server.name / f"{spec.name.replace('/', '_')}.log")
         self.host = LOOPBACK
         self.secret: str | None = None
+        self.tied = False      # True: the process is sent SIGTERM when the thread that started it ends (Ray nodes)
         self._log_offset = 0
 
     @property
@@ -128,7 +137,8 @@ class LocalEngine(Engine):
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env=env)
+                                         start_new_session=True, env=env,
+                                         preexec_fn=_end_with_parent if self.tied else None)
         t0 = time.monotonic()
         async with httpx.AsyncClient(timeout=5) as client:
             while True:

@@ -391,6 +391,10 @@ class Migrations:
         """Ask each flight to continue on ``target``; wait for the switches (or give up after
         ``timeout``). Returns each move's report."""
         for flight in flights:
+            if flight not in self.flights.get(id(flight.engine), set()):   # it ended while the target came up
+                flight.report = {"abandoned": "the request ended before it could move"}
+                flight.moved.set()
+                continue
             target.inflight += 1
             flight.moved.clear()
             flight.move(target)

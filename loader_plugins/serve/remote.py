@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from .catalog import ModelSpec, ServerSpec
-from .engine import Engine, EngineError, EngineHost, EngineState, ProcessHandle
+from .engine import Engine, EngineError, EngineHost, EngineLost, EngineState, ProcessHandle
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,21 @@ class AgentEngine(Engine):
     async def answers(self, grace: float = 5.0) -> bool:
         try:
             entry = await self._ask("check", grace=grace, timeout=grace + 30)
+        except EngineLost:
+            self.lost()
+            return False
         except EngineError:
             return False        # the host is unreachable: say no, keep what is known
         if not entry.get("alive") or (self.proc is not None and entry.get("pid") != self.proc.pid):
-            if self.proc is not None:
-                self.proc.returncode = -1
-            self.state = EngineState.FAILED
+            self.lost()
             return False
         return bool(entry.get("answers"))
+
+    def lost(self) -> None:
+        """Its process is gone (its host may be too)."""
+        if self.proc is not None:
+            self.proc.returncode = -1
+        self.state = EngineState.FAILED
 
     async def adopt(self, record: dict[str, Any]) -> bool:
         """Only if the agent still runs it with that pid and it answers; swapped out if the agent

@@ -57,7 +57,8 @@ def create_app(catalog: Catalog, log_dir: Path, *, api_key: str | None = None, r
         await router.adopt()
         router.start_reaper()
         log.info("Serving %d model(s) on %s, idle timeout %.0f s: %s", len(catalog.models),
-                 ", ".join(f"{s.name} (budget {s.budget} bytes)" for s in catalog.servers.values()),
+                 ", ".join(f"{s.spec.name} (budget {s.spec.budget} bytes)" for s in router.servers.values())
+                 or "no server yet",
                  catalog.idle_timeout, ", ".join(catalog.models))
         try:
             yield

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..cache.estimate import LoadHistory
-from .catalog import Catalog
+from .catalog import Catalog, ServerSpec
 from .engine import Engine, EngineHost, EngineState
 from .errors import ServeError
 from .metrics import Metrics
@@ -46,6 +46,11 @@ class Router:
                                    self.metrics, self.migrator, on_change=self.save)
         self.reaper = IdleReaper(lambda: self.engines, self.scheduler, catalog.idle_timeout)
         self._placing: dict[str, asyncio.Lock] = {name: asyncio.Lock() for name in catalog.models}
+        self.cluster = None
+        if catalog.ray is not None:    # the servers are the Ray cluster's nodes, as they come and go
+            from .ray_cluster import RayCluster
+
+            self.cluster = RayCluster(catalog.ray, catalog.budget)
 
     @property
     def engines(self) -> list[Engine]:
@@ -93,7 +98,31 @@ class Router:
         return adopted
 
     async def connect(self) -> None:
-        await asyncio.gather(*(s.connect() for s in self.servers.values()))
+        if self.cluster is not None:
+            self.cluster.connect()
+            await self.cluster.sync(self)
+        await asyncio.gather(*(s.connect() for s in self.servers.values() if not s.connected))
+
+    async def add_server(self, spec: ServerSpec, host: EngineHost) -> Server:
+        """A server that joined (a Ray node), in placement once its host has answered."""
+        server = Server(spec, self.catalog, host)
+        await server.connect()
+        self.servers[spec.name] = server
+        log.info("server %s joined (budget %d bytes)", spec.name, server.spec.budget)
+        return server
+
+    def drop_server(self, name: str, reason: str) -> None:
+        """A server that is gone, with its engines: they are lost (requests in flight there end with
+        an error), and it leaves placement."""
+        server = self.servers.pop(name, None)
+        if server is None:
+            return
+        lost = [e for e in server.engines.values() if e.state != EngineState.STOPPED]
+        for engine in lost:
+            engine.lost()
+        log.warning("server %s left: %s; engines lost: %s", name, reason,
+                    ", ".join(e.spec.name for e in lost) or "none")
+        self.save()
 
     # ---- requests ----
 
@@ -187,8 +216,12 @@ class Router:
 
     def start_reaper(self) -> None:
         self.reaper.start()
+        if self.cluster is not None:
+            self.cluster.start(self)
 
     async def close(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.reaper.close()
         await asyncio.gather(*(e.stop() for e in self.engines))
         self.save()
