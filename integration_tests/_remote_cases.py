@@ -1,10 +1,11 @@
 """The cases every object-store source passes against its real emulator (fsspec's abstract-test
-pattern: one class of tests, a subclass per store). ``test_gcs_source.py`` (fake-gcs-server) and
-``test_azure_source.py`` (Azurite) subclass :class:`RemoteSourceCases` and give a ``store``
+pattern: one class of tests, a subclass per store). ``test_s3_source.py`` (SeaweedFS),
+``test_gcs_source.py`` (fake-gcs-server) and ``test_azure_source.py`` (Azurite) subclass
+:class:`RemoteSourceCases` and give a ``store``
 fixture (:class:`Store`): how to make a bucket, put an object, name it, point a config at an
 endpoint, and how the store answers throttling, refusals and failed preconditions (the
 :class:`~s3_server.FaultProxy` in front of the emulator sends those answers, with the
-store's own error bodies). The S3 tests' checkpoints and helpers are reused as they are.
+store's own error bodies). The checkpoints are here too (:func:`make_tensors`).
 
 Every wait is bounded (subprocess timeouts, thread joins): a hang fails instead of stalling.
 """
@@ -30,30 +31,15 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from loader_plugins import SafetensorsStreamer, StreamerConfig, load_file  # noqa: E402
 from loader_plugins.core.checkpoint import open_checkpoint  # noqa: E402
+from loader_plugins.core.header import HEADER_LENGTH_BYTES, header_length, parse_header  # noqa: E402
 from loader_plugins.core.sources import storage_for  # noqa: E402
 from loader_plugins.core.sources.local import LocalSource  # noqa: E402
 from loader_plugins.errors import CancelledError, SourceChangedError, SourceError  # noqa: E402
 
 try:
     from .s3_server import FaultProxy
-    from .test_s3_source import (  # noqa: F401  (fixtures: the test modules import them from here)
-        _assert_same,
-        _reference,
-        checkpoint,
-        raw_bytes,
-        read_header,
-        sharded_checkpoint,
-    )
 except ImportError:
     from s3_server import FaultProxy
-    from test_s3_source import (  # noqa: F401
-        _assert_same,
-        _reference,
-        checkpoint,
-        raw_bytes,
-        read_header,
-        sharded_checkpoint,
-    )
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -63,14 +49,15 @@ CLI_TIMEOUT = 180
 class Store:
     """What the shared cases need of one store; a test module subclasses it for its emulator."""
 
-    scheme = ""                      # "gs", "az"
-    kind = ""                        # the bench's name for it: "gcs", "azure"
+    scheme = ""                      # "s3", "gs", "az"
+    kind = ""                        # the bench's name for it: "s3", "gcs", "azure"
     runai_reaches_emulator = True    # Run:ai's backend can be pointed at the emulator
-    source_cls: type = object        # GcsSource, AzureSource
+    source_cls: type = object        # S3Source, GcsSource, AzureSource
     logger = ""                      # the source module's logger (retries are logged there)
     range_headers: tuple[bytes, ...] = (b"range",)
     throttle_reason = ""             # what a retry's log line names for a 503
     refused_connection = ""          # the client's exception for a connection refused
+    nothing_under = ""               # what list_dir says of a prefix with nothing under it
 
     def __init__(self, server):
         self.server = server
@@ -123,6 +110,93 @@ class Store:
         return []
 
     def start_private(self, workdir: Path): ...
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints and helpers (the S3 tests' too)
+# ------------------------------------------------------------------------------------------
+
+def make_tensors(seed: int = 0, big_mib: int = 6) -> dict[str, "torch.Tensor"]:
+    """Several dtypes, odd shapes, a 0-d scalar, empty tensors and one multi-MiB tensor."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "big.f32": torch.randn(big_mib * MiB // 4 // 3 + 1, 3, generator=g),
+        "odd.bf16": torch.randn(7, 13, 5, generator=g).to(torch.bfloat16),
+        "odd.f16": torch.randn(3, 1, 17, generator=g).to(torch.float16),
+        "f64": torch.randn(33, generator=g, dtype=torch.float64),
+        "i64": torch.randint(-2**62, 2**62, (9, 11), generator=g, dtype=torch.int64),
+        "i8": torch.randint(-128, 128, (1001,), generator=g, dtype=torch.int8),
+        "u8": torch.randint(0, 256, (5, 3, 3), generator=g, dtype=torch.uint8),
+        "bool": torch.randint(0, 2, (19,), generator=g).bool(),
+        "scalar.f32": torch.tensor(3.25),
+        "scalar.i32": torch.tensor(-7, dtype=torch.int32),
+        "empty.f32": torch.empty(0),
+        "empty.2d.bf16": torch.empty(0, 4, dtype=torch.bfloat16),
+        "nan.f32": torch.tensor([float("nan"), float("inf"), -0.0, 1e-45]),
+    }
+    f8 = getattr(torch, "float8_e4m3fn", None)  # torch 2.1+
+    if f8 is not None:
+        tensors["f8"] = torch.randn(37, generator=g).to(f8)
+    return tensors
+
+
+def raw_bytes(t: "torch.Tensor") -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def read_header(src, cfg: StreamerConfig):
+    """What the reader does: one prefetch of min(size, header_prefetch) bytes, more only if needed."""
+    size = src.size()
+    prefix = src.read_bytes(0, min(size, src.header_prefetch))
+    n = header_length(prefix, file=src.uri, file_size=size, max_header_bytes=cfg.max_header_bytes)
+    end = HEADER_LENGTH_BYTES + n
+    body = prefix[HEADER_LENGTH_BYTES:end] if end <= len(prefix) else src.read_bytes(HEADER_LENGTH_BYTES, n)
+    return parse_header(body, file=src.uri, file_size=size)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[Path, bytes, dict]:
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    tensors = make_tensors()
+    safetensors_torch.save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, path.read_bytes(), tensors
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tmp_path_factory) -> tuple[Path, dict]:
+    """Three shards and model.safetensors.index.json, as ``save_pretrained`` writes them."""
+    directory = tmp_path_factory.mktemp("sharded")
+    tensors = make_tensors(seed=1, big_mib=5)
+    g = torch.Generator().manual_seed(2)
+    tensors.update({f"layers.{i}.w.bf16": torch.randn(257, 129, generator=g).to(torch.bfloat16) for i in range(6)})
+    names = sorted(tensors)
+    shards = [names[0::3], names[1::3], names[2::3]]
+    weight_map = {}
+    for i, shard_names in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        safetensors_torch.save_file({n: tensors[n] for n in shard_names}, str(directory / file),
+                                    metadata={"format": "pt"})
+        weight_map.update({n: file for n in shard_names})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (directory / "config.json").write_text("{}")
+    return directory, weight_map
+
+
+def _reference(directory: Path) -> dict:
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        out.update(safetensors_torch.load_file(str(file)))
+    return out
+
+
+def _assert_same(loaded: dict, expected: dict) -> None:
+    assert sorted(loaded) == sorted(expected)
+    for name, tensor in expected.items():
+        got = loaded[name]
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+        assert raw_bytes(got) == raw_bytes(tensor), name
 
 
 def fast_backoff(storage, base: float = 0.01) -> None:
@@ -191,6 +265,7 @@ class RemoteSourceCases:
             before = storage.stats.requests
             header = read_header(src, cfg)
             assert storage.stats.requests - before == 1, "the header should come in one ranged GET"
+            assert src.header_prefetch == 256 << 10 and header.metadata == {"format": "pt"}
             specs = header.by_name()
             assert set(specs) == set(tensors) and {"scalar.f32", "empty.f32", "empty.2d.bf16"} <= set(specs)
             for name, spec in specs.items():
@@ -228,6 +303,7 @@ class RemoteSourceCases:
             with pytest.raises(SourceError) as info:
                 storage.list_dir(store.uri(bucket, "nothing"))
             assert info.value.errno == errno.ENOENT and store.uri(bucket, "nothing") in str(info.value)
+            assert store.nothing_under in str(info.value)
             with pytest.raises(SourceError, match="not a"):
                 storage.open(base + "/")
         assert storage.stats.retries == 0

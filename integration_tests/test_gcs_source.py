@@ -41,6 +41,7 @@ class GcsStore(cases.Store):
     logger = "loader_plugins.core.sources.gcs"
     throttle_reason = "backendError"
     refused_connection = "ConnectionError"
+    nothing_under = "no objects under"
 
     def __init__(self, server: FakeGcs):
         super().__init__(server)

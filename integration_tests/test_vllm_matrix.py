@@ -56,12 +56,29 @@ def _run(spec: dict, env: dict) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _collect(proc: subprocess.Popen) -> list[dict]:
-    out, _ = proc.communicate(timeout=JOB_TIMEOUT)
+def _collect(proc: subprocess.Popen, job: str = "matrix", timeout: float = JOB_TIMEOUT) -> list[dict]:
+    """The ``RESULT`` rows a job printed (the multimodal and pooling tests' jobs too)."""
+    out, _ = proc.communicate(timeout=timeout)
     rows = [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 and not rows:
-        raise AssertionError(f"matrix job failed with exit {proc.returncode}:\n{out[-5000:]}")
+        raise AssertionError(f"{job} job failed with exit {proc.returncode}:\n{out[-5000:]}")
     return rows
+
+
+def _tensor_bytes(path: Path) -> dict[str, int]:
+    """Checkpoint tensor -> bytes, from the safetensors headers (safetensors' own reader)."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_slice(name)
+                numel = 1
+                for n in t.get_shape():
+                    numel *= n
+                out[name] = numel * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
+    return out
 
 
 def make_per_expert_moe(out: Path) -> Path:
@@ -126,10 +143,14 @@ def _report(table, paths) -> str:
 
 
 def _differences(ref: dict, ours: dict) -> list[str]:
+    return [key for key in ("tokens", "logprobs", "prompt_logprobs") if ref[key] != ours[key]] + \
+        _parameter_differences(ref, ours)
+
+
+def _parameter_differences(ref: dict, ours: dict) -> list[str]:
+    """Each rank's parameters whose hashes differ, right after load_weights and after vLLM's
+    post-processing (the multimodal and pooling tests compare them the same way)."""
     out = []
-    for key in ("tokens", "logprobs", "prompt_logprobs"):
-        if ref[key] != ours[key]:
-            out.append(key)
     for rank, (a, b) in enumerate(zip(ref["ranks"], ours["ranks"])):
         for stage in ("loaded", "final"):
             differing = sorted(k for k in set(a[stage]) | set(b[stage]) if a[stage].get(k) != b[stage].get(k))

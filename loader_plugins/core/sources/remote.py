@@ -11,8 +11,15 @@ resuming ranged read.
   deadline; :meth:`RemoteStorage._call` runs a metadata request (HEAD, LIST, a small GET) under
   the same policy.
 
-A store supplies one ranged GET (``RemoteSource._get_range``) and the meaning of its client's
-failures (``RemoteStorage._classify``: :class:`Transient`, or the final
+- :meth:`RemoteSource._get_range`: one ranged GET, its answer checked, its body read into the
+  destination, its connection given back to the pool when the body was read to the end and
+  closed otherwise.
+- :class:`RemoteStorage`'s ``exists``, ``is_dir``, ``list_dir``, ``join``: the object-store
+  meaning of a directory (objects under ``prefix/``).
+
+A store supplies its requests (``RemoteSource._send_range``, ``_check_answer``, ``_body``,
+``_finish``; ``RemoteStorage._head_request``, ``_dir_request``, ``listing``) and the meaning of
+its client's failures (``RemoteStorage._classify``: :class:`Transient`, or the final
 :class:`~loader_plugins.errors.SourceError`). Retries are logged at INFO on the logger of the
 store's own module, with the object and the reason, never a credential.
 """
@@ -28,7 +35,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ...errors import CancelledError, SourceChangedError, SourceError
+from ...errors import CancelledError, SourceChangedError, SourceError, SourceNotFoundError
 from .base import BufferPool, Source, Storage
 
 if TYPE_CHECKING:
@@ -122,17 +129,31 @@ def parse_content_range(value: str) -> tuple[int, int, str]:
     return int(first), int(last) + 1, total.strip()
 
 
+def dir_prefix(name: str) -> str:
+    """The prefix of the objects "in" the directory ``name``: ``"a/b"`` -> ``"a/b/"``, ``""`` -> ``""``."""
+    name = name.strip("/")
+    return name + "/" if name else ""
+
+
+def check_stored_encoding(uri: str, encoding: str | None) -> None:
+    """An object stored compressed cannot be read by ranges (checked at open)."""
+    encoding = (encoding or "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise SourceError(errno.EINVAL, f"{uri}: stored with Content-Encoding {encoding!r}; ranged reads would "
+                          f"return compressed bytes. Upload the checkpoint without compression")
+
+
 def check_range_answer(source: "RemoteSource", *, status: int | None, content_range: str | None,
-                       content_length: str | int | None, start: int, stop: int, service: str) -> None:
+                       content_length: str | int | None, start: int, stop: int, not_this_api: str) -> None:
     """The checks every ranged GET's answer passes before its body is read: the range asked
-    for, the object's size unchanged, the body's length. ``service`` names the API in the
-    message when the endpoint does not speak it ("GCS JSON API")."""
+    for, the object's size unchanged, the body's length. ``not_this_api`` ends the message when
+    the Content-Range cannot be parsed ("the endpoint does not speak the GCS JSON API")."""
     if content_range:
         try:
             first, end, total = parse_content_range(content_range)
         except (ValueError, IndexError):
             raise SourceError(errno.EIO, f"{source.uri}: unparsable Content-Range {content_range!r} for bytes "
-                              f"[{start}, {stop}); the endpoint does not speak the {service}") from None
+                              f"[{start}, {stop}); {not_this_api}") from None
         if total not in ("*", str(source.size())):
             raise source._changed(f"size is now {total} bytes, was {source.size()} at open")
         if (first, end) != (start, stop):
@@ -143,6 +164,18 @@ def check_range_answer(source: "RemoteSource", *, status: int | None, content_ra
                           f"Content-Range (HTTP {status}); the endpoint does not honour Range requests")
     if content_length is not None and int(content_length) != stop - start:
         raise Transient(f"Content-Length {content_length} for a {stop - start}-byte range")
+
+
+def check_http_answer(source: "RemoteSource", status: int, headers: Any, start: int, stop: int, *,
+                      not_this_api: str) -> None:
+    """:func:`check_range_answer` from an HTTP answer's headers (lower-case names), and its bytes
+    must be the object's own: no Content-Encoding but identity."""
+    encoding = (headers.get("content-encoding") or "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise SourceError(errno.EIO, f"{source.uri}: the server sent bytes [{start}, {stop}) with Content-Encoding "
+                          f"{encoding!r}; upload the checkpoint without compression")
+    check_range_answer(source, status=status, content_range=headers.get("content-range"),
+                       content_length=headers.get("content-length"), start=start, stop=stop, not_this_api=not_this_api)
 
 
 class RemoteStorage(Storage):
@@ -159,6 +192,55 @@ class RemoteStorage(Storage):
         self.stats = RemoteStats()
         #: absolute ``time.monotonic()`` deadline for metadata calls and new sources (reader sets it)
         self.deadline_at: float | None = None
+
+    # -- Storage API: a directory is the objects under ``prefix/`` ---------------------------------
+    def is_dir(self, uri: str) -> bool:
+        request = self._dir_request(uri)
+        try:
+            return request()
+        except SourceError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+
+    def exists(self, uri: str) -> bool:
+        request = self._head_request(uri)
+        if request is not None:
+            try:
+                request()
+                return True
+            except SourceError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        return self.is_dir(uri)
+
+    def list_dir(self, uri: str) -> list[str]:
+        names = self.listing(uri)
+        if names is None:
+            raise SourceNotFoundError(errno.ENOENT, self._nothing_under(uri))
+        return names
+
+    def join(self, base: str, name: str) -> str:
+        return str(base).rstrip("/") + "/" + name
+
+    def close(self) -> None:
+        """A store's clients are shared by every storage with the same settings (its ``shared_client``)."""
+
+    # -- what a store says -------------------------------------------------------------------
+    def _head_request(self, uri: str) -> Callable[[], Any] | None:
+        """The metadata request of the object ``uri`` names (run by :meth:`exists`, a missing
+        object raising ENOENT), or None when ``uri`` names a bucket or a prefix. A bad URI
+        raises here."""
+        raise NotImplementedError
+
+    def _dir_request(self, uri: str) -> Callable[[], bool]:
+        """A request that is True when an object lies under ``uri``'s prefix (a missing bucket
+        raising ENOENT). A bad URI raises here."""
+        raise NotImplementedError
+
+    def _nothing_under(self, uri: str) -> str:
+        """The message when ``uri`` names no directory."""
+        raise NotImplementedError
 
     def _classify(self, exc: BaseException, uri: str, what: str, *, object_key: bool = False
                   ) -> "Transient | SourceError":
@@ -270,6 +352,39 @@ class RemoteSource(Source):
                    progress: Progress) -> None:
         """One ranged GET filling ``view`` from byte ``start``; raises Transient (``progress``
         kept: the next attempt resumes after it) or a final SourceError."""
+        storage = self._storage
+        stop = start + view.nbytes  # exclusive
+        what = f"GET bytes [{start}, {stop})"
+        answer = self._send_range(start, stop, what)
+        complete = False
+        try:
+            self._check_answer(answer, start, stop, what)
+            fill_from(self._body(answer), view, uri=self.uri, cancelled=cancelled, progress=progress,
+                      stats=storage.stats,
+                      # the client's own streaming errors (a copying fallback's)
+                      on_error=lambda exc: storage._classify(exc, self.uri, what))
+            complete = True
+        finally:
+            self._finish(answer, complete)
+
+    # -- what a store says -------------------------------------------------------------------
+    def _send_range(self, start: int, stop: int, what: str) -> Any:
+        """Send the GET of bytes [start, stop) (counted in the storage's stats); its answer, the
+        body not read yet. A failure to send raises the storage's classified error."""
+        raise NotImplementedError
+
+    def _check_answer(self, answer: Any, start: int, stop: int, what: str) -> None:
+        """Raise when the answer is not the object's bytes [start, stop) (an error status, another
+        version, another range; :func:`check_range_answer`)."""
+        raise NotImplementedError
+
+    def _body(self, answer: Any) -> Callable[[memoryview], int]:
+        """The answer's body as a ``readinto`` (:func:`socket_readinto`, else a copy)."""
+        raise NotImplementedError
+
+    def _finish(self, answer: Any, complete: bool) -> None:
+        """After the body: its connection back to the pool when ``complete`` (read to the end),
+        else closed (a partial body: the connection cannot be reused)."""
         raise NotImplementedError
 
     def _changed(self, why: str) -> SourceChangedError:

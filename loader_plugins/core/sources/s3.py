@@ -18,12 +18,12 @@ boto3 is imported when a storage is created, never at module import.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
-import threading
 from typing import TYPE_CHECKING, Any
 
-from ...errors import SourceError, SourceNotFoundError
-from .remote import Progress, RemoteSource, RemoteStats, RemoteStorage, Transient, fill_from, socket_readinto
+from ...errors import SourceError
+from .remote import RemoteSource, RemoteStats, RemoteStorage, Transient, check_range_answer, dir_prefix, socket_readinto
 from .remote import copying_readinto as _copying
 from .s3_client import shared_client
 from .s3_errors import classify, explain_missing
@@ -70,62 +70,38 @@ class S3Source(RemoteSource):
         """Every ranged GET carries ``If-Match`` with the ETag seen at open."""
         return bool(self.etag)
 
-    def _get_range(self, start: int, view: memoryview, cancelled: threading.Event | None,
-                   progress: Progress) -> None:
-        """One ranged GET filling ``view``; raises Transient (progress kept) or SourceError."""
+    # -- the ranged GET (RemoteSource._get_range) ---------------------------------------------
+    def _send_range(self, start: int, stop: int, what: str) -> dict:
         storage = self._storage
-        length = view.nbytes
-        stop = start + length  # exclusive
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key, "Range": f"bytes={start}-{stop - 1}"}
         if self.etag:
             kwargs["IfMatch"] = self.etag
         storage.stats.add(requests=1)
         try:
-            resp = storage.client.get_object(**kwargs)
+            return storage.client.get_object(**kwargs)
         except Exception as exc:  # noqa: BLE001 - classified below
-            raise storage._classify(exc, self.uri, f"GET bytes [{start}, {stop})", object_key=True) from exc
-        body = resp["Body"]
-        raw = None
-        done = False
-        try:
-            self._check_response(resp, start, stop)
-            raw = getattr(body, "_raw_stream", None)  # urllib3 HTTPResponse
-            # http.client.HTTPResponse: readinto without copies
-            readinto = socket_readinto(raw) or _copying(body.read)
-            fill_from(readinto, view, uri=self.uri, cancelled=cancelled, progress=progress, stats=storage.stats,
-                      # botocore streaming errors on the fallback path
-                      on_error=lambda exc: storage._classify(exc, self.uri, f"GET bytes [{start}, {stop})"))
-            done = True
-        finally:
-            if done and raw is not None and hasattr(raw, "release_conn"):
-                raw.release_conn()  # body fully read: the connection goes back to the pool
-            else:
-                body.close()  # partial body: the connection cannot be reused
+            raise storage._classify(exc, self.uri, what, object_key=True) from exc
 
-    def _check_response(self, resp: dict, start: int, stop: int) -> None:
+    def _check_answer(self, resp: dict, start: int, stop: int, what: str) -> None:
         etag = resp.get("ETag")
         if self.etag and etag and etag != self.etag:
             raise self._changed(f"ETag {etag} differs from {self.etag} seen at open")
-        crange = resp.get("ContentRange")
-        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if crange:
-            try:
-                unit_span, _, total = crange.partition("/")
-                first, _, last = unit_span.split()[-1].partition("-")
-                first, last = int(first), int(last)
-            except ValueError:
-                raise SourceError(errno.EIO, f"{self.uri}: unparsable Content-Range {crange!r} for bytes "
-                                  f"[{start}, {stop}); the endpoint is not S3-compatible") from None
-            if total not in ("*", str(self._size)):
-                raise self._changed(f"size is now {total} bytes, was {self._size} at open")
-            if (first, last + 1) != (start, stop):
-                raise SourceError(errno.EIO, f"{self.uri}: asked for bytes [{start}, {stop}) but the server "
-                                  f"sent [{first}, {last + 1}); the endpoint does not honour Range requests")
-        elif not (status == 200 and start == 0 and stop == self._size):
-            raise SourceError(errno.EIO, f"{self.uri}: asked for bytes [{start}, {stop}) but the server sent no "
-                              f"Content-Range (HTTP {status}); the endpoint does not honour Range requests")
-        if int(resp.get("ContentLength", stop - start)) != stop - start:
-            raise Transient(f"Content-Length {resp.get('ContentLength')} for a {stop - start}-byte range")
+        check_range_answer(self, status=resp.get("ResponseMetadata", {}).get("HTTPStatusCode"),
+                           content_range=resp.get("ContentRange"), content_length=resp.get("ContentLength"),
+                           start=start, stop=stop, not_this_api="the endpoint is not S3-compatible")
+
+    def _body(self, resp: dict):
+        body = resp["Body"]
+        # urllib3's HTTPResponse under botocore's StreamingBody: http.client's readinto, no copies;
+        # else botocore's read (its streaming errors classified by the storage)
+        return socket_readinto(getattr(body, "_raw_stream", None)) or _copying(body.read)
+
+    def _finish(self, resp: dict, complete: bool) -> None:
+        raw = getattr(resp["Body"], "_raw_stream", None)
+        if complete and raw is not None and hasattr(raw, "release_conn"):
+            raw.release_conn()  # body fully read: the connection goes back to the pool
+        else:
+            resp["Body"].close()  # partial body: the connection cannot be reused
 
     def check_unchanged(self) -> None:
         head = self._storage._call(self.uri, "HEAD", self._storage.client.head_object, Bucket=self.bucket,
@@ -153,41 +129,31 @@ class S3Storage(RemoteStorage):
     def open(self, uri: str) -> S3Source:
         return S3Source(self, uri)
 
-    def is_dir(self, uri: str) -> bool:
+    def _dir_request(self, uri: str):
         bucket, key = parse_s3_uri(uri)
-        prefix = _dir_prefix(key)
-        try:
-            page = self._call(uri, "LIST", self.client.list_objects_v2, Bucket=bucket, Prefix=prefix, MaxKeys=1)
-        except SourceError as exc:
-            if exc.errno == errno.ENOENT:
-                return False
-            raise
-        return bool(page.get("KeyCount") or page.get("Contents") or page.get("CommonPrefixes"))
 
-    def exists(self, uri: str) -> bool:
+        def any_under() -> bool:
+            page = self._call(uri, "LIST", self.client.list_objects_v2, Bucket=bucket, Prefix=dir_prefix(key),
+                              MaxKeys=1)
+            return bool(page.get("KeyCount") or page.get("Contents") or page.get("CommonPrefixes"))
+
+        return any_under
+
+    def _head_request(self, uri: str):
         bucket, key = parse_s3_uri(uri)
-        if key and not key.endswith("/"):
-            try:
-                self._call(uri, "HEAD", self.client.head_object, Bucket=bucket, Key=key)
-                return True
-            except SourceError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-        return self.is_dir(uri)
+        if not key or key.endswith("/"):
+            return None
+        return functools.partial(self._call, uri, "HEAD", self.client.head_object, Bucket=bucket, Key=key)
 
-    def list_dir(self, uri: str) -> list[str]:
-        names = self.listing(uri)
-        if names is None:
-            bucket, key = parse_s3_uri(uri)
-            raise SourceNotFoundError(errno.ENOENT, f"{uri}: no objects under s3://{bucket}/{_dir_prefix(key)}; "
-                                      f"check the bucket and prefix")
-        return names
+    def _nothing_under(self, uri: str) -> str:
+        bucket, key = parse_s3_uri(uri)
+        return f"{uri}: no objects under s3://{bucket}/{dir_prefix(key)}; check the bucket and prefix"
 
     def listing(self, uri: str) -> list[str] | None:
         """One LIST (more pages for more than 1000 keys): the names directly under ``uri``, or
         None when nothing is (not a directory)."""
         bucket, key = parse_s3_uri(uri)
-        prefix = _dir_prefix(key)
+        prefix = dir_prefix(key)
         names: list[str] = []
         seen_any = False
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
@@ -225,12 +191,6 @@ class S3Storage(RemoteStorage):
 
         return self._call(uri, "GET", get)
 
-    def join(self, base: str, name: str) -> str:
-        return str(base).rstrip("/") + "/" + name
-
-    def close(self) -> None:
-        """The client is shared by every storage with the same settings (:func:`shared_client`)."""
-
     # -- errors (the retry policy is RemoteStorage's) ----------------------------------------
     def _final(self, error: BaseException, uri: str, what: str) -> BaseException:
         if what == "HEAD" and getattr(error, "errno", None) == errno.ENOENT:
@@ -242,9 +202,3 @@ class S3Storage(RemoteStorage):
                   ) -> "Transient | SourceError":
         return classify(exc, uri, what, endpoint=self.endpoint, profile=self.config.s3_profile,
                         object_key=object_key)
-
-
-
-def _dir_prefix(key: str) -> str:
-    key = key.strip("/")
-    return key + "/" if key else ""
