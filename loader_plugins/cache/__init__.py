@@ -1,15 +1,18 @@
-"""Multi-tier checkpoint cache for s3:// checkpoints: shared DRAM -> local disk -> S3.
+"""Multi-tier checkpoint cache for object-store checkpoints (s3://, gs://, az://, Azure https://
+blob URLs): shared DRAM -> local disk -> the store.
 
 - :mod:`.disk`: the local disk tier (atomic, ETag-keyed, LRU budget); :mod:`.fill` writes one
   entry (write-through while loading), :mod:`.files` the locking file helpers;
 - :mod:`.dram`: the shared-memory tier in ``/dev/shm``; :mod:`.dram_server` is ``cache serve``;
-- :mod:`.tiered`: :class:`TieredStorage`, the ``s3://`` storage that picks the fastest tier;
+- :mod:`.tiered`: :class:`TieredStorage`, the object stores' storage that picks the fastest tier;
+  :mod:`.remotes`: how each store names an object version (the entries' keys);
 - :mod:`.warm`: ``cache warm`` / ``evict`` and promotion, outside a load;
 - :mod:`.estimate`: load-time estimates from recorded bandwidths;
 - :mod:`.metrics`: Prometheus counters and gauges per tier.
 
 Plugged into the core from outside (:mod:`.plugin`, called when ``loader_plugins`` is imported):
-the ``s3`` storage becomes :func:`.tiered.s3_storage`. Turned on per load by
+the ``s3``, ``gs``, ``az`` and ``https`` storages become the tiered hooks (:func:`.tiered.s3_storage`...).
+Turned on per load by
 its config section (:mod:`.config`: ``cache_dir``, ``cache_max_bytes``, ``dram_cache_dir``,
 given flat like every StreamerConfig key). Load-time estimates:
 ``from loader_plugins.cache.estimate import estimate``.

@@ -102,7 +102,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
     from .warm import evict
 
     if not args.uri and not args.all:
-        print("model-streamer cache evict: give an s3:// URI or --all", file=sys.stderr)
+        print("model-streamer cache evict: give an s3://, gs:// or az:// URI, or --all", file=sys.stderr)
         return 2
     cfg = _config(args)
     tiers = ("dram", "disk") if args.tier == "all" else (args.tier,)
@@ -165,7 +165,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("warm", help="copy a checkpoint into a tier from the fastest tier holding it")
-    p.add_argument("uri", help="s3:// checkpoint (directory, index.json or file)")
+    p.add_argument("uri", help="s3://, gs:// or az:// checkpoint (directory, index.json or file)")
     p.add_argument("--tier", choices=("dram", "disk"), default="dram")
     p.add_argument("--max-bytes", default=None, help="also set the DRAM budget")
     p.add_argument("--json", action="store_true")
@@ -173,7 +173,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_warm)
 
     p = sub.add_parser("evict", help="drop a checkpoint's entries (never ones being read)")
-    p.add_argument("uri", nargs="?", help="s3:// object or prefix")
+    p.add_argument("uri", nargs="?", help="s3://, gs:// or az:// object or prefix")
     p.add_argument("--all", action="store_true", help="every entry")
     p.add_argument("--tier", choices=("dram", "disk", "all"), default="all")
     p.add_argument("--json", action="store_true")
@@ -181,7 +181,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_evict)
 
     p = subparsers.add_parser("estimate", help="predict the load time of a checkpoint on this host")
-    p.add_argument("model", help="checkpoint: s3:// URI, directory or file")
+    p.add_argument("model", help="checkpoint: s3://, gs://, az:// or Azure https:// URI, directory or file")
     p.add_argument("--json", action="store_true", help="one JSON object (seconds, tier, gbps, bytes, basis...)")
     add_config_flags(p)
     p.set_defaults(func=cmd_estimate)

@@ -21,11 +21,13 @@ SECTION = "cache"
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """Checkpoint cache tiers for s3:// checkpoints: DRAM -> local disk -> S3."""
+    """Checkpoint cache tiers for object-store checkpoints (s3://, gs://, az://, Azure https:// blob
+    URLs): DRAM -> local disk -> the store."""
 
     cache_dir: str | None = None
-    """Local disk tier for s3:// checkpoints: loads from S3 write through into this directory and
-    later loads read the local copy (keyed by bucket, key and ETag); ``None`` turns it off."""
+    """Local disk tier for s3://, gs:// and az:// checkpoints: loads from the store write through into
+    this directory and later loads read the local copy (keyed by scheme and bucket or account and
+    container, object name and ETag or GCS generation); ``None`` turns it off."""
 
     cache_max_bytes: int = 0
     """Size budget of the disk tier; least recently used entries not being read are evicted to
@@ -58,7 +60,7 @@ class CacheConfig:
 
     @property
     def enabled(self) -> bool:
-        """A tier is configured (loads of s3:// go through the tiers)."""
+        """A tier is configured (loads from an object store go through the tiers)."""
         return bool(self.cache_dir or self.dram_cache_dir)
 
 

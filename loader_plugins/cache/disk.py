@@ -1,6 +1,7 @@
 """A directory of immutable cached objects, and the local disk tier built on it.
 
-One entry is one remote object at one version, keyed by ``sha256(bucket/key/etag)``::
+One entry is one remote object at one version, keyed by ``sha256(namespace/key/version)``
+(:func:`entry_key`; what each store's namespace and version are: :mod:`.remotes`)::
 
     ROOT/objects/ab/<key>.data      the object's bytes
     ROOT/objects/ab/<key>.json      the manifest: written last, so present = complete
@@ -50,8 +51,15 @@ log = logging.getLogger(__name__)
 
 
 def entry_key(bucket: str, key: str, etag: str) -> str:
-    """The cache key of one object version: ``sha256("bucket/key/etag")`` in hex."""
+    """The cache key of one object version: ``sha256("bucket/key/etag")`` in hex, where ``bucket``
+    is the store's namespace and ``etag`` the object's version (:mod:`.remotes`: ``gs://bucket``
+    and a generation for GCS, ``az://account/container`` and an ETag for Azure)."""
     return hashlib.sha256(f"{bucket}/{key}/{etag}".encode()).hexdigest()
+
+
+def object_uri(bucket: str, key: str) -> str:
+    """The URI an entry's namespace and key name, for messages (an S3 namespace is the bare bucket)."""
+    return f"{bucket}/{key}" if "://" in bucket else f"s3://{bucket}/{key}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -145,7 +153,7 @@ class EntryStore:
         if problem is not None:
             os.close(fd)
             if manifest is not None or os.path.exists(paths["manifest"]):
-                log.warning("s3://%s/%s: %s cache entry %s is invalid (%s); dropping it", bucket, key, self.tier, k,
+                log.warning("%s: %s cache entry %s is invalid (%s); dropping it", object_uri(bucket, key), self.tier, k,
                             problem)
                 self._remove_entry(k)
             return None
@@ -172,7 +180,7 @@ class EntryStore:
         if lock_fd is None:
             log.debug("%s: another process is writing this %s cache entry; not writing it twice", uri, self.tier)
             return None
-        ident = {"bucket": bucket, "key": key, "etag": etag, "size": int(size), "uri": uri or f"s3://{bucket}/{key}"}
+        ident = {"bucket": bucket, "key": key, "etag": etag, "size": int(size), "uri": uri or object_uri(bucket, key)}
         try:
             if os.path.exists(paths["manifest"]):
                 raise _Skip("already cached")

@@ -5,16 +5,16 @@ and every engine load of local files (tier ``local``, recorded by the engine ada
 ``{host, tier, bytes, seconds}`` to a small JSON history file next to the cache
 (``cache_dir/load-history.json``, else ``dram_cache_dir/...``, else
 ``$LOADER_PLUGINS_HISTORY_DIR/load-history.json``, by default
-``~/.cache/loader-plugins/load-history.json``). An estimate locates each shard
-(DRAM, disk, S3 or a local file), and for each tier takes the median GB/s of this host's recent
+``~/.cache/loader-plugins/load-history.json``). An estimate locates each shard (DRAM, disk, the
+object store: S3, GCS, Azure Blob, or a local file), and for each tier takes the median GB/s of this host's recent
 loads of a similar size (within 4x), else of larger ones, else of smaller ones only where their GB/s
 beats a conservative default (a small load's time is mostly per-load overhead), or that default
 when the host has no history for the tier. The measured seconds of a load run from its first
 object open (HEAD) to its last byte, so they include per-object overheads: loads of a similar
 size predict each other best, which is why samples of a similar size are preferred. What comes
-before the first open (creating the S3 client, listing, reading the index) is not in any sample:
+before the first open (creating the store's client, listing, reading the index) is not in any sample:
 the estimate times those requests itself, since it has to make them anyway to locate the shards
-(``metadata_seconds``; boto3's one-time import is kept out).
+(``metadata_seconds``; the client library's one-time import is kept out).
 
 ``estimate(uri, config)`` returns a dict for a scheduler::
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 HISTORY_NAME = "load-history.json"
 #: GB/s assumed for a tier this host has never loaded from: deliberately low (a scheduler would
 #: rather over-estimate), about half of what the reference 2-core VM measured
-DEFAULT_GBPS = {"dram": 2.0, "disk": 0.8, "local": 0.8, "s3": 0.4}
+DEFAULT_GBPS = {"dram": 2.0, "disk": 0.8, "local": 0.8, "s3": 0.4, "gcs": 0.4, "azure": 0.4}
 RECENT = 5          # samples in the median
 KEEP = 50           # samples kept per (host, tier)
 SIMILAR = 4.0       # a sample is "of a similar size" within this factor
@@ -182,39 +183,48 @@ def record_load(config: "StreamerConfig", tier: str, nbytes: int, seconds: float
 
 
 def locate(uri: str, config: "StreamerConfig") -> list[dict]:
-    """Every shard of the checkpoint with its size and the fastest tier holding it."""
+    """Every shard of the checkpoint with its size and the fastest tier holding it: ``local`` for
+    a local file, a cache tier that holds the object's current version, else the store itself
+    (``s3``, ``gcs``, ``azure``: :mod:`.remotes`; another scheme's name for a storage the tiers do
+    not serve)."""
     from ..core.checkpoint import expand
-    from ..core.sources.base import scheme_of, storage_for
+    from ..core.sources.base import storage_for
     from .disk import disk_tier
     from .dram import dram_tier
+    from .remotes import remote_for
 
     files, _ = expand(uri, config)
     dram, disk = dram_tier(config), disk_tier(config)
     rows: list[dict] = []
-    s3 = None
+    storages: dict[str, object] = {}
     try:
         for f in files:
-            if scheme_of(f) != "s3":
+            scheme = scheme_of(f)
+            if scheme == "file":
                 path = f[len("file://"):] if f.startswith("file://") else f
                 rows.append({"uri": f, "bytes": os.path.getsize(path), "tier": "local"})
                 continue
-            if s3 is None:
-                s3 = storage_for(f, config)
-            src = getattr(s3, "remote", s3).open(f)   # HEAD only (a TieredStorage's remote: no entry locks)
+            storage = storages.get(scheme)
+            if storage is None:
+                storage = storages[scheme] = storage_for(f, config)
+            src = getattr(storage, "remote", storage).open(f)   # HEAD only (a TieredStorage's remote: no locks)
             try:
-                size, etag = src.size(), src.etag
+                size = src.size()
+                remote = remote_for(f)
+                version = remote.version(src) if remote is not None else None
             finally:
                 src.close()
-            tier = "s3"
-            if etag:
-                if dram is not None and dram.contains(src.bucket, src.key, etag, size):
+            tier = remote.tier if remote is not None else scheme
+            if version:
+                bucket, key = remote.identity(f, config)
+                if dram is not None and dram.contains(bucket, key, version, size):
                     tier = "dram"
-                elif disk is not None and disk.contains(src.bucket, src.key, etag, size):
+                elif disk is not None and disk.contains(bucket, key, version, size):
                     tier = "disk"
-            rows.append({"uri": f, "bytes": size, "tier": tier, "etag": etag})
+            rows.append({"uri": f, "bytes": size, "tier": tier, "etag": version})
     finally:
-        if s3 is not None:
-            s3.close()
+        for storage in storages.values():
+            storage.close()
     return rows
 
 
@@ -224,9 +234,12 @@ def estimate(uri: str, config: "StreamerConfig", *, history: LoadHistory | str |
         history = LoadHistory(history_path(config))
     elif not isinstance(history, LoadHistory):
         history = LoadHistory(history)
-    if scheme_of(str(uri)) == "s3":
-        with contextlib.suppress(ImportError):
-            import boto3  # noqa: F401  (an engine has it imported already: keep it out of the timing)
+    from .remotes import remote_for
+
+    remote = remote_for(str(uri))
+    if remote is not None:
+        with contextlib.suppress(ImportError):   # an engine has it imported already: keep it out of the timing
+            importlib.import_module(remote.client_module)
     t0 = time.perf_counter()
     rows = locate(uri, config)
     metadata_seconds = time.perf_counter() - t0

@@ -1,14 +1,15 @@
 """What a cache tier needs to serve a checkpoint while its object store cannot be reached.
 
-A load of ``s3://bucket/llama/`` asks the store four kinds of things: the directory's listing, the
-small files it reads whole (``model.safetensors.index.json``), each shard's size and ETag (HEAD),
-then the shards' bytes. The tiers hold the bytes (entries keyed by bucket, key and ETag); a
+A load of ``s3://bucket/llama/`` (or ``gs://``, ``az://``) asks the store four kinds of things: the
+directory's listing, the small files it reads whole (``model.safetensors.index.json``), each shard's
+size and version (HEAD: an ETag, a GCS generation), then the shards' bytes. The tiers hold the bytes
+(entries keyed by namespace, key and version: :mod:`.remotes`); a
 :class:`DirRecord` holds the rest, as the last load that reached the store saw it: one JSON file per
 directory next to the tier's entries (``dirs/<sha256 of the URI>.json``, replaced atomically).
 
 When the store cannot be reached (connection refused or reset, timeouts, 5xx after the retries, a
 revoked credential) and ``cache_revalidate`` is ``auto``, :class:`~.tiered.TieredStorage` serves the
-directory from its record and each shard from the entry of the ETag recorded for it, with a warning
+directory from its record and each shard from the entry of the version recorded for it, with a warning
 that nothing was revalidated; with ``required`` the load fails as it would without a cache. A
 directory served this way is remembered for :data:`OFFLINE_SECONDS` (:func:`mark_offline`), so the
 shards' opens in the same load do not wait for the store's retries one by one.
@@ -36,6 +37,10 @@ OFFLINE_SECONDS = 60.0
 
 _offline: dict[str, float] = {}          # directory URI -> until (monotonic)
 _offline_lock = threading.Lock()
+#: one writer of record files at a time in this process: two records of one directory (two
+#: storages, or shards opened in parallel) would otherwise each write what they read before the
+#: other's update, and one object's version would be lost
+_write_lock = threading.Lock()
 
 
 def dir_of(uri: str) -> str:
@@ -70,7 +75,8 @@ def clear_offline() -> None:
 
 
 class DirRecord:
-    """The store's answers about one directory, as last seen: listing, small files, objects' ETags."""
+    """The store's answers about one directory, as last seen: listing, small files, objects' versions
+    (the ``etag`` of an object's entry is its version: an ETag, a GCS generation)."""
 
     def __init__(self, root: str | os.PathLike, directory: str):
         self.directory = _norm(directory)
@@ -106,7 +112,7 @@ class DirRecord:
         return base64.b64decode(text) if isinstance(text, str) else None
 
     def object(self, name: str) -> tuple[str, int] | None:
-        """``(etag, size)`` recorded for the object ``name`` of this directory."""
+        """``(version, size)`` recorded for the object ``name`` of this directory."""
         entry = (self.data.get("objects") or {}).get(name)
         if isinstance(entry, dict) and isinstance(entry.get("etag"), str) and isinstance(entry.get("size"), int):
             return entry["etag"], entry["size"]
@@ -137,7 +143,7 @@ class DirRecord:
         self._update(change)
 
     def _update(self, change) -> None:
-        with self._lock:
+        with self._lock, _write_lock:
             fresh = self._read() or {"directory": self.directory}
             fresh.update({k: v for k, v in self.data.items() if k not in fresh})
             if change(fresh) is False:

@@ -1,33 +1,36 @@
-"""Tiered storage for s3:// URIs: the fastest tier holding the exact object serves it.
+"""Tiered storage for object-store URIs: the fastest tier holding the exact object serves it.
 
-:class:`TieredStorage` is a :class:`~loader_plugins.core.sources.base.Storage` for ``s3://``
-URIs. Opening an object costs one HEAD (size and ETag, as without a cache); then, in order:
+:class:`TieredStorage` is a :class:`~loader_plugins.core.sources.base.Storage` for ``s3://``,
+``gs://``, ``az://`` and Azure's ``https://ACCOUNT.blob.core.windows.net/`` URIs (:mod:`.remotes`:
+how each store names an object version). Opening an object costs one metadata request (size
+and ETag or GCS generation, as without a cache); then, in order:
 
-1. the DRAM tier (the ``dram_cache_dir`` option) holds ``(bucket, key, ETag)``: a preadv source on
-   the shared-memory file;
+1. the DRAM tier (the ``dram_cache_dir`` option) holds ``(namespace, key, version)``: a preadv
+   source on the shared-memory file;
 2. the disk tier (the ``cache_dir`` option) holds it: the local-file source (O_DIRECT for what is
    not in the page cache);
-3. otherwise S3 itself, and with a disk tier a *write-through* source: every range read from
-   S3 into the caller's tensor is also ``pwrite``-n at the same offset into the entry's partial
-   file (no second download); when the load ends with every byte written (gaps up to
+3. otherwise the store itself, and with a disk tier a *write-through* source: every range read
+   from the store into the caller's tensor is also ``pwrite``-n at the same offset into the entry's
+   partial file (no second download); when the load ends with every byte written (gaps up to
    :data:`GAP_FILL_BYTES`, e.g. padding, are fetched then) the entry is fsynced and published
    by a background thread, so the load does not wait for the disk (the process waits for it at
    exit; :func:`~loader_plugins.cache.disk.wait_for_commits`).
 
-Listing, ``exists`` and small files (index.json) always go to S3, through one boto3 client per
-process and S3 settings (:func:`_shared_s3`), not one per storage. Cached entries are immutable
-and pinned by ETag, so a hit needs no further S3 request. When every object of a load came
-from one tier, the load's bytes and seconds are recorded for :mod:`.estimate` and the metrics.
+Listing, ``exists`` and small files (index.json) always go to the store, through one plain
+storage per process, store and settings (:func:`.remotes.shared_storage`), not one per storage;
+when the store cannot be reached, the directory's record answers them (:mod:`.offline`). Cached
+entries are immutable and pinned by version, so a hit needs no further request for its bytes.
+When every object of a load came from one tier, the load's bytes and seconds are recorded for
+:mod:`.estimate` and the metrics.
 
-Hook: ``s3_storage(config)`` is the registry target for the ``s3`` scheme; it returns a plain
-:class:`~loader_plugins.core.sources.s3.S3Storage` when no cache tier is configured.
+Hooks: ``s3_storage``, ``gs_storage`` and ``az_storage`` (also for ``https``) are the registry's
+targets (:mod:`.plugin`); each returns the core's plain storage when no cache tier is configured.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -40,6 +43,7 @@ from .config import cache_config
 from .disk import EntryHandle, EntryStore, Fill, disk_tier
 from .dram import dram_tier
 from .offline import DirRecord, dir_of, is_offline, mark_offline
+from .remotes import REMOTES, Remote, remote_for, shared_storage
 
 if TYPE_CHECKING:
     from ..config import StreamerConfig
@@ -65,50 +69,45 @@ def caching_enabled(config: "StreamerConfig") -> bool:
     return cache_config(config).enabled
 
 
+def _storage(scheme: str, config: "StreamerConfig") -> Storage:
+    """Tiered when a cache tier is configured, else the core's plain storage for ``scheme``."""
+    remote = REMOTES[scheme]
+    if caching_enabled(config):
+        return TieredStorage(config, scheme=scheme)
+    return remote.plain_storage(config)
+
+
 def s3_storage(config: "StreamerConfig") -> Storage:
     """Registry target for ``s3://``: tiered when a cache tier is configured, else plain S3."""
-    if caching_enabled(config):
-        return TieredStorage(config)
-    from ..core.sources.s3 import S3Storage
-    return S3Storage(config)
+    return _storage("s3", config)
+
+
+def gs_storage(config: "StreamerConfig") -> Storage:
+    """Registry target for ``gs://``: tiered when a cache tier is configured, else plain GCS."""
+    return _storage("gs", config)
+
+
+def az_storage(config: "StreamerConfig") -> Storage:
+    """Registry target for ``az://`` and Azure's ``https://`` blob URLs: tiered when a cache tier
+    is configured, else plain Azure Blob."""
+    return _storage("az", config)
 
 
 def tiered_storage_for(uri: str, config: "StreamerConfig", *, record: bool = True) -> Storage:
-    """``storage_for`` with the cache tiers in front of S3 when ``config`` enables them (whether
-    or not the registry's ``s3`` entry is :func:`s3_storage` yet)."""
+    """``storage_for`` with the cache tiers in front of the store when ``config`` enables them
+    (whether or not the registry's entry for the scheme is the tiered hook yet)."""
     storage = storage_for(uri, config)
-    if scheme_of(uri) != "s3" or not caching_enabled(config):
+    if remote_for(uri) is None or not caching_enabled(config):
         return storage
     if isinstance(storage, TieredStorage):
         storage.record = record
         return storage
-    return TieredStorage(config, remote=storage, record=record)
-
-
-_shared: dict[tuple, Storage] = {}
-_shared_lock = threading.Lock()
-
-
-def _shared_s3(config: "StreamerConfig") -> Storage:
-    """One S3Storage (one boto3 client) per process and S3 settings, reused across loads.
-
-    Creating a boto3 client costs about 50 ms here and a load used to create two (listing,
-    then reading): a tenth of a second that a cache hit should not pay. Keyed by pid so a
-    forked child never shares its parent's connections. Never closed (process lifetime)."""
-    from ..core.sources.s3 import S3Storage
-
-    key = (os.getpid(), config.s3_endpoint_url, config.s3_region, config.s3_addressing_style, config.s3_profile,
-           config.request_timeout, config.max_retries, config.concurrency)
-    with _shared_lock:
-        storage = _shared.get(key)
-        if storage is None:
-            storage = _shared[key] = S3Storage(config)
-        return storage
+    return TieredStorage(config, scheme=scheme_of(uri), remote=storage, record=record)
 
 
 def _tier_or_none(make, config: "StreamerConfig") -> EntryStore | None:
     """A tier that cannot be set up (unwritable directory...) is skipped with a warning: a
-    broken cache must never fail a load that S3 can serve."""
+    broken cache must never fail a load that the store can serve."""
     try:
         return make(config)
     except ConfigError as exc:
@@ -189,10 +188,10 @@ class TierSource(ForwardingSource):
 
 
 class WriteThroughSource(TierSource):
-    """An S3 object read into the caller's memory and, at the same offsets, into a cache fill."""
+    """A remote object read into the caller's memory and, at the same offsets, into a cache fill."""
 
-    def __init__(self, uri: str, inner: Source, fill: Fill, owner: "TieredStorage | None" = None):
-        super().__init__(uri, inner, "s3", owner)
+    def __init__(self, uri: str, inner: Source, fill: Fill, owner: "TieredStorage | None" = None, tier: str = "s3"):
+        super().__init__(uri, inner, tier, owner)
         self.gathers = False   # every byte goes through read_into, which writes it into the fill
         self.fill = fill
         self._handed_off = False
@@ -244,14 +243,19 @@ class WriteThroughSource(TierSource):
 # ------------------------------------------------------------------------------------------
 
 class TieredStorage(Storage):
-    """``s3://`` through DRAM -> disk -> S3; see the module docstring."""
+    """One store's URIs (``scheme``: s3, gs, az or https) through DRAM -> disk -> the store; see
+    the module docstring."""
 
-    def __init__(self, config: "StreamerConfig", *, remote: Storage | None = None,
+    def __init__(self, config: "StreamerConfig", *, scheme: str = "s3", remote: Storage | None = None,
                  disk: EntryStore | None = None, dram: EntryStore | None = None, record: bool = True):
         super().__init__(config)
+        if scheme not in REMOTES:
+            raise ConfigError(f"the cache tiers serve {', '.join(s + '://' for s in REMOTES)} URIs, not "
+                              f"{scheme}://")
+        self.kind: Remote = REMOTES[scheme]
         self.record = record          # record whole loads for estimates (off for warm/promote copies)
         self._owns_remote = remote is not None
-        self.remote = remote if remote is not None else _shared_s3(config)
+        self.remote = remote if remote is not None else shared_storage(self.kind, config)
         self.deadline_at: float | None = None
         self.disk = disk if disk is not None else _tier_or_none(disk_tier, config)
         self.dram = dram if dram is not None else _tier_or_none(dram_tier, config)
@@ -263,7 +267,7 @@ class TieredStorage(Storage):
         self._records: dict[str, DirRecord] = {}
         self._probe_storage: Storage | None = None
 
-    # pass-through to S3 ---------------------------------------------------------------------
+    # pass-through to the store ---------------------------------------------------------------------
     @property
     def stats(self):
         return getattr(self.remote, "stats", None)
@@ -333,18 +337,19 @@ class TieredStorage(Storage):
         the directory anyway, so an unreachable store costs seconds, not the full retry policy."""
         if self._probe_storage is None:
             cfg = self.config.replace(max_retries=1, request_timeout=min(10.0, self.config.request_timeout))
-            self._probe_storage = _shared_s3(cfg) if not self._owns_remote else self.remote
+            self._probe_storage = shared_storage(self.kind, cfg) if not self._owns_remote else self.remote
         return self._probe_storage
 
     def _record(self, directory: str) -> DirRecord | None:
         """The directory's record in the first tier that can keep one (None without a tier)."""
         root = self.disk.root if self.disk is not None else self.dram.root if self.dram is not None else None
-        if root is None or scheme_of(directory) != "s3":
+        if root is None or remote_for(directory) is None:
             return None
         key = directory.rstrip("/") + "/"
-        record = self._records.get(key)
-        if record is None:
-            record = self._records[key] = DirRecord(root, key)
+        with self._lock:   # shards are opened in parallel: one record per directory
+            record = self._records.get(key)
+            if record is None:
+                record = self._records[key] = DirRecord(root, key)
         return record
 
     def _offline_record(self, directory: str) -> DirRecord | None:
@@ -372,7 +377,7 @@ class TieredStorage(Storage):
             raise SourceError(2, f"{uri}: the object store cannot be reached{why} and the cache has no record of "
                               f"this object's version; load the checkpoint once with the store reachable")
         etag, size = recorded
-        bucket, _, key = uri[len("s3://"):].partition("/")
+        bucket, key = self._identity(uri)
         for store in (self.dram, self.disk):
             if store is None:
                 continue
@@ -392,7 +397,12 @@ class TieredStorage(Storage):
             local.uri = uri
             return TierSource(uri, local, store.tier, self, handle, etag)
         raise SourceError(2, f"{uri}: the object store cannot be reached{why} and no cache tier holds this object "
-                          f"(ETag {etag}, {size} bytes) complete; load the checkpoint once with the store reachable")
+                          f"(version {etag}, {size} bytes) complete; load the checkpoint once with the store reachable")
+
+    def _identity(self, uri: str) -> tuple[str, str]:
+        """(namespace, key) of ``uri``'s entries (:mod:`.remotes`), from the URI alone."""
+        remote = remote_for(uri) or self.kind
+        return remote.identity(uri, self.config)
 
     def close(self) -> None:
         if self._owns_remote:
@@ -422,7 +432,7 @@ class TieredStorage(Storage):
         if is_offline(dir_of(uri)):
             return self._open_recorded(uri)
         try:
-            remote_src = self.remote.open(uri)           # HEAD: size and ETag
+            remote_src = self.remote.open(uri)           # HEAD: size and ETag (GCS: generation)
         except SourceNotFoundError:
             raise
         except SourceError as exc:
@@ -432,11 +442,12 @@ class TieredStorage(Storage):
             self._go_offline(record, uri, exc)
             return self._open_recorded(uri, exc)
         try:
-            etag = getattr(remote_src, "etag", None)
-            bucket, key = getattr(remote_src, "bucket", None), getattr(remote_src, "key", None)
+            remote = remote_for(uri) or self.kind
+            etag = remote.version(remote_src)            # the version an entry is keyed by
             size = remote_src.size()
-            if not etag or bucket is None:
-                return TierSource(uri, remote_src, "s3", self)
+            if not etag:
+                return TierSource(uri, remote_src, remote.tier, self, etag=None)
+            bucket, key = remote.identity(uri, self.config)
             record = self._record(dir_of(uri))
             if record is not None:
                 record.set_object(uri.rstrip("/").rsplit("/", 1)[-1], etag, size)
@@ -466,8 +477,8 @@ class TieredStorage(Storage):
                     log.warning("%s: cannot write the disk tier (%s); loading without it", uri, exc)
                     fill = None
                 if fill is not None:
-                    return WriteThroughSource(uri, remote_src, fill, self)
-            return TierSource(uri, remote_src, "s3", self)
+                    return WriteThroughSource(uri, remote_src, fill, self, remote.tier)
+            return TierSource(uri, remote_src, remote.tier, self, etag=etag)
         except BaseException:
             remote_src.close()
             raise

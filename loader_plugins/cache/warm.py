@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 from ..core.sources.base import BufferPool, Source, scheme_of
 from ..core.sources.local import LocalSource
-from ..core.sources.s3 import parse_s3_uri
 from ..errors import ConfigError, SourceError
 from .disk import EntryStore, Fill, disk_tier, wait_for_commits
 from .dram import dram_tier
+from .remotes import remote_for
 from .tiered import TieredStorage, WriteThroughSource, tiered_storage_for
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def _shards(uri: str, config: "StreamerConfig") -> list[str]:
 
 
 def warm(uri: str, config: "StreamerConfig", *, tier: str = "dram") -> list[dict]:
-    """Put every shard of the checkpoint at ``uri`` (s3://) into ``tier`` ("dram" or "disk"),
+    """Put every shard of the checkpoint at ``uri`` (s3://, gs://, az://) into ``tier`` ("dram" or "disk"),
     reading each from the fastest tier holding it. Returns one row per shard."""
     if tier not in ("dram", "disk"):
         raise ConfigError(f"tier {tier!r}: must be dram or disk")
@@ -130,8 +130,10 @@ def warm(uri: str, config: "StreamerConfig", *, tier: str = "dram") -> list[dict
     try:
         for shard in _shards(uri, config):
             t0 = time.perf_counter()
-            if scheme_of(shard) != "s3":
-                rows.append({"uri": shard, "result": "skipped (only s3:// objects are cached)", "bytes": 0})
+            remote = remote_for(shard)
+            if remote is None:
+                rows.append({"uri": shard, "result": f"skipped (only object-store objects are cached, not "
+                                                     f"{scheme_of(shard)}://)", "bytes": 0})
                 continue
             if storage is None:
                 storage = tiered_storage_for(shard, config, record=False)   # type: ignore[assignment]
@@ -144,18 +146,18 @@ def warm(uri: str, config: "StreamerConfig", *, tier: str = "dram") -> list[dict
                     copy_source_into(src, None, config)     # the source writes its own entry
                     src.check_unchanged()                   # hands it to the committer
                     wait_for_commits()
-                    result = "fetched from s3" if src.fill.state == "committed" else "failed"
+                    result = f"fetched from {src.tier}" if src.fill.state == "committed" else "failed"
                 elif not src.etag:
-                    result = "skipped (the server sent no ETag)"
+                    result = "skipped (the server sent no version: no ETag or generation)"
                 else:
-                    bucket, key = parse_s3_uri(shard)
+                    bucket, key = remote.identity(shard, config)
                     fill = target.begin_fill(bucket, key, src.etag, size, shard)
                     if fill is None:
                         result = "skipped (being written by another process, or over budget)"
                     else:
                         try:
                             copy_source_into(src, fill, config)
-                            src.check_unchanged()   # S3: still the same object; write-through: publish
+                            src.check_unchanged()   # the store: still the same object; write-through: publish
                         except BaseException:
                             fill.abort()
                             raise
@@ -171,12 +173,16 @@ def warm(uri: str, config: "StreamerConfig", *, tier: str = "dram") -> list[dict
 
 
 def evict(uri: str | None, config: "StreamerConfig", *, tiers: tuple[str, ...] = ("dram", "disk")) -> dict:
-    """Evict the entries of ``uri`` (an s3:// object or prefix; None = everything) from ``tiers``
-    without contacting S3. Entries being read are skipped and reported."""
+    """Evict the entries of ``uri`` (an s3://, gs:// or az:// object or prefix; None = everything)
+    from ``tiers`` without contacting the store. Entries being read are skipped and reported."""
     out: dict[str, dict] = {}
     bucket = prefix = None
     if uri is not None:
-        bucket, prefix = parse_s3_uri(uri)
+        remote = remote_for(uri)
+        if remote is None:
+            raise ConfigError(f"{uri}: the cache holds object-store checkpoints only; give an s3://, gs:// or az:// "
+                              f"object or prefix, or --all")
+        bucket, prefix = remote.identity(uri, config)
     for name in tiers:
         store = dram_tier(config) if name == "dram" else disk_tier(config)
         if store is None:

@@ -11,7 +11,7 @@ import pytest
 
 from loader_plugins import StreamerConfig
 from loader_plugins.cli_options import add_config_flags, config_from_args
-from loader_plugins.core.sources.base import registered_storages, scheme_of
+from loader_plugins.core.sources.base import registered_storages, scheme_of, storage_for
 from loader_plugins.errors import ConfigError, SourceChangedError, SourceError, SourceNotFoundError
 
 KEY = "Zm9vYmFyLWtleS0wMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA="
@@ -65,9 +65,16 @@ def test_cli_flags_reach_the_keys():
 
 def test_schemes_are_registered_lazily():
     view = registered_storages()
-    assert view["gs"] == "loader_plugins.core.sources.gcs:GcsStorage"
-    assert view["az"] == view["https"] == "loader_plugins.core.sources.azure:AzureStorage"
+    # the cache plugs its tiers in front of every object store (loader_plugins.cache.plugin) ...
+    assert view["gs"] == "loader_plugins.cache.tiered:gs_storage"
+    assert view["az"] == view["https"] == "loader_plugins.cache.tiered:az_storage"
     assert scheme_of("gs://b/o") == "gs" and scheme_of("https://a.blob.core.windows.net/c/b") == "https"
+    # ... which are the core's plain storages when no tier is configured (no client made yet)
+    from loader_plugins.core.sources.azure import AzureStorage
+    from loader_plugins.core.sources.gcs import GcsStorage
+
+    assert type(storage_for("gs://b/o", StreamerConfig())) is GcsStorage
+    assert type(storage_for("az://c/b", StreamerConfig())) is AzureStorage
 
 
 def test_gcs_uris():
