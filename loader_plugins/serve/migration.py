@@ -260,7 +260,8 @@ async def _pump(response: httpx.Response, queue: asyncio.Queue) -> None:
             await queue.put(chunk)
             if chunk is None:
                 return
-        await queue.put(None)
+        # closed cleanly but unfinished (an engine stopped with its node): a failed read, not an end
+        await queue.put(httpx.RemoteProtocolError("the engine's stream ended before its [DONE]"))
     except asyncio.CancelledError:
         raise
     except BaseException as exc:   # noqa: BLE001 - handed to the relay

@@ -98,14 +98,23 @@ class Forwarder:
     async def _relay(self, name: str, engine, flight, upstream: httpx.Response):
         router = self.router
         outcome = f"http_{upstream.status_code}"
+        tail = b""
         try:
             if flight is not None:
-                async for chunk in migration_relay(flight, self.client, upstream, on_switch=router.migrator.switched,
-                                                   on_abandon=router.migrator.abandoned):
-                    yield chunk
+                chunks = migration_relay(flight, self.client, upstream, on_switch=router.migrator.switched,
+                                         on_abandon=router.migrator.abandoned)
             else:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
+                chunks = upstream.aiter_raw()
+            async for chunk in chunks:
+                tail = (tail + chunk)[-64:]
+                yield chunk
+            if upstream.status_code == 200 and b"[DONE]" not in tail:
+                # the engine closed the stream cleanly but unfinished (stopped with its node): say so
+                outcome = "engine_error"
+                failure = ServeError(502, f"the engine of {name} on {engine.server.name} ended the stream before "
+                                          f"it finished; see {engine.log_path}", kind="server_error",
+                                     code="engine_error")
+                yield f"data: {json.dumps(failure.body())}\n\n".encode()
         except httpx.TransportError as exc:   # the engine died mid-stream: say so, then end the stream
             outcome = "engine_error"
             failure = ServeError(502, f"the engine of {name} failed mid-stream ({exc!r})", kind="server_error",
