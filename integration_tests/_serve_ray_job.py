@@ -35,7 +35,10 @@ from loader_plugins.serve.process import stop_process_group  # noqa: E402
 MODELS = ("tiny-a", "tiny-b")
 BUDGETS = (100_000, 200_000, 300_000)     # bytes: below a tiny model's 1.6 MB
 MAX_TOKENS = 8
-LONG_TOKENS = 1000
+LONG_TOKENS = 1000       # the stream a killed raylet cuts
+#: the migrated stream: long enough to move before it ends, short enough that prefill and decode, whose
+#: float32 sums differ in their last bits, do not flip a near-tie of this random model's greedy argmax
+MIGRATE_TOKENS = 300
 
 
 def start_router(config_path: Path, address: str, log_dir: Path, log_path: Path, port: int) -> subprocess.Popen:
@@ -85,9 +88,10 @@ class Client:
         return {"tokens": list(choice.token_ids), "logprobs": list(choice.logprobs.token_logprobs),
                 "top": [dict(t) for t in choice.logprobs.top_logprobs]}
 
-    def stream(self, model: str, out: dict, *, first_event: threading.Event | None = None) -> None:
+    def stream(self, model: str, out: dict, *, first_event: threading.Event | None = None,
+               tokens: int = LONG_TOKENS) -> None:
         """A long greedy stream, its text and what ended it in ``out``."""
-        body = {"model": model, "prompt": PROMPT, "max_tokens": LONG_TOKENS, "temperature": 0, "stream": True,
+        body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
                 "ignore_eos": True}
         text, errors, t0 = [], [], time.monotonic()
         try:
@@ -205,7 +209,7 @@ def main(result_path: str) -> None:
 
         # a stream migrated to another node: equal to an unmigrated stream
         plain: dict = {}
-        client.stream("tiny-a", plain)
+        client.stream("tiny-a", plain, tokens=MIGRATE_TOKENS)
         for server in (where_a, second if where_a != second else head):     # tiny-a running on two nodes
             client.op("tiny-a", "start", server)
         # two requests at once, one on each engine: a fresh engine's first request is slow on this CPU build,
@@ -217,7 +221,8 @@ def main(result_path: str) -> None:
             thread.join(120)
         moved: dict = {}
         going = threading.Event()
-        thread = threading.Thread(target=client.stream, args=("tiny-a", moved), kwargs={"first_event": going})
+        thread = threading.Thread(target=client.stream, args=("tiny-a", moved),
+                                  kwargs={"first_event": going, "tokens": MIGRATE_TOKENS})
         thread.start()
         going.wait(120)
         source = next(s for (m, s), e in client.engines().items() if m == "tiny-a" and e["inflight"])
