@@ -7,6 +7,7 @@ reason when its component is absent.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -111,3 +112,13 @@ def fault_proxy(s3_server: SeaweedS3):
     """A :class:`FaultProxy` in front of the session server (``endpoint_url``, ``slow_down``, ``cut``...)."""
     with FaultProxy("127.0.0.1", s3_server.s3_port) as proxy:
         yield proxy
+
+
+@pytest.fixture
+def shm_dir():
+    """A fresh directory path under /dev/shm (a DRAM cache tier), removed afterwards."""
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm on this host")
+    path = Path("/dev/shm") / f"loader-plugins-test-{uuid.uuid4().hex[:12]}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

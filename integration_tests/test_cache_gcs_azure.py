@@ -46,7 +46,15 @@ SHARD_1 = "model-00001-of-00002.safetensors"
 # the two stores
 # ------------------------------------------------------------------------------------------
 
-class GcsKind:
+class _Kind:
+    """An emulator's store: its server and that server's client."""
+
+    def __init__(self, server):
+        self.server = server
+        self.client = server.client()
+
+
+class GcsKind(_Kind):
     scheme, tier, marker = "gs", "gcs", "gcs"
 
     @staticmethod
@@ -61,10 +69,6 @@ class GcsKind:
     @staticmethod
     def start(workdir: Path):
         return FakeGcs(workdir).start()
-
-    def __init__(self, server):
-        self.server = server
-        self.client = server.client()
 
     def bucket(self) -> str:
         name = f"c-{uuid.uuid4().hex[:20]}"
@@ -84,7 +88,7 @@ class GcsKind:
         return {"gcs_endpoint_url": self.server.endpoint_url, "gcs_anonymous": True}
 
 
-class AzureKind:
+class AzureKind(_Kind):
     scheme, tier, marker = "az", "azure", "azure"
 
     @staticmethod
@@ -98,10 +102,6 @@ class AzureKind:
     @staticmethod
     def start(workdir: Path):
         return Azurite(workdir).start()
-
-    def __init__(self, server):
-        self.server = server
-        self.client = server.client()
 
     def bucket(self) -> str:
         name = f"c-{uuid.uuid4().hex[:20]}"
@@ -175,15 +175,6 @@ def offline_reset():
     offline.clear_offline()
     yield offline
     offline.clear_offline()
-
-
-@pytest.fixture
-def shm_dir():
-    path = Path("/dev/shm") / f"loader-plugins-test-{uuid.uuid4().hex[:12]}"
-    if not Path("/dev/shm").is_dir():
-        pytest.skip("no /dev/shm on this host")
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def upload(store, bucket: str, directory: Path, prefix: str) -> tuple[str, int]:

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -132,15 +131,6 @@ def leftovers(cache: Path) -> list[str]:
 def hooked(monkeypatch):
     """The registry hook (already the default): s3:// goes through the tiered storage when a tier is set."""
     monkeypatch.setitem(base._REGISTRY, "s3", HOOK)
-
-
-@pytest.fixture
-def shm_dir():
-    path = Path("/dev/shm") / f"loader-plugins-test-{uuid.uuid4().hex[:12]}"
-    if not Path("/dev/shm").is_dir():
-        pytest.skip("no /dev/shm on this host")
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def tier_delta(before: dict, tier: str) -> int:
