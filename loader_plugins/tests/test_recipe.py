@@ -35,6 +35,7 @@ class MoEish(torch.nn.Module):
         self.t = _param(C, R)
         self.deviate = False      # set from outside: the loader then does what its recorded run did not
         self.keep = False
+        self.cycle = False        # set from outside: the loader leaves a tensor in a garbage reference cycle
 
     def load_weights(self, weights):
         loaded = set()
@@ -52,6 +53,10 @@ class MoEish(torch.nn.Module):
             elif name == "norm":
                 if self.keep:
                     KEPT.append(w)
+                if self.cycle:
+                    loop = [w]
+                    loop.append(loop)
+                    del loop
                 self.norm.data.copy_(w)
                 loaded.add("norm")
             elif name == "t":
@@ -164,6 +169,21 @@ def test_a_tensor_the_loader_keeps_is_not_placed(tmp_path, recipes):
     second.keep = True
     report = _load(second, path, small)
     assert report.stats["recipe"] == "used"
+    _assert_same(_reference(path), second)
+
+
+def test_a_tensor_held_only_by_a_garbage_cycle_is_placed(tmp_path, recipes):
+    """The collector is paused during a load; what only a reference cycle holds is freed at the end
+    (kept() collects when something still looks referenced), so it counts as not kept."""
+    path = _checkpoint(tmp_path)
+    model = MoEish()
+    model.cycle = True
+    _load(model, path)
+    recipe = Recipe.find(next(recipes.glob("*.json")).stem)
+    assert "norm" in recipe.placed
+    second = MoEish()
+    second.cycle = True
+    assert _load(second, path).stats["recipe"] == "used"
     _assert_same(_reference(path), second)
 
 
