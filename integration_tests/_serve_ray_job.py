@@ -85,10 +85,9 @@ class Client:
         return {"tokens": list(choice.token_ids), "logprobs": list(choice.logprobs.token_logprobs),
                 "top": [dict(t) for t in choice.logprobs.top_logprobs]}
 
-    def stream(self, model: str, out: dict, *, first_event: threading.Event | None = None,
-               tokens: int = LONG_TOKENS) -> None:
+    def stream(self, model: str, out: dict, *, first_event: threading.Event | None = None) -> None:
         """A long greedy stream, its text and what ended it in ``out``."""
-        body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+        body = {"model": model, "prompt": PROMPT, "max_tokens": LONG_TOKENS, "temperature": 0, "stream": True,
                 "ignore_eos": True, "return_token_ids": True}
         text, ids, prompt_ids, errors, t0 = [], [], None, [], time.monotonic()
         try:
@@ -228,8 +227,7 @@ def main(result_path: str) -> None:
             thread.join(120)
         moved: dict = {}
         going = threading.Event()
-        thread = threading.Thread(target=client.stream, args=("tiny-a", moved),
-                                  kwargs={"first_event": going})
+        thread = threading.Thread(target=client.stream, args=("tiny-a", moved), kwargs={"first_event": going})
         thread.start()
         going.wait(120)
         source = next(s for (m, s), e in client.engines().items() if m == "tiny-a" and e["inflight"])

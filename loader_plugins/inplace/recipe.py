@@ -331,11 +331,13 @@ class RecordMode(_Watch):
         read together counts: any one of its tensors kept keeps them all). The collector runs
         only when some memory is still referenced (a cycle may hold it): a full collection of an
         engine's heap costs most of a second, and memory already freed stays freed."""
-        kept = {n for ref, names in self._alive.values() if not ref.expired() for n in names}
-        if kept:
-            gc.collect()
-            kept = {n for ref, names in self._alive.values() if not ref.expired() for n in names}
-        return kept
+        def referenced() -> set[str]:
+            return {n for ref, names in self._alive.values() if not ref.expired() for n in names}
+
+        if not referenced():
+            return set()
+        gc.collect()
+        return referenced()
 
     def recipe(self, key: str, model: torch.nn.Module, specs: Mapping[str, TensorSpec], order: list[str],
                result) -> "Recipe | None":
